@@ -1,0 +1,6 @@
+"""mexport: Gemma2-architecture medical LLMs from PyTorch to ONNX and TensorRT, with proof nothing was lost.
+
+Importing this package is cheap: torch, onnxruntime and tensorrt are imported only by the code that needs them.
+"""
+
+__version__ = "0.1.0"

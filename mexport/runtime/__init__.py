@@ -1,0 +1,1 @@
+"""Decoder runtimes: one small interface over PyTorch, ONNX Runtime and TensorRT."""
