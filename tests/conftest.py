@@ -1,0 +1,32 @@
+"""Shared test fixtures: the built-in tiny Gemma2 checkpoint and its ONNX exports, made once per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from mexport.fixtures.tiny_gemma2 import make_fixture
+
+    return make_fixture(tmp_path_factory.mktemp("ckpt") / "tiny-gemma2")
+
+
+def _export(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path, dtype: str) -> Path:
+    from mexport.export import export_onnx
+
+    out = tmp_path_factory.mktemp("export") / f"tiny-{dtype}"
+    export_onnx(checkpoint, out, dtype=dtype)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_export_fp32(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> Path:
+    return _export(tmp_path_factory, tiny_checkpoint, "fp32")
+
+
+@pytest.fixture(scope="session")
+def tiny_export_bf16(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> Path:
+    return _export(tmp_path_factory, tiny_checkpoint, "bf16")
