@@ -31,6 +31,7 @@ T = TypeVar("T")
 # command modules, in the order their commands appear in --help
 COMMAND_MODULES = (
     "mexport.cli.fixture_cmd",
+    "mexport.cli.doctor_cmd",
 )
 
 

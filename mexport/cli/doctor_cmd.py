@@ -1,0 +1,34 @@
+"""`mexport doctor`: report what this machine can run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from mexport.cli import app, emit_json
+from mexport.console import console
+
+STYLE = {"ok": "green", "missing": "red", "warn": "yellow", "info": "cyan"}
+
+
+@app.command("doctor")
+def doctor(
+    path: Path = typer.Option(Path("."), "--path", help="Where exports would be written (checks free disk there)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the checks as JSON on stdout."),
+) -> None:
+    """Check Python, packages, ONNX Runtime providers, GPUs, TensorRT, disk and RAM for each stage."""
+    from mexport.doctor import as_dicts, diagnose
+
+    checks = diagnose(path)
+    if as_json:
+        emit_json(as_dicts(checks))
+        return
+    table = Table(title="mexport doctor")
+    for column in ("check", "status", "detail", "fix"):
+        table.add_column(column, overflow="fold")
+    for check in checks:
+        style = STYLE.get(check.status, "")
+        table.add_row(check.name, f"[{style}]{check.status}[/{style}]", check.detail, check.fix)
+    console.print(table, soft_wrap=False)

@@ -1,0 +1,185 @@
+"""`mexport doctor`: what this machine can do, each line OK / missing with the fix.
+
+Checks never raise: a probe that fails is itself a finding. Heavy modules (torch, onnxruntime, tensorrt) are
+imported only here, one at a time, so a broken install shows as one failed line, not a crash.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import platform
+import shutil
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from mexport.fsutil import format_bytes
+
+# Meditron3-Gemma2-9B in bf16: 9.24e9 parameters x 2 bytes.
+REAL_MODEL_BF16_BYTES = 18_480_000_000
+# Streaming export holds the graph plus one tensor at a time; validation loads the reference (bf16) then ORT.
+EXPORT_RAM_BYTES = 22_000_000_000
+# checkpoint (hub cache) + the export's single weight file, both bf16
+EXPORT_DISK_BYTES = 2 * REAL_MODEL_BF16_BYTES
+
+OK, MISSING, WARN, INFO = "ok", "missing", "warn", "info"
+
+
+@dataclass(frozen=True)
+class Check:
+    """One finding: what was probed, its state, what was seen, and how to fix it when not OK."""
+
+    name: str
+    status: str
+    detail: str
+    fix: str = ""
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def check_python() -> Check:
+    ok = sys.version_info >= (3, 11)
+    return Check("python", OK if ok else MISSING, platform.python_version(), "" if ok else "install Python >= 3.11")
+
+
+def check_packages() -> list[Check]:
+    required = {
+        "torch": "pip install torch==2.13.0",
+        "transformers": "pip install 'transformers>=4.57,<4.58'",
+        "optimum-onnx": "pip install optimum-onnx",
+        "onnx": "pip install onnx",
+        "typer": "pip install typer",
+    }
+    checks = []
+    for package, fix in required.items():
+        version = _version(package)
+        checks.append(Check(package, OK if version else MISSING, version or "not installed", "" if version else fix))
+    ort_version = _version("onnxruntime") or _version("onnxruntime-gpu")
+    checks.append(
+        Check(
+            "onnxruntime",
+            OK if ort_version else MISSING,
+            ort_version or "not installed",
+            "" if ort_version else "pip install onnxruntime (CPU) or onnxruntime-gpu (CUDA)",
+        )
+    )
+    return checks
+
+
+def check_onnxruntime_providers() -> Check:
+    try:
+        ort = importlib.import_module("onnxruntime")
+        providers = ort.get_available_providers()
+    except Exception as exc:  # noqa: BLE001 - report any broken install as a finding
+        return Check("onnxruntime providers", MISSING, f"onnxruntime unusable: {exc}", "pip install onnxruntime")
+    gpu = [p for p in providers if p in ("CUDAExecutionProvider", "TensorrtExecutionProvider")]
+    return Check(
+        "onnxruntime providers",
+        OK if gpu else WARN,
+        ", ".join(providers),
+        "" if gpu else "CPU only: for CUDA runs `pip uninstall onnxruntime && pip install onnxruntime-gpu` on a GPU host",
+    )
+
+
+def check_cuda_devices() -> list[Check]:
+    try:
+        torch = importlib.import_module("torch")
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception as exc:  # noqa: BLE001
+        return [Check("cuda", MISSING, f"cannot query CUDA: {exc}", "install torch with CUDA on a GPU host")]
+    if count == 0:
+        return [
+            Check(
+                "cuda",
+                MISSING,
+                "no CUDA GPU visible (export, quantize, ORT-CPU validation and `engine --plan` still work)",
+                "engines need an NVIDIA GPU with CUDA drivers",
+            )
+        ]
+    checks = []
+    for index in range(count):
+        props = torch.cuda.get_device_properties(index)
+        major, minor = props.major, props.minor
+        bf16 = (major, minor) >= (8, 0)
+        fp8 = (major, minor) >= (8, 9)
+        detail = (
+            f"{props.name}, {format_bytes(props.total_memory)}, sm_{major}{minor}, "
+            f"bf16 {'yes' if bf16 else 'no'}, fp8 {'yes' if fp8 else 'no'}"
+        )
+        fix = "" if bf16 else "Gemma2 needs bf16 (fp16 overflows): use an Ampere (sm_80) or newer GPU"
+        checks.append(Check(f"cuda:{index}", OK if bf16 else WARN, detail, fix))
+    return checks
+
+
+def check_tensorrt() -> list[Check]:
+    checks = []
+    for module, package in (("tensorrt", "tensorrt"), ("polygraphy", "polygraphy")):
+        try:
+            imported = importlib.import_module(module)
+            if getattr(imported, "__file__", None) is None:  # a namespace package: tensorrt-stubs alone
+                raise ImportError("only type stubs are installed")
+            checks.append(Check(module, OK, getattr(imported, "__version__", _version(package) or "?")))
+        except Exception as exc:  # noqa: BLE001 - the bindings without libraries fail with OSError, not ImportError
+            checks.append(
+                Check(
+                    module,
+                    MISSING,
+                    f"not importable ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})",
+                    "pip install 'mexport[gpu]' on a Linux host with an NVIDIA GPU and CUDA; "
+                    "`mexport engine --plan` works without it",
+                )
+            )
+    return checks
+
+
+def check_resources(path: Path) -> list[Check]:
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    free_disk = shutil.disk_usage(probe).free
+    disk_ok = free_disk >= EXPORT_DISK_BYTES
+    checks = [
+        Check(
+            "disk",
+            OK if disk_ok else WARN,
+            f"{format_bytes(free_disk)} free at {probe} (9B export needs ~{format_bytes(EXPORT_DISK_BYTES)})",
+            "" if disk_ok else "free disk space or export to another filesystem with -o",
+        )
+    ]
+    try:
+        total_ram = importlib.import_module("psutil").virtual_memory().total
+    except Exception as exc:  # noqa: BLE001
+        checks.append(Check("ram", WARN, f"cannot read RAM size: {exc}", "pip install psutil"))
+        return checks
+    ram_ok = total_ram >= EXPORT_RAM_BYTES
+    checks.append(
+        Check(
+            "ram",
+            OK if ram_ok else WARN,
+            f"{format_bytes(total_ram)} (9B bf16 export with validation needs ~{format_bytes(EXPORT_RAM_BYTES)})",
+            "" if ram_ok else "export with --no-validate, then validate on a larger machine",
+        )
+    )
+    return checks
+
+
+def diagnose(path: Path = Path(".")) -> list[Check]:
+    """All checks, in the order they print."""
+    return [
+        check_python(),
+        *check_packages(),
+        check_onnxruntime_providers(),
+        *check_cuda_devices(),
+        *check_tensorrt(),
+        *check_resources(Path(path).resolve()),
+    ]
+
+
+def as_dicts(checks: list[Check]) -> list[dict[str, str]]:
+    return [asdict(check) for check in checks]
