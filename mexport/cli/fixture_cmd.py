@@ -11,16 +11,16 @@ from mexport.cli import app, emit_json, run
 
 @app.command("fixture")
 def fixture(
-    name: str = typer.Argument(..., help="Fixture to write: tiny-gemma2 (4 layers, hidden 64) or wide-gemma2."),
+    name: str = typer.Argument(..., help="Fixture to write: tiny-gemma2 (4 layers, hidden 64), wide-gemma2 (vocab 32000, hidden 512) or learned-gemma2 (tiny, fine-tuned on the MCQ samples)."),
     out_dir: Path = typer.Argument(..., help="Directory to write the checkpoint and tokenizer to."),
     seed: int = typer.Option(0, help="Weight seed (same seed, same bytes)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUT_DIR."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
 ) -> None:
     """Write a built-in Gemma2-architecture test checkpoint (GQA, sliding window, softcaps, tied embeddings)."""
-    from mexport.fixtures.tiny_gemma2 import make_fixture
+    from mexport.fixtures import write_fixture
 
-    path = run(lambda: make_fixture(out_dir, name=name, seed=seed, overwrite=overwrite))
+    path = run(lambda: write_fixture(name, out_dir, seed=seed, overwrite=overwrite))
     if as_json:
         emit_json({"fixture": name, "path": str(path)})
     else:
