@@ -1,0 +1,238 @@
+"""Building a TensorRT engine from an mexport model directory (needs TensorRT, Polygraphy and a CUDA GPU).
+
+The ONNX graph is parsed from its path, so the parser resolves ``model.onnx.data`` next to it; the network, builder
+config (profiles, precision flags or strong typing, workspace pool, timing cache, hardware compatibility) and build
+go through Polygraphy's loaders. The output directory is staged: ``model.engine``, the timing cache, ``plan.json``,
+the tokenizer / config files and a ``mexport.json`` of kind "engine" that carries everything the runtime needs
+(IO signature, model config, profiles, TensorRT version, GPU compute capability) appear together or not at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mexport import console
+from mexport.errors import MexportError, MissingDependencyError
+from mexport.fsutil import check_free_space, staged_output_dir
+from mexport.lazy import INSTALL_HINTS, require
+from mexport.manifest import MANIFEST_NAME, new_manifest, sha256_file, write_manifest
+from mexport.optimize.engine.gpus import GpuInfo, require_cuda_gpu
+from mexport.optimize.engine.plan import (
+    PLAN_FILE,
+    EnginePlan,
+    EngineSettings,
+    plan_engine,
+    read_source_manifest,
+    write_plan,
+)
+
+ENGINE_FILE = "model.engine"
+TIMING_CACHE_FILE = "timing.cache"
+ONNX_FILE = "model.onnx"
+NOT_COPIED_SUFFIXES = (".onnx", ".data")  # the graph and its weights live in the engine now
+TENSORRT_MISSING_HINT = (
+    f"{INSTALL_HINTS['tensorrt']}; see https://docs.nvidia.com/deeplearning/tensorrt/latest/installing-tensorrt/"
+    "installing.html. `mexport engine MODEL_DIR -o OUT --plan` works without TensorRT"
+)
+
+
+def require_tensorrt() -> str:
+    """TensorRT's version, or a clear error when its Python module is missing or cannot load its libraries.
+
+    A module without ``Builder`` counts as missing: that is what the type-stub package or the bindings without
+    their shared libraries look like.
+    """
+    try:
+        import tensorrt
+    except Exception as exc:  # a missing libnvinfer raises OSError / ImportError / RuntimeError
+        raise MissingDependencyError(
+            f"TensorRT is missing: the 'tensorrt' Python module does not import ({exc})", hint=TENSORRT_MISSING_HINT
+        ) from exc
+    if not hasattr(tensorrt, "Builder") or not hasattr(tensorrt, "__version__"):
+        raise MissingDependencyError(
+            "TensorRT is missing: the 'tensorrt' module found has no Builder (only type stubs or a broken install)",
+            hint=TENSORRT_MISSING_HINT,
+        )
+    return str(tensorrt.__version__)
+
+
+@dataclass(frozen=True)
+class EngineResult:
+    """A finished engine directory."""
+
+    out_dir: Path
+    engine_bytes: int
+    build_seconds: float
+    gpu: GpuInfo
+    tensorrt_version: str
+    plan: EnginePlan
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "out_dir": str(self.out_dir),
+            "engine": str(self.out_dir / ENGINE_FILE),
+            "engine_bytes": self.engine_bytes,
+            "build_seconds": round(self.build_seconds, 1),
+            "gpu": self.gpu.name,
+            "compute_capability": self.gpu.capability_text,
+            "tensorrt_version": self.tensorrt_version,
+            "precision": self.plan.mode.precision,
+            "strongly_typed": self.plan.mode.strongly_typed,
+        }
+
+
+def _polygraphy_build(onnx_path: Path, plan: EnginePlan, timing_cache: Path) -> Any:
+    """Parse, configure and build; returns TensorRT's serialized engine (an IHostMemory buffer)."""
+    require("polygraphy", "building TensorRT engines")
+    import tensorrt as trt
+    from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, Profile
+    from polygraphy.exception import PolygraphyException
+    from polygraphy.logger import G_LOGGER
+
+    profiles = []
+    for profile in plan.profiles:
+        trt_profile = Profile()
+        for name, shapes in profile.shapes.items():
+            trt_profile.add(name, min=shapes.min, opt=shapes.opt, max=shapes.max)
+        profiles.append(trt_profile)
+    flags = set(plan.mode.builder_flags)
+    compat = plan.settings.hw_compat == "ampere+"
+    config = CreateConfig(
+        tf32=False,
+        bf16="BF16" in flags,
+        fp16="FP16" in flags,
+        profiles=profiles,
+        load_timing_cache=str(timing_cache) if timing_cache.is_file() else None,
+        memory_pool_limits={trt.MemoryPoolType.WORKSPACE: plan.settings.workspace_bytes},
+        hardware_compatibility_level=trt.HardwareCompatibilityLevel.AMPERE_PLUS if compat else None,
+    )
+    network = NetworkFromOnnxPath(str(onnx_path), strongly_typed=plan.mode.strongly_typed)
+    build = EngineBytesFromNetwork(network, config=config, save_timing_cache=str(timing_cache))
+    severity = G_LOGGER.EXTRA_VERBOSE if console.is_verbose() else G_LOGGER.WARNING  # TRT VERBOSE / WARNING
+    # Polygraphy logs to stdout; keep stdout for --json
+    with contextlib.redirect_stdout(sys.stderr), G_LOGGER.verbosity(severity):
+        try:
+            return build()
+        except PolygraphyException as exc:
+            raise MexportError(
+                f"TensorRT could not build {onnx_path}: {exc}", hint="rerun with -v for TensorRT's full log"
+            ) from exc
+
+
+def _side_files(model_dir: Path) -> list[Path]:
+    """Tokenizer, config and generation files to ship beside the engine."""
+    return sorted(
+        path
+        for path in model_dir.iterdir()
+        if path.is_file()
+        and path.name not in (MANIFEST_NAME, PLAN_FILE)
+        and not path.name.endswith(NOT_COPIED_SUFFIXES)
+    )
+
+
+def file_records(directory: Path) -> dict[str, dict[str, Any]]:
+    return {
+        path.name: {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+        for path in sorted(directory.iterdir())
+        if path.is_file() and path.name != MANIFEST_NAME
+    }
+
+
+def engine_manifest(
+    plan: EnginePlan,
+    source: dict[str, Any],
+    gpu: GpuInfo,
+    tensorrt_version: str,
+    build_seconds: float,
+    files: dict[str, dict[str, Any]],
+    timing_cache: Path,
+) -> dict[str, Any]:
+    """The engine directory's manifest: what the runtime needs to load and drive the engine, plus lineage."""
+    return new_manifest(
+        "engine",
+        status="not_validated",
+        dtype=plan.mode.precision,
+        opset=source["opset"],
+        model_config=source["model_config"],
+        io=source["io"],
+        recipe=source.get("recipe"),
+        source=str(plan.model_dir.resolve()),
+        parent=source,
+        files=files,
+        settings=plan.settings.to_dict(),
+        engine={
+            "file": ENGINE_FILE,
+            "engine_bytes": files[ENGINE_FILE]["bytes"],
+            "tensorrt_version": tensorrt_version,
+            "gpu": gpu.name,
+            "compute_capability": gpu.capability_text,
+            "gpu_memory_bytes": gpu.memory_bytes,
+            "hardware_compatibility": plan.settings.hw_compat,
+            "precision": plan.mode.precision,
+            "strongly_typed": plan.mode.strongly_typed,
+            "builder_flags": list(plan.mode.builder_flags),
+            "profiles": [profile.to_dict() for profile in plan.profiles],
+            "limits": plan.settings.limits.to_dict(),
+            "workspace_bytes": plan.settings.workspace_bytes,
+            "timing_cache": str(timing_cache),
+            "build_seconds": round(build_seconds, 1),
+        },
+        plan=plan.to_dict(),
+    )
+
+
+def _holds_only_plan(out: Path) -> bool:
+    """An OUT written by ``--plan`` alone may be built into: its plan.json is rewritten with the engine."""
+    return out.is_dir() and [path.name for path in out.iterdir()] == [PLAN_FILE]
+
+
+def build_engine(model_dir: Path, out: Path, settings: EngineSettings, overwrite: bool = False) -> EngineResult:
+    """Build a TensorRT engine directory ``out`` from the export / quantize directory ``model_dir``."""
+    model_dir, out = Path(model_dir), Path(out)
+    source = read_source_manifest(model_dir)
+    onnx_path = model_dir / ONNX_FILE
+    if not onnx_path.is_file():
+        raise MexportError(f"{model_dir}: no {ONNX_FILE}", hint="export the model first with `mexport onnx`")
+    tensorrt_version = require_tensorrt()
+    gpu = require_cuda_gpu()
+    plan = plan_engine(model_dir, settings, local_gpu=gpu)
+    for warning in plan.warnings:
+        console.warn(warning)
+    planned = plan.gpu  # a --target may name another GPU than the one building
+    other_gpu = planned is not None and planned.compute_capability not in (None, gpu.compute_capability)
+    if planned is not None and other_gpu and settings.hw_compat == "none":
+        console.warn(
+            f"building on {gpu.name} (compute capability {gpu.capability_text}): the engine runs only on GPUs of "
+            f"that capability, not on the planned {planned.name}; pass --hw-compat ampere+ to build for both"
+        )
+    check_free_space(out.resolve().parent, plan.memory.weights_bytes * 11 // 10, what="the engine")
+    if settings.timing_cache is not None and not settings.timing_cache.resolve().parent.is_dir():
+        raise MexportError(f"--timing-cache {settings.timing_cache}: its directory does not exist")
+    with staged_output_dir(out, overwrite=overwrite or _holds_only_plan(out)) as stage:
+        if settings.timing_cache is None:
+            build_cache, recorded_cache = stage / TIMING_CACHE_FILE, out.resolve() / TIMING_CACHE_FILE
+            if recorded_cache.is_file():
+                shutil.copy2(recorded_cache, build_cache)  # a rebuild into the same OUT reuses its tactic timings
+        else:
+            build_cache = recorded_cache = settings.timing_cache.resolve()
+        started = time.monotonic()
+        with console.phase(f"building TensorRT {tensorrt_version} engine ({plan.mode.precision}) on {gpu.name}"):
+            serialized = _polygraphy_build(onnx_path, plan, build_cache)
+        build_seconds = time.monotonic() - started
+        with open(stage / ENGINE_FILE, "wb") as handle:
+            handle.write(serialized)
+        del serialized  # the host copy of the engine is as large as the weights
+        for path in _side_files(model_dir):
+            shutil.copy2(path, stage / path.name)
+        write_plan(plan, stage, overwrite=True)
+        with console.phase("hashing the engine"):
+            files = file_records(stage)
+        manifest = engine_manifest(plan, source, gpu, tensorrt_version, build_seconds, files, recorded_cache)
+        write_manifest(stage, manifest)
+    return EngineResult(out.resolve(), files[ENGINE_FILE]["bytes"], build_seconds, gpu, tensorrt_version, plan)
