@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 
@@ -27,6 +27,17 @@ class DecoderSpec:
     vocab_size: int
     sliding_window: int | None = None
 
+    @classmethod
+    def from_model_config(cls, config: dict[str, Any]) -> DecoderSpec:
+        """From a manifest's ``model_config`` or an HF ``config.json`` (they share these key names)."""
+        return cls(
+            num_layers=int(config["num_hidden_layers"]),
+            num_kv_heads=int(config["num_key_value_heads"]),
+            head_dim=int(config["head_dim"]),
+            vocab_size=int(config["vocab_size"]),
+            sliding_window=config.get("sliding_window"),
+        )
+
 
 def position_ids_from_mask(attention_mask: np.ndarray, new_tokens: int) -> np.ndarray:
     """Positions of the last ``new_tokens`` columns, counting only attended tokens (left padding aware).
@@ -38,12 +49,21 @@ def position_ids_from_mask(attention_mask: np.ndarray, new_tokens: int) -> np.nd
     return positions[:, -new_tokens:].astype(np.int64)
 
 
+def check_forward_shapes(input_ids: np.ndarray, attention_mask: np.ndarray, past_length: int) -> None:
+    """A mask must cover the cached positions plus the new ones; backends fail cryptically (or silently) otherwise."""
+    batch, new_tokens = input_ids.shape
+    if attention_mask.shape != (batch, past_length + new_tokens):
+        raise ValueError(
+            f"attention_mask shape {attention_mask.shape} != (batch {batch}, past {past_length} + new {new_tokens})"
+        )
+
+
 class DecoderRuntime(abc.ABC):
     """Causal LM decoder with an explicit KV cache."""
 
     name: str = "decoder"
 
-    def __enter__(self) -> DecoderRuntime:
+    def __enter__(self) -> Self:
         self.activate()
         return self
 

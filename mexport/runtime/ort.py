@@ -1,0 +1,268 @@
+"""ONNX Runtime decoder over an mexport model directory (export or quantize output).
+
+Everything about the graph comes from ``mexport.json`` (IO names and dtypes, model config, float dtype); nothing is
+guessed from names. The KV cache is a tuple of ``OrtValue`` (one per ``past_key_values.*`` input, in manifest
+order) that stays where the provider put it (host or GPU memory) between steps, bound with IO binding.
+
+An empty past (prefill) has shape (batch, num_key_value_heads, 0, head_dim) in the graph's past dtype; sizing it
+with the query-head count, as Optimum's ORTModelForCausalLM does, breaks grouped-query models such as Gemma2.
+
+bf16 / fp16 graphs on CPU run with fp32 compute (see :mod:`mexport.runtime.upcast`): :attr:`OrtDecoder.compute_dtype`
+says "fp32" then and :attr:`OrtDecoder.precision` spells it out for reports. On CUDA / TensorRT they run natively
+(unless ``fp32_compute=True``), with only the logits cast to float32 at the end of the graph.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mexport.errors import MexportError, MissingDependencyError
+from mexport.lazy import require
+from mexport.manifest import read_manifest
+from mexport.runtime.base import (
+    DecoderRuntime,
+    DecoderSpec,
+    PastKV,
+    check_forward_shapes,
+    position_ids_from_mask,
+)
+from mexport.runtime.upcast import LOW_PRECISION_NAMES, cast_outputs_to_float32, upcast_to_float32
+
+MODEL_FILE = "model.onnx"
+PAST_PREFIX = "past_key_values."
+PRESENT_PREFIX = "present."
+# device -> (ORT providers in priority order, where OrtValues live)
+DEVICE_PROVIDERS: dict[str, tuple[list[str], str]] = {
+    "cpu": (["CPUExecutionProvider"], "cpu"),
+    "cuda": (["CUDAExecutionProvider", "CPUExecutionProvider"], "cuda"),
+    "tensorrt": (["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"], "cuda"),
+}
+DEVICE_LABELS = {"cpu": "CPU", "cuda": "CUDA", "tensorrt": "TensorRT"}
+GPU_PROVIDER_HINT = (
+    "pip uninstall -y onnxruntime && pip install onnxruntime-gpu (on a host with an NVIDIA GPU and CUDA"
+    "; TensorrtExecutionProvider also needs the TensorRT libraries: pip install 'mexport[gpu]')"
+)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _onnx_element_type(dtype_name: str) -> int:
+    onnx = require("onnx")
+    by_name = {
+        "float32": onnx.TensorProto.FLOAT,
+        "float16": onnx.TensorProto.FLOAT16,
+        "bfloat16": onnx.TensorProto.BFLOAT16,
+    }
+    if dtype_name not in by_name:
+        raise MexportError(
+            f"unsupported KV-cache dtype {dtype_name!r} in manifest; expected one of {', '.join(by_name)}"
+        )
+    return by_name[dtype_name]
+
+
+class OrtDecoder(DecoderRuntime):
+    """An exported (or quantized) decoder run with ONNX Runtime on CPU, CUDA or TensorRT."""
+
+    name = "onnxruntime"
+
+    def __init__(
+        self,
+        model_dir: Path | str,
+        device: str = "cpu",
+        providers: list[str] | None = None,
+        intra_op_threads: int | None = None,
+        fp32_compute: bool | None = None,
+    ) -> None:
+        """``fp32_compute`` None: fp32 compute for bf16/fp16 graphs on CPU only; True / False force it either way."""
+        self.model_dir = Path(model_dir)
+        self.manifest = read_manifest(self.model_dir, expected_kind=("export", "quantize"))
+        self.model_path = self.model_dir / MODEL_FILE
+        if not self.model_path.is_file():
+            raise MexportError(f"{self.model_dir}: no {MODEL_FILE}", hint="re-run the export into a fresh directory")
+        if device not in DEVICE_PROVIDERS:
+            raise MexportError(f"unknown ONNX Runtime device {device!r}; expected one of {', '.join(DEVICE_PROVIDERS)}")
+        for key in ("io", "model_config", "dtype"):
+            if key not in self.manifest:
+                raise MexportError(f"{self.model_dir}: manifest has no {key!r} (written by an incompatible mexport?)")
+        self.device = device
+        default_providers, self._value_device = DEVICE_PROVIDERS[device]
+        self.providers = providers or default_providers
+        self.intra_op_threads = intra_op_threads or os.cpu_count() or 1
+        self.dtype: str = self.manifest["dtype"]
+        if fp32_compute is None:
+            fp32_compute = device == "cpu"
+        self.emulated = fp32_compute and self.dtype in LOW_PRECISION_NAMES.values()
+        self.compute_dtype = "fp32" if self.emulated else self.dtype
+
+        io = self.manifest["io"]
+        self.input_names = [entry["name"] for entry in io["inputs"]]
+        self.output_names = [entry["name"] for entry in io["outputs"]]
+        past_inputs = [entry for entry in io["inputs"] if entry["name"].startswith(PAST_PREFIX)]
+        self.past_names = [entry["name"] for entry in past_inputs]
+        self.present_names = [PRESENT_PREFIX + name[len(PAST_PREFIX) :] for name in self.past_names]
+        missing = [name for name in ["logits", *self.present_names] if name not in self.output_names]
+        if "input_ids" not in self.input_names or "attention_mask" not in self.input_names or missing:
+            raise MexportError(f"{self.model_dir}: manifest io is not a decoder with KV cache (missing {missing})")
+        past_dtypes = {entry["dtype"] for entry in past_inputs}
+        if len(past_dtypes) != 1:
+            raise MexportError(f"{self.model_dir}: manifest io has mixed KV-cache dtypes {sorted(past_dtypes)}")
+        self.past_dtype = "float32" if self.emulated else past_dtypes.pop()
+        self.uses_position_ids = "position_ids" in self.input_names
+        self._spec = DecoderSpec.from_model_config(self.manifest["model_config"])
+        self._session: Any = None
+        self._repeat_session: Any = None
+
+    @property
+    def spec(self) -> DecoderSpec:
+        return self._spec
+
+    @property
+    def precision(self) -> str:
+        """How weights and compute are represented, for reports."""
+        label = DEVICE_LABELS[self.device]
+        where = f"{label} emulation" if self.emulated else f"ONNX Runtime {label}"
+        recipe = self.manifest.get("recipe", {}).get("name")  # quantize outputs name their recipe
+        weights = f"{recipe} Q/DQ weights over {self.dtype}" if recipe else f"{self.dtype} weights"
+        return f"{weights}, {self.compute_dtype} compute ({where})"
+
+    # -- session ---------------------------------------------------------------------------------------------
+
+    def _check_providers(self, ort: Any) -> None:
+        available = ort.get_available_providers()
+        missing = [provider for provider in self.providers if provider not in available]
+        if missing:
+            raise MissingDependencyError(
+                f"ONNX Runtime {ort.__version__} here has no {', '.join(missing)} (available: {', '.join(available)})",
+                hint=GPU_PROVIDER_HINT if self.device != "cpu" else None,
+            )
+
+    def _model_source(self) -> str | bytes:
+        """The model path, or the rewritten graph's bytes when it needs fp32 compute or float32 logits."""
+        onnx = require("onnx")
+        logits_dtype = next(entry["dtype"] for entry in self.manifest["io"]["outputs"] if entry["name"] == "logits")
+        if not self.emulated and logits_dtype == "float32":
+            return str(self.model_path)
+        # external data stays on disk: the session reads it from model_dir (see activate)
+        model = onnx.load(str(self.model_path), load_external_data=False)
+        if self.emulated:
+            upcast_to_float32(model)
+        else:
+            cast_outputs_to_float32(model, ["logits"])
+        return model.SerializeToString()
+
+    def activate(self) -> None:
+        ort = require("onnxruntime", "running ONNX models")
+        self._check_providers(ort)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.intra_op_threads
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(self.model_dir))
+        try:
+            session = ort.InferenceSession(self._model_source(), sess_options=options, providers=self.providers)
+        except Exception as exc:  # ORT raises bare pybind errors (Fail, InvalidGraph, NoSuchFile, ...)
+            missing_low_precision_kernel = "NOT_IMPLEMENTED" in str(exc) and self.compute_dtype != "fp32"
+            raise MexportError(
+                f"ONNX Runtime could not load {self.model_path} on {self.device}: {_first_line(exc)}",
+                hint=f"fp32_compute=True runs this {self.dtype} graph with fp32 compute"
+                if missing_low_precision_kernel
+                else None,
+            ) from exc
+        if self.providers[0] not in session.get_providers():
+            # ORT silently falls back to CPU when a GPU provider fails to initialise (e.g. missing CUDA libraries)
+            raise MissingDependencyError(
+                f"ONNX Runtime fell back to {session.get_providers()} instead of {self.providers[0]}",
+                hint="check the CUDA / cuDNN (and TensorRT) libraries onnxruntime-gpu needs: " + GPU_PROVIDER_HINT,
+            )
+        graph_inputs = sorted(value.name for value in session.get_inputs())
+        if graph_inputs != sorted(self.input_names):
+            raise MexportError(f"{self.model_path}: graph inputs {graph_inputs} do not match the manifest's io")
+        self._session = session
+
+    def deactivate(self) -> None:
+        self._session = None
+        self._repeat_session = None
+
+    def _active_session(self) -> Any:
+        if self._session is None:
+            raise RuntimeError("OrtDecoder used outside its context: use `with OrtDecoder(...) as runtime:`")
+        return self._session
+
+    # -- decoding --------------------------------------------------------------------------------------------
+
+    def empty_past(self, batch_size: int) -> tuple[Any, ...]:
+        """A zero-length cache: (batch, num_key_value_heads, 0, head_dim) per past input, in the past dtype."""
+        ort = require("onnxruntime")
+        shape = [batch_size, self.spec.num_kv_heads, 0, self.spec.head_dim]
+        element_type = _onnx_element_type(self.past_dtype)
+        return tuple(
+            ort.OrtValue.ortvalue_from_shape_and_type(shape, element_type, self._value_device) for _ in self.past_names
+        )
+
+    def forward(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, past: PastKV = None
+    ) -> tuple[np.ndarray, PastKV]:
+        session = self._active_session()
+        input_ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        attention_mask = np.ascontiguousarray(attention_mask, dtype=np.int64)
+        if past is None:
+            past = self.empty_past(input_ids.shape[0])
+        check_forward_shapes(input_ids, attention_mask, past_length=past[0].shape()[2])
+        binding = session.io_binding()
+        binding.bind_cpu_input("input_ids", input_ids)
+        binding.bind_cpu_input("attention_mask", attention_mask)
+        if self.uses_position_ids:
+            binding.bind_cpu_input("position_ids", position_ids_from_mask(attention_mask, input_ids.shape[1]))
+        for name, value in zip(self.past_names, past, strict=True):
+            binding.bind_ortvalue_input(name, value)
+        binding.bind_output("logits", "cpu")
+        for name in self.present_names:
+            binding.bind_output(name, self._value_device)
+        session.run_with_iobinding(binding)
+        logits, *present = binding.get_outputs()  # in binding order
+        return logits.numpy(), tuple(present)
+
+    def repeat_past(self, past: PastKV, repeats: int) -> PastKV:
+        if past[0].shape()[0] != 1:
+            raise ValueError(f"repeat_past expands a batch-1 cache; this one has batch {past[0].shape()[0]}")
+        session = self._repeat_session or self._make_repeat_session()
+        target_shape = np.array([repeats, 1, 1, 1], dtype=np.int64)
+        repeated = []
+        for value in past:
+            binding = session.io_binding()
+            binding.bind_ortvalue_input("past", value)
+            binding.bind_cpu_input("target_shape", target_shape)
+            binding.bind_output("repeated", self._value_device)
+            session.run_with_iobinding(binding)
+            repeated.append(binding.get_outputs()[0])
+        return tuple(repeated)
+
+    def _make_repeat_session(self) -> Any:
+        """A one-node Expand graph on the same device, so caches are repeated without a host round trip."""
+        onnx = require("onnx")
+        ort = require("onnxruntime")
+        helper = onnx.helper
+        element_type = _onnx_element_type(self.past_dtype)
+
+        def cache_shape(batch: str) -> list[str | int]:
+            return [batch, self.spec.num_kv_heads, "past_sequence_length", self.spec.head_dim]
+
+        graph = helper.make_graph(
+            [helper.make_node("Expand", ["past", "target_shape"], ["repeated"])],
+            "repeat_past",
+            [
+                helper.make_tensor_value_info("past", element_type, cache_shape("batch_size")),
+                helper.make_tensor_value_info("target_shape", onnx.TensorProto.INT64, [4]),
+            ],
+            [helper.make_tensor_value_info("repeated", element_type, cache_shape("repeated_batch_size"))],
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+        # TensorRT would build an engine for this one node; CUDA / CPU kernels are enough
+        providers = [provider for provider in self.providers if provider != "TensorrtExecutionProvider"]
+        self._repeat_session = ort.InferenceSession(model.SerializeToString(), providers=providers)
+        return self._repeat_session

@@ -1,0 +1,147 @@
+"""The DecoderRuntime contract, checked identically on every CPU backend.
+
+Backends: PyTorch fp32; ORT fp32; ORT bf16 with fp32 compute (CPU emulation); ORT fp16 with native fp16 compute,
+which takes the code path GPUs take (low-precision cache OrtValues, logits cast to float32 in the graph). The tiny
+fixture's sliding window is 8, so every sequence here runs past it: cache handling of sliding-window layers is
+exercised in step decoding, padding and cache repetition.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import pytest
+
+from mexport.runtime.base import DecoderRuntime
+
+RUNTIMES = ["torch-fp32", "ort-fp32", "ort-bf16", "ort-fp16-native"]
+# different chunkings / batchings only reorder sums: tiny differences in fp32, fp16 rounding in fp16
+ATOL = {"torch-fp32": 1e-4, "ort-fp32": 1e-4, "ort-bf16": 1e-4, "ort-fp16-native": 2e-2}
+
+
+@pytest.fixture(scope="module")
+def tiny_export_fp16(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> Path:
+    from mexport.export import export_onnx
+
+    out = tmp_path_factory.mktemp("export") / "tiny-fp16"
+    export_onnx(tiny_checkpoint, out, dtype="fp16", validate=False)
+    return out
+
+
+class Backend(NamedTuple):
+    runtime: DecoderRuntime
+    atol: float
+
+
+@pytest.fixture(scope="module", params=RUNTIMES)
+def backend(request: pytest.FixtureRequest, tiny_checkpoint: Path) -> Iterator[Backend]:
+    from mexport.runtime.ort import OrtDecoder
+    from mexport.runtime.torch_runtime import TorchDecoder
+
+    if request.param == "torch-fp32":
+        decoder: DecoderRuntime = TorchDecoder(tiny_checkpoint, dtype="fp32")
+    elif request.param == "ort-fp16-native":
+        decoder = OrtDecoder(request.getfixturevalue("tiny_export_fp16"), fp32_compute=False)
+    else:
+        decoder = OrtDecoder(request.getfixturevalue(f"tiny_export_{request.param.split('-')[1]}"))
+    with decoder:
+        yield Backend(decoder, ATOL[request.param])
+
+
+def token_ids(length: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(4, 1000, (1, length)).astype(np.int64)
+
+
+def decode_in_chunks(runtime: DecoderRuntime, ids: np.ndarray, chunks: list[int]) -> np.ndarray:
+    """Logits for ``ids`` fed as a prefill then further chunks, each step reusing the previous cache."""
+    logits, past, fed = [], None, 0
+    for size in chunks:
+        mask = np.ones((ids.shape[0], fed + size), dtype=np.int64)
+        step_logits, past = runtime.forward(ids[:, fed : fed + size], mask, past)
+        logits.append(step_logits)
+        fed += size
+    return np.concatenate(logits, axis=1)
+
+
+def test_logits_are_float32_with_vocab_width(backend: Backend) -> None:
+    runtime = backend.runtime
+    logits, _ = runtime.forward(token_ids(6, 0), np.ones((1, 6), dtype=np.int64))
+    assert logits.dtype == np.float32
+    assert logits.shape == (1, 6, runtime.spec.vocab_size)
+    assert np.isfinite(logits).all()
+
+
+def test_step_decoding_past_the_sliding_window_matches_full_forward(backend: Backend) -> None:
+    runtime = backend.runtime
+    ids = token_ids(20, 1)
+    assert runtime.spec.sliding_window is not None and ids.shape[1] > 2 * runtime.spec.sliding_window
+    full, _ = runtime.forward(ids, np.ones_like(ids))
+    stepped = decode_in_chunks(runtime, ids, [5, 3, 3, 1, 1, 1, 6])
+    np.testing.assert_allclose(stepped, full, atol=backend.atol, rtol=0)
+
+
+def test_left_padded_rows_match_unpadded_singles(backend: Backend) -> None:
+    runtime = backend.runtime
+    lengths = [14, 20, 9]
+    prompts = [token_ids(length, seed) for seed, length in enumerate(lengths, start=10)]
+    width = max(lengths)
+    batch = np.zeros((len(prompts), width), dtype=np.int64)
+    mask = np.zeros_like(batch)
+    for row, prompt in enumerate(prompts):
+        batch[row, width - prompt.shape[1] :] = prompt[0]
+        mask[row, width - prompt.shape[1] :] = 1
+    continuation = np.array([[7], [8], [9]], dtype=np.int64)
+
+    batch_logits, batch_past = runtime.forward(batch, mask)
+    mask = np.concatenate([mask, np.ones((3, 1), dtype=np.int64)], axis=1)
+    batch_next, _ = runtime.forward(continuation, mask, batch_past)
+
+    for row, prompt in enumerate(prompts):
+        length = prompt.shape[1]
+        single_logits, single_past = runtime.forward(prompt, np.ones_like(prompt))
+        single_next, _ = runtime.forward(continuation[row : row + 1], np.ones((1, length + 1), np.int64), single_past)
+        np.testing.assert_allclose(batch_logits[row, width - length :], single_logits[0], atol=backend.atol, rtol=0)
+        np.testing.assert_allclose(batch_next[row], single_next[0], atol=backend.atol, rtol=0)
+
+
+def test_repeat_past_shares_one_prompt_between_continuations(backend: Backend) -> None:
+    runtime = backend.runtime
+    prompt = token_ids(12, 3)
+    _, past = runtime.forward(prompt, np.ones_like(prompt))
+    options = np.array([[11, 12], [13, 14], [15, 16]], dtype=np.int64)
+    mask = np.ones((3, prompt.shape[1] + 2), dtype=np.int64)
+    repeated, _ = runtime.forward(options, mask, runtime.repeat_past(past, 3))
+    for row in range(3):
+        # the batch-1 cache is reused for every option: forward must not have consumed or grown it
+        single, _ = runtime.forward(options[row : row + 1], mask[:1], past)
+        np.testing.assert_allclose(repeated[row], single[0], atol=backend.atol, rtol=0)
+
+
+def test_a_mask_not_covering_the_cache_is_refused(backend: Backend) -> None:
+    runtime = backend.runtime
+    _, past = runtime.forward(token_ids(4, 6), np.ones((1, 4), np.int64))
+    with pytest.raises(ValueError, match=r"past 4 \+ new 1"):
+        runtime.forward(token_ids(1, 7), np.ones((1, 1), np.int64), past)
+
+
+def test_greedy_generate_matches_full_forward_argmax(backend: Backend) -> None:
+    runtime = backend.runtime
+    prompt = token_ids(6, 4)
+    generated = runtime.generate(prompt, max_new_tokens=5)
+    assert generated.shape == (5,)
+    full, _ = runtime.forward(np.concatenate([prompt, generated[None, :-1]], axis=1), np.ones((1, 10), np.int64))
+    np.testing.assert_array_equal(full[0, 5:].argmax(-1), generated)
+
+
+def test_native_fp16_keeps_the_cache_in_fp16(tiny_export_fp16: Path) -> None:
+    from mexport.runtime.ort import OrtDecoder
+
+    with OrtDecoder(tiny_export_fp16, fp32_compute=False) as decoder:
+        assert decoder.precision == "fp16 weights, fp16 compute (ONNX Runtime CPU)"
+        _, past = decoder.forward(token_ids(5, 5), np.ones((1, 5), np.int64))
+        repeated = decoder.repeat_past(past, 2)
+    assert {value.data_type() for value in [*past, *repeated]} == {"tensor(float16)"}
+    assert {tuple(value.shape()) for value in repeated} == {(2, 2, 5, 16)}

@@ -1,0 +1,143 @@
+"""ONNX Runtime decoder specifics: GQA empty past, parity with PyTorch, bf16 CPU emulation, one-line errors.
+
+The shared decoding contract (step decoding, padding, repeat_past) is in test_runtime_contract.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from mexport.errors import MexportError, MissingDependencyError
+from mexport.runtime.ort import OrtDecoder
+from mexport.runtime.torch_runtime import TorchDecoder
+
+IDS = np.random.default_rng(0).integers(4, 1000, (2, 20)).astype(np.int64)
+MASK = np.ones_like(IDS)
+HAS_CUDA_PROVIDER = "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+@pytest.fixture(scope="module")
+def torch_logits(tiny_checkpoint: Path) -> dict[str, np.ndarray]:
+    """Reference logits of IDS: bf16 weights upcast to fp32 ("fp32"), and native bf16 compute ("bf16")."""
+    logits = {}
+    for dtype in ("fp32", "bf16"):
+        with TorchDecoder(tiny_checkpoint, dtype=dtype) as decoder:
+            logits[dtype] = decoder.forward(IDS, MASK)[0]
+    return logits
+
+
+@pytest.mark.parametrize("export", ["tiny_export_fp32", "tiny_export_bf16"])
+def test_empty_past_is_sized_by_kv_heads(request: pytest.FixtureRequest, export: str) -> None:
+    with OrtDecoder(request.getfixturevalue(export)) as decoder:
+        past = decoder.empty_past(3)
+        assert len(past) == 2 * decoder.spec.num_layers
+        # (batch, num_key_value_heads=2, 0, head_dim): the query-head count (4) would not fit the graph
+        assert {tuple(value.shape()) for value in past} == {(3, 2, 0, 16)}
+        assert {value.data_type() for value in past} == {"tensor(float)"}  # bf16 runs emulated in fp32 on CPU
+        _, present = decoder.forward(IDS[:, :5], MASK[:, :5])
+        assert {tuple(value.shape()) for value in present} == {(2, 2, 5, 16)}
+
+
+def test_fp32_export_matches_pytorch(tiny_export_fp32: Path, torch_logits: dict[str, np.ndarray]) -> None:
+    with OrtDecoder(tiny_export_fp32) as decoder:
+        assert (decoder.compute_dtype, decoder.emulated) == ("fp32", False)
+        logits, _ = decoder.forward(IDS, MASK)
+    np.testing.assert_allclose(logits, torch_logits["fp32"], atol=1e-4, rtol=0)
+
+
+def test_bf16_export_runs_on_cpu_with_fp32_compute(tiny_export_bf16: Path, torch_logits: dict[str, np.ndarray]) -> None:
+    with OrtDecoder(tiny_export_bf16) as decoder:
+        assert (decoder.dtype, decoder.compute_dtype, decoder.emulated) == ("bf16", "fp32", True)
+        assert decoder.precision == "bf16 weights, fp32 compute (CPU emulation)"
+        logits, _ = decoder.forward(IDS, MASK)
+    emulation_error = np.abs(logits - torch_logits["fp32"]).max()
+    bf16_rounding = np.abs(torch_logits["bf16"] - torch_logits["fp32"]).max()
+    # fp32 compute over the same bf16 weights: far closer to PyTorch's fp32 upcast than bf16 compute is. Not exact:
+    # a bf16 trace bakes bf16-rounded constants into the graph (GELU-tanh's 0.044715 and sqrt(2/pi)).
+    assert emulation_error < 5e-3
+    assert emulation_error < bf16_rounding / 10
+
+
+def test_quantized_model_precision_names_its_recipe(tmp_path: Path, tiny_export_bf16: Path) -> None:
+    model_dir = tmp_path / "quantized"
+    shutil.copytree(tiny_export_bf16, model_dir)
+    manifest = json.loads((model_dir / "mexport.json").read_text())
+    manifest.update(kind="quantize", recipe={"name": "int8-wo"})
+    (model_dir / "mexport.json").write_text(json.dumps(manifest))
+    assert OrtDecoder(model_dir).precision == "int8-wo Q/DQ weights over bf16, fp32 compute (CPU emulation)"
+
+
+def test_bf16_without_fp32_compute_on_cpu_points_to_the_emulation(tiny_export_bf16: Path) -> None:
+    decoder = OrtDecoder(tiny_export_bf16, fp32_compute=False)
+    try:
+        decoder.activate()
+    except MexportError as exc:
+        assert "NOT_IMPLEMENTED" in exc.message and "\n" not in exc.message
+        assert exc.hint == "fp32_compute=True runs this bf16 graph with fp32 compute"
+    else:
+        pytest.skip("this ONNX Runtime has the bf16 CPU kernels the graph needs")
+
+
+def test_missing_manifest_is_a_one_line_error(tmp_path: Path) -> None:
+    with pytest.raises(MexportError, match="no mexport.json"):
+        OrtDecoder(tmp_path)
+
+
+def test_missing_graph_is_a_one_line_error(tmp_path: Path, tiny_export_fp32: Path) -> None:
+    shutil.copy(tiny_export_fp32 / "mexport.json", tmp_path / "mexport.json")
+    with pytest.raises(MexportError, match="no model.onnx"):
+        OrtDecoder(tmp_path)
+
+
+def test_engine_directory_is_refused(tmp_path: Path, tiny_export_fp32: Path) -> None:
+    manifest = json.loads((tiny_export_fp32 / "mexport.json").read_text())
+    (tmp_path / "mexport.json").write_text(json.dumps({**manifest, "kind": "engine"}))
+    with pytest.raises(MexportError, match="kind is 'engine'"):
+        OrtDecoder(tmp_path)
+
+
+def test_corrupt_graph_reports_the_onnxruntime_error(tmp_path: Path, tiny_export_fp32: Path) -> None:
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_export_fp32, model_dir)
+    (model_dir / "model.onnx").write_bytes(b"not a protobuf")
+    with pytest.raises(MexportError, match=r"ONNX Runtime could not load .*model.onnx on cpu: \S") as caught:
+        OrtDecoder(model_dir).activate()
+    assert "\n" not in caught.value.message
+
+
+@pytest.mark.parametrize(("device", "provider"), [("cuda", "CUDAExecutionProvider"), ("tensorrt", "Tensorrt")])
+def test_gpu_device_without_gpu_onnxruntime_says_what_to_install(
+    tiny_export_fp32: Path, device: str, provider: str
+) -> None:
+    if HAS_CUDA_PROVIDER:
+        pytest.skip("onnxruntime-gpu is installed here")
+    with pytest.raises(MissingDependencyError, match=f"has no {provider}") as caught:
+        OrtDecoder(tiny_export_fp32, device=device).activate()
+    assert caught.value.hint is not None and "pip install onnxruntime-gpu" in caught.value.hint
+
+
+def test_unknown_device_is_refused(tiny_export_fp32: Path) -> None:
+    with pytest.raises(MexportError, match="unknown ONNX Runtime device 'tpu'"):
+        OrtDecoder(tiny_export_fp32, device="tpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA_PROVIDER, reason="needs onnxruntime-gpu with CUDAExecutionProvider and a GPU")
+def test_bf16_export_runs_natively_on_cuda(tiny_export_bf16: Path, torch_logits: dict[str, np.ndarray]) -> None:
+    with OrtDecoder(tiny_export_bf16, device="cuda") as decoder:
+        assert (decoder.compute_dtype, decoder.emulated) == ("bf16", False)
+        logits, past = decoder.forward(IDS, MASK)
+        assert {value.data_type() for value in past} == {"tensor(bfloat16)"}
+        assert {value.device_name() for value in past} == {"cuda"}
+        _, first_row_past = decoder.forward(IDS[:1], MASK[:1])
+        same_token = np.array([[7], [7]], dtype=np.int64)
+        next_logits, _ = decoder.forward(same_token, np.ones((2, 21), np.int64), decoder.repeat_past(first_row_past, 2))
+    assert logits.dtype == np.float32
+    np.testing.assert_array_equal(next_logits[0], next_logits[1])
+    assert np.abs(logits - torch_logits["fp32"]).max() < 0.25  # bf16 compute: within bf16 rounding of fp32
