@@ -1,0 +1,173 @@
+"""Peak memory, wall time and output size of `mexport onnx` vs `optimum-cli export onnx` at real Gemma2 width.
+
+Builds a Gemma2 with Meditron3-Gemma2-9B's full width (hidden 3584, intermediate 14336, 16/8 heads, head_dim 256,
+vocab 256000, tied embeddings, sliding window 4096) but only ``--layers`` layers, random bf16 weights saved as a
+sharded safetensors checkpoint (~2.6 GB for 2 layers), then runs each tool in its own wrapper process so
+``ru_maxrss`` of RUSAGE_CHILDREN is that tool's peak alone. Figures are per checkpoint byte, the same ratios that
+the 9B targets use (issue #3: peak RSS / checkpoint <= 1.5, stretch 1.2; bf16 output / checkpoint <= 1.05).
+
+    python bench/export_memory.py [--layers 2] [--skip-optimum] [--workdir DIR] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from mexport.fsutil import check_free_space, dir_bytes, format_bytes
+
+FULL_WIDTH = {
+    "vocab_size": 256000,
+    "hidden_size": 3584,
+    "intermediate_size": 14336,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 8,
+    "head_dim": 256,
+    "query_pre_attn_scalar": 256,
+    "sliding_window": 4096,
+    "attn_logit_softcapping": 50.0,
+    "final_logit_softcapping": 30.0,
+    "max_position_embeddings": 8192,
+    "tie_word_embeddings": True,
+    "pad_token_id": 0,
+    "eos_token_id": 1,
+    "bos_token_id": 2,
+}
+SHARD_BYTES = 1 << 30
+# runs a command, sends its stdout to stderr, prints {"rc", "wall_s", "peak_rss_bytes"} as the last stdout line
+WRAPPER = """
+import json, resource, subprocess, sys, time
+start = time.perf_counter()
+rc = subprocess.call(sys.argv[1:], stdout=sys.stderr)
+wall = time.perf_counter() - start
+peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+print(json.dumps({"rc": rc, "wall_s": wall, "peak_rss_bytes": peak_kib * 1024}))
+"""
+
+
+def build_checkpoint(directory: Path, layers: int) -> int:
+    """Random-weight full-width Gemma2 as sharded bf16 safetensors + tokenizer; returns the weight bytes."""
+    import torch
+    import transformers
+    from safetensors.torch import save_file
+
+    from mexport.fixtures.tiny_gemma2 import train_tokenizer
+
+    config = transformers.Gemma2Config(num_hidden_layers=layers, torch_dtype="bfloat16", **FULL_WIDTH)
+    with torch.device("meta"):
+        model = transformers.Gemma2ForCausalLM(config)
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}  # tied head listed once
+    estimate = sum(torch.Size(s).numel() * 2 for s in shapes.values())
+    check_free_space(directory.parent, estimate * 4, what="the benchmark checkpoint and three exports")
+    directory.mkdir(parents=True)
+    generator = torch.Generator().manual_seed(0)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    shard_bytes = 0
+    for name, shape in shapes.items():
+        tensor = (torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16)
+        if shard_bytes and shard_bytes + tensor.nbytes > SHARD_BYTES:
+            shards.append({})
+            shard_bytes = 0
+        shards[-1][name] = tensor
+        shard_bytes += tensor.nbytes
+    weight_map = {}
+    for index, shard in enumerate(shards, start=1):
+        filename = f"model-{index:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(directory / filename), metadata={"format": "pt"})
+        weight_map.update({name: filename for name in shard})
+        shard.clear()
+    (directory / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": estimate}, "weight_map": weight_map}, indent=2)
+    )
+    config.save_pretrained(directory)
+    transformers.GenerationConfig.from_model_config(config).save_pretrained(directory)
+    train_tokenizer(1024).save_pretrained(directory)
+    return sum(f.stat().st_size for f in directory.glob("*.safetensors"))
+
+
+def measure(name: str, command: list[str], output: Path, log: Path) -> dict:
+    """Run ``command`` in a fresh wrapper process; its own peak RSS, wall time and output size."""
+    print(f"running {name}: {' '.join(command)}", flush=True)
+    with open(log, "w") as log_handle:
+        finished = subprocess.run(
+            [sys.executable, "-c", WRAPPER, *command], check=False, stdout=subprocess.PIPE, stderr=log_handle, text=True
+        )
+    result = json.loads(finished.stdout.strip().splitlines()[-1])
+    result.update(name=name, output_bytes=dir_bytes(output) if output.exists() else 0, log=str(log))
+    if result["rc"] != 0:
+        tail = log.read_text().strip().splitlines()[-3:]
+        print(f"  {name} failed (exit {result['rc']}): {' | '.join(tail)}", flush=True)
+    return result
+
+
+def report(results: list[dict], checkpoint_bytes: int) -> None:
+    print(f"\ncheckpoint: {format_bytes(checkpoint_bytes)} (bf16 safetensors)")
+    header = f"{'tool':<28}{'exit':>5}{'wall s':>9}{'peak RSS':>11}{'output':>11}{'RSS/ckpt':>10}{'out/ckpt':>10}"
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        print(
+            f"{r['name']:<28}{r['rc']:>5}{r['wall_s']:>9.1f}{format_bytes(r['peak_rss_bytes']):>11}"
+            f"{format_bytes(r['output_bytes']):>11}{r['peak_rss_bytes'] / checkpoint_bytes:>10.2f}"
+            f"{r['output_bytes'] / checkpoint_bytes:>10.3f}"
+        )
+    baseline = next((r for r in results if r["name"].startswith("optimum") and r["rc"] == 0), None)
+    if baseline:
+        print("\nmexport / optimum-cli:")
+        for r in results:
+            if r is not baseline and r["rc"] == 0:
+                print(
+                    f"  {r['name']:<26} wall {r['wall_s'] / baseline['wall_s']:.2f}x, "
+                    f"peak RSS {r['peak_rss_bytes'] / baseline['peak_rss_bytes']:.2f}x, "
+                    f"output {r['output_bytes'] / baseline['output_bytes']:.2f}x"
+                )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=2, help="decoder layers at full width (the 9B has 42)")
+    parser.add_argument("--skip-optimum", action="store_true", help="do not run the optimum-cli baseline")
+    parser.add_argument("--workdir", type=Path, help="where to build (default: a temp dir, deleted unless --keep)")
+    parser.add_argument("--keep", action="store_true", help="keep the checkpoint and exports")
+    args = parser.parse_args()
+
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="mexport-bench-"))
+    checkpoint = workdir / f"gemma2-fullwidth-{args.layers}l"
+    try:
+        if checkpoint.is_dir():
+            checkpoint_bytes = sum(f.stat().st_size for f in checkpoint.glob("*.safetensors"))
+        else:
+            print(f"building {args.layers}-layer full-width Gemma2 in {checkpoint}", flush=True)
+            checkpoint_bytes = build_checkpoint(checkpoint, args.layers)
+        mexport = [str(Path(sys.executable).with_name("mexport")), "-q", "onnx", str(checkpoint)]
+        runs = [
+            ("mexport bf16 (export only)", [*mexport, "--dtype", "bf16", "--no-validate"], workdir / "mexport-bf16"),
+            ("mexport bf16 (+ validation)", [*mexport, "--dtype", "bf16"], workdir / "mexport-bf16-validated"),
+        ]
+        if not args.skip_optimum:
+            optimum = [str(Path(sys.executable).with_name("optimum-cli")), "export", "onnx", "--model",
+                       str(checkpoint), "--task", "text-generation-with-past"]
+            runs.append(("optimum-cli fp32", optimum, workdir / "optimum-fp32"))
+        results = []
+        for name, command, output in runs:
+            shutil.rmtree(output, ignore_errors=True)
+            if command[0].endswith("mexport"):
+                command = [*command, "-o", str(output)]
+            else:
+                command = [*command, str(output)]
+            results.append(measure(name, command, output, workdir / f"{output.name}.log"))
+            if not args.keep:
+                shutil.rmtree(output, ignore_errors=True)
+        report(results, checkpoint_bytes)
+    finally:
+        if not args.keep and args.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

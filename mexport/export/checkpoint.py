@@ -1,0 +1,215 @@
+"""Reading a Hugging Face checkpoint without loading it: config, safetensors headers, side files.
+
+The exporter never materializes the model's weights; it needs only where each tensor lives (file, byte range,
+dtype, shape), which the safetensors header says. Parsing the header here (8-byte little-endian length + JSON)
+also lets a truncated or corrupt shard fail with a one-line error before anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mexport.errors import MexportError
+from mexport.lazy import require
+
+SUPPORTED_MODEL_TYPES = ("gemma2",)
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+# copied beside the ONNX graph so an export directory is self-contained (tokenizer and generation defaults)
+SIDE_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
+HUB_PATTERNS = ["*.safetensors", "model.safetensors.index.json", *SIDE_FILES]
+# a header larger than this is not a safetensors header (the format caps it at 100 MB)
+MAX_HEADER_BYTES = 100 << 20
+
+# safetensors dtype -> (bytes per element, ONNX TensorProto name)
+SAFETENSORS_DTYPES: dict[str, tuple[int, str]] = {
+    "F64": (8, "DOUBLE"),
+    "F32": (4, "FLOAT"),
+    "F16": (2, "FLOAT16"),
+    "BF16": (2, "BFLOAT16"),
+    "I64": (8, "INT64"),
+    "I32": (4, "INT32"),
+    "I16": (2, "INT16"),
+    "I8": (1, "INT8"),
+    "U8": (1, "UINT8"),
+    "BOOL": (1, "BOOL"),
+}
+
+
+@dataclass(frozen=True)
+class TensorLocation:
+    """Where one checkpoint tensor's bytes are: ``file`` from byte ``offset``, ``nbytes`` long."""
+
+    name: str
+    file: Path
+    dtype: str  # safetensors name, e.g. "BF16"
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+    @property
+    def itemsize(self) -> int:
+        return SAFETENSORS_DTYPES[self.dtype][0]
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A resolved local checkpoint directory with its parsed config and tensor table."""
+
+    path: Path
+    config: dict[str, Any]
+    tensors: dict[str, TensorLocation]
+    weight_files: tuple[Path, ...]
+    origin: str  # what the user named (local path or hub id)
+    revision: str | None = None
+
+    @property
+    def model_type(self) -> str:
+        return str(self.config.get("model_type"))
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.weight_files)
+
+
+def read_safetensors_header(path: Path) -> dict[str, TensorLocation]:
+    """Tensor table of one safetensors file, checked against the file size (truncated shards fail here)."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise MexportError(f"{path}: not a safetensors file (only {size} bytes)")
+        header_len = struct.unpack("<Q", prefix)[0]
+        if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
+            raise MexportError(f"{path}: corrupt safetensors header (declared length {header_len}, file {size} bytes)")
+        try:
+            header = json.loads(handle.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise MexportError(f"{path}: corrupt safetensors header ({exc})") from exc
+    if not isinstance(header, dict):
+        raise MexportError(f"{path}: corrupt safetensors header (not a JSON object)")
+    data_start = 8 + header_len
+    tensors: dict[str, TensorLocation] = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = entry["dtype"], tuple(int(d) for d in entry["shape"]), entry["data_offsets"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise MexportError(f"{path}: corrupt safetensors header entry for {name!r}") from exc
+        if dtype not in SAFETENSORS_DTYPES:
+            raise MexportError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
+        numel = 1
+        for dim in shape:
+            numel *= dim
+        if end - begin != numel * SAFETENSORS_DTYPES[dtype][0] or begin < 0:
+            raise MexportError(f"{path}: corrupt safetensors header (tensor {name!r} byte range does not match shape)")
+        if data_start + end > size:
+            raise MexportError(
+                f"{path}: truncated (tensor {name!r} ends at byte {data_start + end}, file has {size})",
+                hint="re-download the checkpoint",
+            )
+        tensors[name] = TensorLocation(name, path, dtype, shape, data_start + begin, end - begin)
+    return tensors
+
+
+def weight_files(directory: Path) -> tuple[Path, ...]:
+    """The safetensors files of a checkpoint: the single file, or the shards its index names."""
+    index = directory / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise MexportError(f"{index}: malformed safetensors index ({exc})") from exc
+        shards = tuple(directory / name for name in dict.fromkeys(weight_map.values()))
+        for shard in shards:
+            if not shard.is_file():
+                raise MexportError(f"{index}: names shard {shard.name}, which is missing", hint="re-download it")
+        return shards
+    single = directory / SINGLE_FILE
+    if single.is_file():
+        return (single,)
+    raise MexportError(
+        f"{directory}: no {SINGLE_FILE} or {INDEX_FILE} (not a safetensors checkpoint)",
+        hint="pass a Hugging Face checkpoint directory saved with safe_serialization=True",
+    )
+
+
+def read_config(directory: Path) -> dict[str, Any]:
+    """config.json, refusing architectures the exporter does not support."""
+    path = directory / "config.json"
+    if not path.is_file():
+        raise MexportError(f"{directory}: no config.json (not a Hugging Face checkpoint)")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise MexportError(f"{path}: malformed JSON ({exc})") from exc
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise MexportError(
+            f"{directory}: unsupported architecture {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    return config
+
+
+def resolve_checkpoint(model: str | Path, revision: str | None = None) -> Checkpoint:
+    """A local checkpoint directory, or a hub id downloaded (safetensors, config, tokenizer only)."""
+    origin = str(model)
+    directory = Path(model).expanduser()
+    if not directory.exists():
+        if _looks_like_hub_id(origin):
+            directory = _download(origin, revision)
+        else:
+            raise MexportError(f"{model}: no such file or directory")
+    if not directory.is_dir():
+        raise MexportError(f"{model}: not a directory (pass a checkpoint directory or a hub id)")
+    config = read_config(directory)
+    files = weight_files(directory)
+    tensors: dict[str, TensorLocation] = {}
+    for shard in files:
+        tensors.update(read_safetensors_header(shard))
+    return Checkpoint(directory.resolve(), config, tensors, files, origin, revision)
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))
+
+
+def _download(repo_id: str, revision: str | None) -> Path:
+    hub = require("huggingface_hub", "downloading a checkpoint from the Hugging Face Hub")
+    try:
+        return Path(hub.snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
+    except Exception as exc:  # network, auth and missing-repo errors all mean "cannot get it"
+        raise MexportError(
+            f"{repo_id}: not a local path and could not be downloaded from the Hub ({type(exc).__name__}: {exc})"
+        ) from exc
+
+
+def copy_side_files(checkpoint: Checkpoint, out_dir: Path) -> list[str]:
+    """Copy config, generation config and tokenizer files next to the ONNX graph; returns their names."""
+    copied = []
+    for name in SIDE_FILES:
+        source = checkpoint.path / name
+        if source.is_file():
+            shutil.copyfile(source, out_dir / name)
+            copied.append(name)
+    return copied
+
+
+def side_files_bytes(checkpoint: Checkpoint) -> int:
+    return sum((checkpoint.path / n).stat().st_size for n in SIDE_FILES if (checkpoint.path / n).is_file())

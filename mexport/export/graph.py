@@ -1,0 +1,267 @@
+"""Tracing the decoder graph without its weights, and rewriting its parameters into external initializers.
+
+The model is built on the ``meta`` device and every parameter replaced by lazily-committed zeros (see
+:func:`_lazy_zeros`), so the trace costs activations only, not weights. ``keep_initializers_as_inputs`` leaves each
+parameter as a graph input named by its state-dict name (and stops TorchScript merging the identical fake weights);
+:func:`externalize_parameters` then turns those inputs into initializers backed by ``model.onnx.data``, folding a
+Linear's ``Transpose(weight)`` into the stored tensor so MatMuls read an initializer directly (what quantizers and
+TensorRT expect). The tied embedding feeds both the Gather and the LM head's Transpose: it stays one tensor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mexport.lazy import require
+
+EXPORT_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # mexport name -> torch / numpy name
+ONNX_ELEMENT_TYPES = {"fp32": "FLOAT", "bf16": "BFLOAT16", "fp16": "FLOAT16"}
+TASK = "text-generation-with-past"
+DATA_FILE = "model.onnx.data"
+GRAPH_FILE = "model.onnx"
+# tensors of at least LARGE_TENSOR_BYTES start on a 64 KiB boundary so ONNX Runtime can memory-map them in place
+LARGE_TENSOR_BYTES = 1 << 20
+LARGE_ALIGNMENT = 1 << 16
+SMALL_ALIGNMENT = 64
+TRANSPOSED_SUFFIX = "_transposed"
+
+
+@dataclass
+class StoredTensor:
+    """One initializer in ``model.onnx.data``: which checkpoint tensor it holds and how it was transformed."""
+
+    initializer: str
+    source: str  # graph parameter (state-dict) name; the exporter maps it to a checkpoint tensor
+    transform: str  # "none" | "transpose"
+    shape: tuple[int, ...]
+    dtype: str  # export dtype ("fp32" | "bf16" | "fp16")
+    offset: int = 0
+    nbytes: int = 0
+
+
+@dataclass
+class TracedGraph:
+    """The weightless ONNX graph plus what the trace learned about the model."""
+
+    model: Any  # onnx.ModelProto, parameters still graph inputs
+    parameters: dict[str, tuple[int, ...]]  # graph-input parameter name -> shape
+    model_config: dict[str, Any] = field(default_factory=dict)
+
+
+def _onnx_config_class() -> type:
+    """Optimum's Gemma2 export configuration, with position_ids as an input so left-padded batches work."""
+    require("optimum.exporters.onnx", "the ONNX export configuration")
+    from optimum.exporters.onnx.config import TextDecoderWithPositionIdsOnnxConfig
+    from optimum.exporters.onnx.model_configs import Gemma2OnnxConfig
+
+    class Gemma2WithPositionIdsOnnxConfig(TextDecoderWithPositionIdsOnnxConfig):
+        NORMALIZED_CONFIG_CLASS = Gemma2OnnxConfig.NORMALIZED_CONFIG_CLASS
+        DUMMY_INPUT_GENERATOR_CLASSES = Gemma2OnnxConfig.DUMMY_INPUT_GENERATOR_CLASSES
+        DUMMY_PKV_GENERATOR_CLASS = Gemma2OnnxConfig.DUMMY_PKV_GENERATOR_CLASS
+        MIN_TRANSFORMERS_VERSION = Gemma2OnnxConfig.MIN_TRANSFORMERS_VERSION
+        _MODEL_PATCHER = Gemma2OnnxConfig._MODEL_PATCHER
+
+    return Gemma2WithPositionIdsOnnxConfig
+
+
+def _lazy_zeros(torch: Any, shape: Any, dtype: Any) -> Any:
+    """A zero tensor whose pages are never committed: a large calloc is a fresh anonymous mapping, and reading it
+    maps the kernel's shared zero page. Unlike a zero-stride expanded scalar, a Linear can read it in place
+    (BLAS needs real strides, so an expanded weight is copied: 1.8 GB for Gemma's LM head)."""
+    element_bytes = torch.empty((), dtype=dtype).element_size()
+    numel = 1
+    for dim in shape:
+        numel *= dim
+    return torch.from_numpy(np.zeros(numel * element_bytes, dtype=np.uint8)).view(dtype).reshape(tuple(shape))
+
+
+def _weightless_model(checkpoint_dir: Path, dtype: str) -> Any:
+    """The causal LM built from config with lazily-committed zero parameters (tied ones stay one object)."""
+    torch = require("torch", "tracing the model")
+    transformers = require("transformers", "building the model from its config")
+    torch_dtype = getattr(torch, EXPORT_DTYPES[dtype])
+    config = transformers.AutoConfig.from_pretrained(checkpoint_dir, local_files_only=True)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch_dtype, attn_implementation="eager")
+    fakes: dict[int, Any] = {}
+    for module in model.modules():
+        for name, parameter in list(module._parameters.items()):
+            if parameter is None:
+                continue
+            if id(parameter) not in fakes:
+                fakes[id(parameter)] = torch.nn.Parameter(_lazy_zeros(torch, parameter.shape, torch_dtype), False)
+            module._parameters[name] = fakes[id(parameter)]
+    # the rotary table is a computed buffer, not a weight: rebuild it for real on the CPU
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=model.config)
+    meta_buffers = [name for name, buffer in model.named_buffers() if buffer.is_meta]
+    if meta_buffers:
+        raise RuntimeError(f"buffers left on the meta device after rebuilding: {meta_buffers}")
+    return model.eval()
+
+
+def _model_config(model: Any) -> dict[str, Any]:
+    config = model.config
+    keys = (
+        "model_type", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_size",
+        "intermediate_size", "vocab_size", "sliding_window", "attn_logit_softcapping", "final_logit_softcapping",
+        "max_position_embeddings", "tie_word_embeddings",
+    )
+    summary = {key: getattr(config, key, None) for key in keys}
+    summary["parameter_count"] = sum(p.numel() for p in model.parameters())  # shared parameters counted once
+    return summary
+
+
+@contextlib.contextmanager
+def _shape_inference_without_weight_values(torch: Any) -> Iterator[None]:
+    """Keep TorchScript's final ONNX shape inference from copying every weight.
+
+    That pass serializes the graph together with each parameter's values (a full copy of the weights; beyond
+    2 GB it then fails and is skipped anyway, after the copy). Here the parameters are typed graph inputs, so
+    inference needs no values: the wrapper hands it none. The graph exported is the same (checked on the
+    fixtures); peak memory of a full-width trace drops from ~4 GB to ~0.6 GB.
+    """
+    original = torch._C._jit_pass_onnx_graph_shape_type_inference
+
+    def without_values(graph: Any, _params: Any, opset: int) -> Any:
+        return original(graph, {}, opset)
+
+    torch._C._jit_pass_onnx_graph_shape_type_inference = without_values
+    try:
+        yield
+    finally:
+        torch._C._jit_pass_onnx_graph_shape_type_inference = original
+
+
+def trace_graph(checkpoint_dir: Path, dtype: str, opset: int) -> TracedGraph:
+    """Trace the decoder (task text-generation-with-past, position_ids input) to a weightless ONNX graph."""
+    torch = require("torch", "tracing the model")
+    onnx = require("onnx", "building the ONNX graph")
+    model = _weightless_model(checkpoint_dir, dtype)
+    onnx_config = _onnx_config_class()(
+        model.config, task="text-generation", use_past=True, use_past_in_inputs=True, float_dtype=dtype,
+        int_dtype="int64",
+    )
+    for key, value in (onnx_config.values_override or {}).items():
+        setattr(model.config, key, value)
+    dummy_inputs = onnx_config.rename_ambiguous_inputs(onnx_config.generate_dummy_inputs(framework="pt"))
+    buffer = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # TracerWarnings about Python-constant shapes are expected here
+        with onnx_config.patch_model_for_export(model, model_kwargs={"logits_to_keep": 0}), \
+                _shape_inference_without_weight_values(torch):
+            inputs = onnx_config.ordered_inputs(model)
+            torch.onnx.export(
+                model,
+                (dummy_inputs,),
+                f=buffer,
+                input_names=list(inputs),
+                output_names=list(onnx_config.outputs),
+                dynamic_axes={**inputs, **onnx_config.outputs},
+                opset_version=opset,
+                dynamo=False,
+                export_params=False,
+                keep_initializers_as_inputs=True,  # parameters stay named graph inputs, never value-deduplicated
+                do_constant_folding=False,  # folding would materialize the weights
+            )
+    parameters = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    traced = TracedGraph(onnx.load_from_string(buffer.getvalue()), parameters, _model_config(model))
+    del model
+    return traced
+
+
+def _is_plain_transpose(node: Any) -> bool:
+    if node.op_type != "Transpose":
+        return False
+    perm = [list(a.ints) for a in node.attribute if a.name == "perm"]
+    return not perm or perm[0] == [1, 0]
+
+
+def externalize_parameters(traced: TracedGraph, dtype: str, untie_embeddings: bool = False) -> list[StoredTensor]:
+    """Turn parameter graph inputs into stored tensors (in place), folding transposes that cost no duplicate.
+
+    A parameter's ``Transpose`` consumers are folded into one transposed copy when nothing else reads the
+    parameter, or when ``untie_embeddings`` asks for a separate LM-head matrix; otherwise (the tied embedding)
+    the Transpose node stays and the tensor is stored once.
+    """
+    graph = traced.model.graph
+    consumers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    renamed: dict[str, str] = {}
+    removed: set[int] = set()
+    stored: list[StoredTensor] = []
+    for name, shape in traced.parameters.items():
+        readers = consumers.get(name, [])
+        transposes = [n for n in readers if len(shape) == 2 and _is_plain_transpose(n)]
+        others = [n for n in readers if n not in transposes]
+        if transposes and (not others or untie_embeddings):
+            folded = name + TRANSPOSED_SUFFIX
+            stored.append(StoredTensor(folded, name, "transpose", (shape[1], shape[0]), dtype))
+            for transpose in transposes:
+                renamed[transpose.output[0]] = folded
+                removed.add(id(transpose))
+        if others or not transposes:
+            stored.append(StoredTensor(name, name, "none", shape, dtype))
+    kept_nodes = [node for node in graph.node if id(node) not in removed]
+    for node in kept_nodes:
+        node.input[:] = [renamed.get(name, name) for name in node.input]
+    del graph.node[:]
+    graph.node.extend(kept_nodes)
+    kept_inputs = [value for value in graph.input if value.name not in traced.parameters]
+    del graph.input[:]
+    graph.input.extend(kept_inputs)
+    return stored
+
+
+def assign_offsets(stored: list[StoredTensor]) -> int:
+    """Lay the tensors out in order in one file (aligned for memory mapping); returns the file size."""
+    element_bytes = {"fp32": 4, "bf16": 2, "fp16": 2}
+    cursor = 0
+    for tensor in stored:
+        numel = 1
+        for dim in tensor.shape:
+            numel *= dim
+        tensor.nbytes = numel * element_bytes[tensor.dtype]
+        alignment = LARGE_ALIGNMENT if tensor.nbytes >= LARGE_TENSOR_BYTES else SMALL_ALIGNMENT
+        tensor.offset = -(-cursor // alignment) * alignment
+        cursor = tensor.offset + tensor.nbytes
+    return cursor
+
+
+def attach_initializers(model: Any, stored: list[StoredTensor]) -> None:
+    """Declare each stored tensor as an initializer whose bytes live in ``model.onnx.data``."""
+    onnx = require("onnx")
+    for tensor in stored:
+        proto = onnx.TensorProto()
+        proto.name = tensor.initializer
+        proto.data_type = getattr(onnx.TensorProto, ONNX_ELEMENT_TYPES[tensor.dtype])
+        proto.dims.extend(tensor.shape)
+        proto.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in (("location", DATA_FILE), ("offset", tensor.offset), ("length", tensor.nbytes)):
+            entry = proto.external_data.add()
+            entry.key, entry.value = key, str(value)
+        model.graph.initializer.append(proto)
+
+
+def io_signature(model: Any) -> dict[str, list[dict[str, Any]]]:
+    """Inputs and outputs of the final graph: name, numpy dtype name, shape (ints or symbolic strings)."""
+    onnx = require("onnx")
+
+    def describe(value: Any) -> dict[str, Any]:
+        tensor_type = value.type.tensor_type
+        return {
+            "name": value.name,
+            "dtype": onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type).name,
+            "shape": [dim.dim_param if dim.HasField("dim_param") else dim.dim_value for dim in tensor_type.shape.dim],
+        }
+
+    return {"inputs": [describe(v) for v in model.graph.input], "outputs": [describe(v) for v in model.graph.output]}

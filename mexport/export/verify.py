@@ -1,0 +1,233 @@
+"""Numeric validation of an export against the PyTorch checkpoint it came from.
+
+Three cases, all compared position by position with a PyTorch full-sequence forward of the same tokens:
+prefill longer than the sliding window; step-by-step decoding with the KV cache past the window; a left-padded
+batch of two prompts of different lengths then a few decode steps (each row against that row run alone, unpadded).
+The reference runs first and is freed before the ONNX Runtime session exists, so they never share RAM.
+
+Tolerances depend on what is actually computed. Where ONNX Runtime computes in fp32 (fp32 exports; bf16/fp16
+exports on CPU, which run their stored weights upcast exactly to fp32) the reference is the checkpoint in fp32
+and the only differences are op ordering and the few constants traced in the export dtype (e.g. Gemma's
+sqrt(hidden) embedding scale rounded to bf16), so the bounds are tight. Native bf16/fp16 compute (CUDA) is
+compared with PyTorch in the same dtype with loose bounds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mexport import console
+from mexport.errors import MexportError
+from mexport.export.checkpoint import Checkpoint
+from mexport.fsutil import format_bytes
+from mexport.lazy import require
+
+FP16_MAX = 65504.0
+# the longest validation sequence; a sliding window longer than this is not exercised (large real models on CPU)
+MAX_VALIDATION_TOKENS = 64
+SHORT_VALIDATION_TOKENS = 24
+PAST_WINDOW_TOKENS = 6
+DECODE_PROMPT_TOKENS = 4
+PADDED_ROW_SHORTER_BY = 5
+PADDED_DECODE_STEPS = 3
+FIRST_ORDINARY_TOKEN = 4  # Gemma's special ids are 0..3 (pad, eos, bos, unk)
+# validation RAM per parameter on CPU: the ORT session holds fp32 weights, plus stored bf16 ones while folding
+# casts (measured peak: 9.2 bytes/parameter for a bf16 export at full width, bench/export_memory.py)
+VALIDATION_BYTES_PER_PARAMETER = 10
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    max_abs: float
+    min_top1: float
+    basis: str
+
+
+TOLERANCES = {
+    "fp32": Tolerance(1e-4, 0.95, "fp32 compute on both sides (bf16/fp16 weights upcast exactly)"),
+    "bf16": Tolerance(1.0, 0.90, "native bf16 compute vs PyTorch bf16 (8-bit mantissa, logits within +-30)"),
+    "fp16": Tolerance(0.25, 0.95, "native fp16 compute vs PyTorch fp16"),
+}
+# bf16/fp16 exports computed in fp32 carry constants traced in the low dtype (Gemma's sqrt(hidden) embedding
+# scale: 59.87 -> 59.75 in bf16 at hidden 3584; the GELU-tanh coefficients), which shifts logits a little:
+# measured max-abs 0.0017 on the tiny fixture, 0.017 at full width with 2 layers. Wrong weights, transposes,
+# masks or positions move logits by O(1), far beyond this bound.
+EMULATED_TOLERANCE = Tolerance(0.1, 0.95, "fp32 compute of bf16/fp16 weights; constants traced in the export dtype")
+
+
+def check_validation_memory(checkpoint: Checkpoint, device: str) -> None:
+    """Refuse up front when CPU validation cannot fit in RAM (a 9B model needs ~90 GB), before any work."""
+    if device != "cpu":
+        return
+    psutil = require("psutil", "checking free memory before validation")
+    parameters = sum(t.nbytes // t.itemsize for t in checkpoint.tensors.values())
+    needed = parameters * VALIDATION_BYTES_PER_PARAMETER
+    available = psutil.virtual_memory().available
+    if needed > available:
+        raise MexportError(
+            f"validating this export on CPU needs about {format_bytes(needed)} of RAM (fp32 compute), "
+            f"{format_bytes(available)} available",
+            hint="pass --no-validate (validate later on a larger machine, or use --device cuda)",
+        )
+
+
+def validation_tokens(vocab_size: int, sliding_window: int | None, seed: int = 0) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Two seeded token sequences (the second shorter) and whether they are long enough to pass the window."""
+    past_window = (sliding_window or MAX_VALIDATION_TOKENS) + PAST_WINDOW_TOKENS
+    exercised = past_window <= MAX_VALIDATION_TOKENS
+    length = past_window if exercised else SHORT_VALIDATION_TOKENS
+    rng = np.random.default_rng(seed)
+    full = rng.integers(FIRST_ORDINARY_TOKEN, vocab_size, size=length, dtype=np.int64)
+    other = rng.integers(FIRST_ORDINARY_TOKEN, vocab_size, size=length - PADDED_ROW_SHORTER_BY, dtype=np.int64)
+    return full, other, exercised
+
+
+def run_rows(decoder: Any, rows: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
+    """Logits of every real position of each row: left-padded batched prefill of the prompts, then the
+    continuations one token per step through the KV cache (all continuations the same length)."""
+    width = max(len(prompt) for prompt, _ in rows)
+    ids = np.zeros((len(rows), width), dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    for row, (prompt, _) in enumerate(rows):
+        ids[row, width - len(prompt) :] = prompt
+        mask[row, width - len(prompt) :] = 1
+    logits, past = decoder.forward(ids, mask, None)
+    per_row = [[logits[row, width - len(prompt) :]] for row, (prompt, _) in enumerate(rows)]
+    for step in range(len(rows[0][1])):
+        tokens = np.array([[continuation[step]] for _, continuation in rows], dtype=np.int64)
+        mask = np.concatenate([mask, np.ones((len(rows), 1), dtype=np.int64)], axis=1)
+        logits, past = decoder.forward(tokens, mask, past)
+        for row in range(len(rows)):
+            per_row[row].append(logits[row])
+    return [np.concatenate(parts).astype(np.float32) for parts in per_row]
+
+
+def compare_logits(candidates: list[np.ndarray], references: list[np.ndarray]) -> dict[str, Any]:
+    """Max-abs difference, max-abs relative to the largest reference logit, top-1 agreement over all positions."""
+    candidate = np.concatenate(candidates)
+    reference = np.concatenate(references)
+    difference = float(np.max(np.abs(candidate - reference)))
+    return {
+        "max_abs": difference,
+        "max_rel": difference / max(float(np.max(np.abs(reference))), 1e-12),
+        "top1_agreement": float(np.mean(candidate.argmax(-1) == reference.argmax(-1))),
+        "positions": int(reference.shape[0]),
+    }
+
+
+def _reference_logits(
+    checkpoint_path: Path, dtype: str, device: str, sequences: list[np.ndarray]
+) -> tuple[list[np.ndarray], str]:
+    """PyTorch full-sequence logits of each sequence, and how they were computed; the model is freed on return."""
+    from mexport.runtime.torch_runtime import TorchDecoder
+
+    with TorchDecoder(checkpoint_path, dtype=dtype, device=device) as reference:
+        return [run_rows(reference, [(tokens, tokens[:0])])[0] for tokens in sequences], reference.precision
+
+
+def validate_export(checkpoint_path: Path, export_dir: Path, dtype: str, device: str) -> dict[str, Any]:
+    """Compare the export's logits with PyTorch's; returns the summary stored in the manifest."""
+    from mexport.runtime.ort import OrtDecoder
+
+    decoder = OrtDecoder(export_dir, device=device)
+    compute = decoder.compute_dtype
+    tolerance = TOLERANCES[compute] if compute == dtype else EMULATED_TOLERANCE
+    spec = decoder.spec
+    full, other, exercised = validation_tokens(spec.vocab_size, spec.sliding_window)
+    with console.phase(f"validating against PyTorch ({compute} compute, {len(full)} tokens)"):
+        (reference_full, reference_other), reference_precision = _reference_logits(
+            checkpoint_path, compute, device, [full, other]
+        )
+        with decoder:
+            prefill = run_rows(decoder, [(full, full[:0])])
+            decode = run_rows(decoder, [(full[:DECODE_PROMPT_TOKENS], full[DECODE_PROMPT_TOKENS:])])
+            split_full, split_other = len(full) - PADDED_DECODE_STEPS, len(other) - PADDED_DECODE_STEPS
+            padded = run_rows(
+                decoder, [(full[:split_full], full[split_full:]), (other[:split_other], other[split_other:])]
+            )
+    cases = {
+        "prefill": compare_logits(prefill, [reference_full]),
+        "decode": compare_logits(decode, [reference_full]),
+        "left_padding": compare_logits(padded, [reference_full, reference_other]),
+    }
+    failures = [
+        f"{name} max-abs {case['max_abs']:.3g} > {tolerance.max_abs:g}" if case["max_abs"] > tolerance.max_abs
+        else f"{name} top-1 agreement {case['top1_agreement']:.1%} < {tolerance.min_top1:.0%}"
+        for name, case in cases.items()
+        if case["max_abs"] > tolerance.max_abs or case["top1_agreement"] < tolerance.min_top1
+    ]
+    return {
+        "status": "failed" if failures else "passed",
+        "failure": "; ".join(failures) or None,
+        "runtime": decoder.precision,
+        "reference": reference_precision,
+        "device": device,
+        "tolerance": asdict(tolerance),
+        "inputs": {
+            "sequence_length": len(full),
+            "sliding_window": spec.sliding_window,
+            "window_exercised": exercised,
+            "decode_prompt": DECODE_PROMPT_TOKENS,
+            "decode_steps": len(full) - DECODE_PROMPT_TOKENS,
+            "padded_rows": [len(full), len(other)],
+            "padded_decode_steps": PADDED_DECODE_STEPS,
+        },
+        "cases": cases,
+        "max_abs": max(case["max_abs"] for case in cases.values()),
+        "max_rel": max(case["max_rel"] for case in cases.values()),
+        "top1_agreement": min(case["top1_agreement"] for case in cases.values()),
+    }
+
+
+def _floating_tensors(torch: Any, value: Any) -> list[Any]:
+    if isinstance(value, torch.Tensor):
+        return [value] if value.is_floating_point() else []
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return [t for item in value for t in _floating_tensors(torch, item)]
+    return []
+
+
+def fp16_overflow_probe(checkpoint_path: Path, device: str) -> dict[str, Any]:
+    """Run the checkpoint in fp16 on the validation inputs, watching every module's outputs for overflow.
+
+    Refuses (before anything is written) when an activation or logit becomes inf/NaN; otherwise returns the
+    margin (largest |activation| / 65504) and warns when it is thin.
+    """
+    torch = require("torch", "probing fp16 overflow")
+    from mexport.runtime.torch_runtime import TorchDecoder
+
+    largest = 0.0
+    overflowed: list[str] = []
+
+    def watch(module: Any, _inputs: Any, output: Any) -> None:
+        nonlocal largest
+        for tensor in _floating_tensors(torch, output):
+            if not bool(torch.isfinite(tensor).all()):
+                overflowed.append(type(module).__name__)
+            else:
+                largest = max(largest, float(tensor.abs().max()))
+
+    reference = TorchDecoder(checkpoint_path, dtype="fp16", device=device)
+    full, other, _ = validation_tokens(reference.spec.vocab_size, reference.spec.sliding_window)
+    with console.phase("probing fp16 activations for overflow"):
+        handle = torch.nn.modules.module.register_module_forward_hook(watch)
+        try:
+            _reference_logits(checkpoint_path, "fp16", device, [full, other])
+        finally:
+            handle.remove()
+    if overflowed:
+        raise MexportError(
+            f"fp16 overflows on this model: inf/NaN in the outputs of {', '.join(sorted(set(overflowed)))} "
+            f"(largest finite |activation| {largest:.4g}, fp16 max {FP16_MAX:g})",
+            hint="export with --dtype bf16 (same range as fp32)",
+        )
+    margin = largest / FP16_MAX
+    if margin > 0.25:
+        console.warn(f"fp16 headroom is thin: largest |activation| {largest:.4g} is {margin:.0%} of the fp16 max")
+    return {"max_abs_activation": largest, "fp16_max": FP16_MAX, "margin": margin}

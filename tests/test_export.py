@@ -1,0 +1,169 @@
+"""Exporter unit tests: checkpoint reading and the refusals that must happen before anything is written."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from collections import namedtuple
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mexport.errors import MexportError
+from mexport.export.checkpoint import read_safetensors_header, resolve_checkpoint
+from mexport.export.graph import LARGE_ALIGNMENT, SMALL_ALIGNMENT, StoredTensor, assign_offsets
+
+
+def _write_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
+    from safetensors.numpy import save_file
+
+    save_file(tensors, str(path))
+
+
+def _copy_checkpoint(source: Path, target: Path) -> Path:
+    shutil.copytree(source, target)
+    return target
+
+
+def test_header_parsing_gives_exact_byte_ranges(tmp_path: Path) -> None:
+    tensors = {"a": np.arange(12, dtype=np.float32).reshape(3, 4), "b": np.arange(5, dtype=np.int64)}
+    path = tmp_path / "model.safetensors"
+    _write_safetensors(path, tensors)
+    table = read_safetensors_header(path)
+    assert set(table) == {"a", "b"}
+    raw = path.read_bytes()
+    for name, expected in tensors.items():
+        location = table[name]
+        assert location.shape == expected.shape
+        assert raw[location.offset : location.offset + location.nbytes] == expected.tobytes()
+
+
+def test_truncated_shard_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "model.safetensors"
+    _write_safetensors(path, {"w": np.ones((64, 64), dtype=np.float32)})
+    with open(path, "r+b") as handle:
+        handle.truncate(path.stat().st_size - 100)
+    with pytest.raises(MexportError, match="truncated"):
+        read_safetensors_header(path)
+
+
+@pytest.mark.parametrize(
+    "content", [b"\x00\x01", struct.pack("<Q", 10**12) + b"{}", struct.pack("<Q", 5) + b"nope!"], ids=str
+)
+def test_corrupt_header_is_refused(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(content)
+    with pytest.raises(MexportError, match="safetensors"):
+        read_safetensors_header(path)
+
+
+def test_index_naming_a_missing_shard_is_refused(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    checkpoint = _copy_checkpoint(tiny_checkpoint, tmp_path / "ckpt")
+    (checkpoint / "model.safetensors").rename(checkpoint / "model-00001-of-00002.safetensors")
+    weight_map = {"model.embed_tokens.weight": "model-00001-of-00002.safetensors", "x": "model-00002-of-00002.safetensors"}
+    (checkpoint / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(MexportError, match="model-00002-of-00002.safetensors, which is missing"):
+        resolve_checkpoint(checkpoint)
+
+
+def test_sharded_checkpoint_reads_every_shard(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    checkpoint = _copy_checkpoint(tiny_checkpoint, tmp_path / "ckpt")
+    tensors = load_file(str(checkpoint / "model.safetensors"))
+    (checkpoint / "model.safetensors").unlink()
+    names = sorted(tensors)
+    halves = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for filename, members in halves.items():
+        save_file({name: tensors[name] for name in members}, str(checkpoint / filename))
+    weight_map = {name: filename for filename, members in halves.items() for name in members}
+    (checkpoint / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    resolved = resolve_checkpoint(checkpoint)
+    assert [f.name for f in resolved.weight_files] == list(halves)
+    assert set(resolved.tensors) == set(names)
+    assert {resolved.tensors[name].file.name for name in names} == set(halves)
+
+
+def test_other_architectures_are_refused_naming_the_supported_one(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    checkpoint = _copy_checkpoint(tiny_checkpoint, tmp_path / "ckpt")
+    config = json.loads((checkpoint / "config.json").read_text())
+    (checkpoint / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
+    with pytest.raises(MexportError, match="unsupported architecture 'llama'; supported: gemma2"):
+        resolve_checkpoint(checkpoint)
+
+
+def test_not_a_checkpoint(tmp_path: Path) -> None:
+    with pytest.raises(MexportError, match="no such file or directory"):
+        resolve_checkpoint(tmp_path / "missing")
+    with pytest.raises(MexportError, match="no config.json"):
+        resolve_checkpoint(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma2"}))
+    with pytest.raises(MexportError, match="not a safetensors checkpoint"):
+        resolve_checkpoint(tmp_path)
+
+
+def test_non_empty_output_dir_is_refused_before_work(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    from mexport.export import export_onnx
+
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "keep.txt").write_text("user file")
+    with pytest.raises(MexportError, match="not empty"):
+        export_onnx(tiny_checkpoint, output, validate=False)
+    assert [p.name for p in output.iterdir()] == ["keep.txt"]
+
+
+def test_not_enough_disk_space_says_how_much_is_needed(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mexport.export import export_onnx
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 500, 500))
+    with pytest.raises(MexportError, match=r"not enough disk space .*needs \d+\.\d+ (KB|MB), 500 B free"):
+        export_onnx(tiny_checkpoint, tmp_path / "out", dtype="fp32", validate=False)
+    assert not (tmp_path / "out").exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("option", "value"), [("dtype", "int8"), ("device", "tpu"), ("opset", 9)])
+def test_bad_options_are_refused(tiny_checkpoint: Path, tmp_path: Path, option: str, value: object) -> None:
+    from mexport.export import export_onnx
+
+    with pytest.raises(MexportError, match=option if option != "device" else "device"):
+        export_onnx(tiny_checkpoint, tmp_path / "out", **{option: value})  # type: ignore[arg-type]
+
+
+def test_large_tensors_are_aligned_for_memory_mapping() -> None:
+    stored = [
+        StoredTensor("norm", "norm", "none", (3,), "bf16"),
+        StoredTensor("big", "big", "none", (1024, 1024), "fp32"),
+        StoredTensor("small", "small", "none", (5,), "fp16"),
+    ]
+    total = assign_offsets(stored)
+    assert [t.offset % a for t, a in zip(stored, (SMALL_ALIGNMENT, LARGE_ALIGNMENT, SMALL_ALIGNMENT))] == [0, 0, 0]
+    assert stored[1].offset == LARGE_ALIGNMENT and stored[1].nbytes == 4 << 20
+    assert total == stored[2].offset + 10
+
+
+def test_manifest_io_signature_matches_the_graph(tiny_export_fp32: Path) -> None:
+    import onnx
+
+    manifest = json.loads((tiny_export_fp32 / "mexport.json").read_text())
+    io = manifest["io"]
+    names = [entry["name"] for entry in io["inputs"]]
+    assert names[:3] == ["input_ids", "attention_mask", "position_ids"]
+    layers = manifest["model_config"]["num_hidden_layers"]
+    assert names[3:] == [f"past_key_values.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+    by_name = {entry["name"]: entry for entry in io["inputs"] + io["outputs"]}
+    assert by_name["attention_mask"]["shape"] == ["batch_size", "past_sequence_length + sequence_length"]
+    assert by_name["past_key_values.0.key"] == {
+        "name": "past_key_values.0.key", "dtype": "float32", "shape": ["batch_size", 2, "past_sequence_length", 16]
+    }
+    assert by_name["logits"]["shape"] == ["batch_size", "sequence_length", 1024]
+    graph = onnx.load(str(tiny_export_fp32 / "model.onnx"), load_external_data=False).graph
+    assert [v.name for v in graph.input] == names
+    assert [v.name for v in graph.output] == [entry["name"] for entry in io["outputs"]]
+    assert manifest["model_config"]["parameter_count"] == 214080
