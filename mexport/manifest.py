@@ -59,7 +59,7 @@ def sha256_bytes(data: bytes) -> str:
 
 
 def utc_now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+    return _dt.datetime.now(_dt.UTC).replace(microsecond=0).isoformat()
 
 
 def new_manifest(kind: str, **fields: Any) -> dict[str, Any]:
