@@ -58,6 +58,15 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def file_records(directory: Path) -> dict[str, dict[str, Any]]:
+    """``files`` entry of a manifest: bytes and sha256 of every file beside it (the manifest itself excluded)."""
+    return {
+        path.name: {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+        for path in sorted(Path(directory).iterdir())
+        if path.is_file() and path.name != MANIFEST_NAME
+    }
+
+
 def utc_now() -> str:
     return _dt.datetime.now(_dt.UTC).replace(microsecond=0).isoformat()
 

@@ -21,7 +21,7 @@ from mexport import console
 from mexport.errors import MexportError, MissingDependencyError
 from mexport.fsutil import check_free_space, staged_output_dir
 from mexport.lazy import INSTALL_HINTS, require
-from mexport.manifest import MANIFEST_NAME, new_manifest, sha256_file, write_manifest
+from mexport.manifest import MANIFEST_NAME, file_records, new_manifest, write_manifest
 from mexport.optimize.engine.gpus import GpuInfo, require_cuda_gpu
 from mexport.optimize.engine.plan import (
     PLAN_FILE,
@@ -134,14 +134,6 @@ def _side_files(model_dir: Path) -> list[Path]:
         and path.name not in (MANIFEST_NAME, PLAN_FILE)
         and not path.name.endswith(NOT_COPIED_SUFFIXES)
     )
-
-
-def file_records(directory: Path) -> dict[str, dict[str, Any]]:
-    return {
-        path.name: {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
-        for path in sorted(directory.iterdir())
-        if path.is_file() and path.name != MANIFEST_NAME
-    }
 
 
 def engine_manifest(

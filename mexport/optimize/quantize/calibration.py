@@ -1,0 +1,252 @@
+"""Calibration: which texts, and the activation statistics of the linear layers' inputs on them.
+
+Default texts are the shipped medical MCQ samples with the correct answer appended (in-distribution for the
+model's intended use), from :func:`mexport.validate.tasks.calibration_texts`. Statistics come from running the
+exported graph itself with ONNX Runtime on the CPU, with per-channel reductions added as extra graph outputs
+(so a 14336-wide activation returns 14336 numbers, not the tensor); bf16 exports run through the runtime's
+fp32-compute rewrite (:mod:`mexport.runtime.upcast`).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mexport.console import progress
+from mexport.errors import MexportError
+from mexport.lazy import require
+from mexport.manifest import sha256_bytes
+from mexport.optimize.quantize.graph import ModelGraph, prune_unused
+from mexport.runtime.base import position_ids_from_mask
+
+DEFAULT_SOURCE = "sample"  # every task's shipped sample file
+MAX_CALIBRATION_TOKENS = 512
+# activation rows kept per tensor for AWQ's search (a random subset of all calibration tokens)
+AWQ_ROWS = 512
+TEXT_SUFFIXES = (".jsonl", ".txt", ".text", ".md")
+
+
+@dataclass
+class CalibrationSet:
+    texts: list[str]
+    source: str
+    seed: int
+
+    @property
+    def sha256(self) -> str:
+        return sha256_bytes(json.dumps(self.texts, ensure_ascii=False).encode())
+
+    def describe(self) -> dict[str, Any]:
+        return {"source": self.source, "sha256": self.sha256, "n": len(self.texts), "seed": self.seed}
+
+
+def default_texts() -> list[str]:
+    """Every shipped task sample, correct answers appended (raises MexportError when the samples are missing)."""
+    from mexport.validate.tasks import TASKS, calibration_texts
+
+    texts: list[str] = []
+    for name in TASKS:
+        texts.extend(calibration_texts(name, DEFAULT_SOURCE))
+    return texts
+
+
+def read_text_file(path: Path) -> list[str]:
+    """Samples from a JSONL file (field "text", else the first string field) or a plain text file (one per
+    paragraph when blank lines separate paragraphs, else one per non-empty line)."""
+    try:
+        content = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MexportError(f"cannot read calibration file {path}: {exc}") from exc
+    if path.suffix == ".jsonl":
+        texts = []
+        for number, line in enumerate(content.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise MexportError(f"{path}:{number}: malformed JSON ({exc.msg})") from exc
+            text = _row_text(row)
+            if text is None:
+                raise MexportError(f'{path}:{number}: no "text" field and no string field to calibrate on')
+            texts.append(text)
+    else:
+        blocks = [block.strip() for block in content.split("\n\n")]
+        if len([block for block in blocks if block]) <= 1:
+            blocks = [line.strip() for line in content.splitlines()]
+        texts = [block for block in blocks if block]
+    texts = [text for text in texts if text.strip()]
+    if not texts:
+        raise MexportError(f"calibration file {path} has no text samples")
+    return texts
+
+
+def _row_text(row: Any) -> str | None:
+    if not isinstance(row, dict):
+        return None
+    if isinstance(row.get("text"), str):
+        return row["text"]
+    return next((value for value in row.values() if isinstance(value, str)), None)
+
+
+def load_calibration(calib: str | Path | None, size: int, seed: int) -> CalibrationSet:
+    """``size`` texts drawn with ``seed`` from a file, a task's shipped sample (task name), or all samples."""
+    if size < 1:
+        raise MexportError(f"--calib-size must be at least 1, got {size}")
+    if calib is None:
+        try:
+            texts, source = default_texts(), "shipped MCQ samples (mexport/validate/data, answers appended)"
+        except (MexportError, OSError) as exc:
+            raise MexportError(
+                f"this recipe needs calibration data and the default samples are unavailable ({exc})",
+                hint="pass --calib FILE (JSONL with a 'text' field, or plain text)",
+            ) from exc
+    else:
+        path = Path(calib).expanduser()
+        if path.is_file():
+            texts, source = read_text_file(path), str(path)
+        else:
+            from mexport.validate.tasks import TASKS, calibration_texts
+
+            if str(calib) not in TASKS:
+                raise MexportError(f"calibration data {calib}: no such file, and not a task name ({', '.join(TASKS)})")
+            texts, source = calibration_texts(str(calib), DEFAULT_SOURCE), f"{calib} sample"
+    if len(texts) > size:
+        texts = [texts[i] for i in sorted(random.Random(seed).sample(range(len(texts)), size))]
+    return CalibrationSet(texts, source, seed)
+
+
+def tokenize(model_dir: Path, texts: list[str], max_tokens: int) -> list[np.ndarray]:
+    """Token ids (1, n) per text with the export's own tokenizer (BOS added as the model expects)."""
+    transformers = require("transformers", "tokenizing calibration text")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    encoded = [tokenizer(text, truncation=True, max_length=max_tokens)["input_ids"] for text in texts]
+    return [np.asarray([ids], dtype=np.int64) for ids in encoded if ids]
+
+
+@dataclass
+class ActivationStats:
+    """Per-input-channel statistics of one activation tensor over every calibration token."""
+
+    absmax: np.ndarray
+    abs_sum: np.ndarray
+    tokens: int
+    rows: np.ndarray | None = None  # sampled activation rows (AWQ only)
+
+    @property
+    def amax(self) -> float:
+        return float(self.absmax.max())
+
+    @property
+    def mean_abs(self) -> np.ndarray:
+        return self.abs_sum / max(self.tokens, 1)
+
+
+def _stats_graph(graph: ModelGraph, tensors: dict[str, int], keep_rows: bool) -> tuple[Any, dict[str, list[str]]]:
+    """A copy of the graph whose outputs are per-channel |x| max and sum (and the rows) of ``tensors``."""
+    onnx = require("onnx")
+    helper = onnx.helper
+    model = copy.deepcopy(graph.model)
+    # the statistics are the only outputs: what no statistic depends on (the LM head, the largest GEMM, and the
+    # layers after the last one calibrated) is pruned below, and ONNX Runtime never computes it
+    del model.graph.output[:]
+    outputs: dict[str, list[str]] = {}
+    axes_as_input = graph.opset >= 18
+    for index, (tensor, features) in enumerate(tensors.items()):
+        prefix = f"mexport_calibration_{index}"
+        shape = helper.make_tensor(f"{prefix}_shape", onnx.TensorProto.INT64, [2], [-1, features])
+        axes = helper.make_tensor(f"{prefix}_axes", onnx.TensorProto.INT64, [1], [0])
+        model.graph.initializer.extend([shape, axes])
+        reduce_attributes: dict[str, Any] = {"keepdims": 0} if axes_as_input else {"keepdims": 0, "axes": [0]}
+        reduce_inputs = [f"{prefix}_abs", f"{prefix}_axes"] if axes_as_input else [f"{prefix}_abs"]
+        model.graph.node.extend(
+            [
+                helper.make_node("Cast", [tensor], [f"{prefix}_float"], to=onnx.TensorProto.FLOAT),
+                helper.make_node("Reshape", [f"{prefix}_float", f"{prefix}_shape"], [f"{prefix}_rows"]),
+                helper.make_node("Abs", [f"{prefix}_rows"], [f"{prefix}_abs"]),
+                helper.make_node("ReduceMax", reduce_inputs, [f"{prefix}_absmax"], **reduce_attributes),
+                helper.make_node("ReduceSum", reduce_inputs, [f"{prefix}_abssum"], **reduce_attributes),
+            ]
+        )
+        names = [f"{prefix}_absmax", f"{prefix}_abssum"] + ([f"{prefix}_rows"] if keep_rows else [])
+        for name in names:
+            model.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+        outputs[tensor] = names
+    prune_unused(model.graph)
+    return model, outputs
+
+
+def _session(graph: ModelGraph, model: Any, dtype: str) -> Any:
+    """A CPU session over the in-memory graph; weights stay in the export's data file."""
+    ort = require("onnxruntime", "running the graph for calibration")
+    if dtype != "fp32":
+        from mexport.runtime.upcast import upcast_to_float32
+
+        upcast_to_float32(model)
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(graph.model_dir))
+    return ort.InferenceSession(model.SerializeToString(), sess_options=options, providers=["CPUExecutionProvider"])
+
+
+def prefill_feeds(manifest: dict[str, Any], input_ids: np.ndarray) -> dict[str, np.ndarray]:
+    """Inputs for one unpadded prompt with an empty KV cache (fp32 cache: the session computes in fp32)."""
+    config = manifest["model_config"]
+    mask = np.ones_like(input_ids)
+    feeds: dict[str, np.ndarray] = {}
+    for entry in manifest["io"]["inputs"]:
+        name = entry["name"]
+        if name == "input_ids":
+            feeds[name] = input_ids
+        elif name == "attention_mask":
+            feeds[name] = mask
+        elif name == "position_ids":
+            feeds[name] = position_ids_from_mask(mask, input_ids.shape[1])
+        elif name.startswith("past_key_values."):
+            feeds[name] = np.zeros((1, config["num_key_value_heads"], 0, config["head_dim"]), dtype=np.float32)
+        else:
+            raise MexportError(f"graph input {name!r} is not one a decoder export has; cannot calibrate")
+    return feeds
+
+
+def collect_activation_stats(
+    graph: ModelGraph,
+    manifest: dict[str, Any],
+    tensors: dict[str, int],
+    token_ids: list[np.ndarray],
+    keep_rows: bool = False,
+    seed: int = 0,
+) -> dict[str, ActivationStats]:
+    """Run every calibration sample and reduce the ``tensors`` ({name: channels}) to per-channel statistics."""
+    model, outputs = _stats_graph(graph, tensors, keep_rows)
+    session = _session(graph, model, manifest["dtype"])
+    stats = {
+        tensor: ActivationStats(np.zeros(n, np.float32), np.zeros(n, np.float64), 0) for tensor, n in tensors.items()
+    }
+    sampled_rows: dict[str, list[np.ndarray]] = {tensor: [] for tensor in tensors}
+    rng = np.random.default_rng(seed)
+    rows_per_sample = -(-AWQ_ROWS // max(len(token_ids), 1))
+    fetch = [name for names in outputs.values() for name in names]
+    with progress() as bar:
+        task = bar.add_task("calibrating", total=len(token_ids))
+        for ids in token_ids:
+            values = dict(zip(fetch, session.run(fetch, prefill_feeds(manifest, ids)), strict=True))
+            for tensor, names in outputs.items():
+                entry = stats[tensor]
+                np.maximum(entry.absmax, values[names[0]], out=entry.absmax)
+                entry.abs_sum += values[names[1]]
+                entry.tokens += ids.shape[1]
+                if keep_rows:
+                    rows = values[names[2]]
+                    take = rng.choice(rows.shape[0], size=min(rows_per_sample, rows.shape[0]), replace=False)
+                    sampled_rows[tensor].append(rows[np.sort(take)])
+            bar.advance(task)
+    if keep_rows:
+        for tensor, chunks in sampled_rows.items():
+            stats[tensor].rows = np.concatenate(chunks)[:AWQ_ROWS]
+    return stats

@@ -1,0 +1,99 @@
+"""The quantization recipes: what each one quantizes, how, and where it runs.
+
+One table drives the library (validation, graph edits), the CLI's help and error messages, and docs/quantize.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mexport.errors import MexportError
+
+DEFAULT_SMOOTHQUANT_ALPHA = 0.5
+DEFAULT_BLOCK_SIZE = 128
+# QuantizeLinear / DequantizeLinear take bf16 and fp16 scales and inputs from opset 19 (13 is float32 only)
+LOW_PRECISION_QDQ_OPSET = 19
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    summary: str
+    weights: str  # scheme of the weights: "fp8" | "int8" | "int4"
+    activations: str | None  # scheme of the linear layers' inputs, None for weight-only
+    blocked: bool  # weights quantized in blocks along the input dimension (else one scale per output channel)
+    smoothquant: bool  # migrate activation outliers into the weights before quantizing
+    min_opset: int  # Q/DQ features used: per-axis (13), float8 (19), int4 + block_size (21); fp32 scales
+    gpus: str
+    accuracy: str
+
+    @property
+    def weight_only(self) -> bool:
+        return self.activations is None
+
+    def opset_for(self, dtype: str) -> int:
+        """The lowest opset whose Q/DQ ops this recipe's graph uses, for an export of ``dtype``."""
+        return self.min_opset if dtype == "fp32" else max(self.min_opset, LOW_PRECISION_QDQ_OPSET)
+
+    def needs_calibration(self, awq: bool = False) -> bool:
+        return not self.weight_only or (awq and self.blocked)
+
+
+RECIPES: dict[str, Recipe] = {
+    recipe.name: recipe
+    for recipe in (
+        Recipe(
+            name="fp8",
+            summary="W8A8 FP8 E4M3: per-channel weight scales, calibrated per-tensor activation scales (amax/448)",
+            weights="fp8",
+            activations="fp8",
+            blocked=False,
+            smoothquant=False,
+            min_opset=19,
+            gpus="Ada and Hopper only (compute capability >= 8.9: L4, L40S, H100, H200)",
+            accuracy="small: FP8's exponent absorbs activation outliers without smoothing; 3 mantissa bits cost "
+            "more than int8 on outlier-free layers",
+        ),
+        Recipe(
+            name="int8-sq",
+            summary="W8A8 INT8 SmoothQuant: activation outliers migrated into weights, per-channel int8 weights, "
+            "calibrated per-tensor int8 activations (amax/127)",
+            weights="int8",
+            activations="int8",
+            blocked=False,
+            smoothquant=True,
+            min_opset=13,
+            gpus="Turing and newer (>= 7.5; >= 8.0 for a bf16 graph)",
+            accuracy="small; per-tensor int8 activations are the weak point, smoothing keeps outliers in check",
+        ),
+        Recipe(
+            name="int8-wo",
+            summary="INT8 weight-only: per-channel int8 weights, activations in the model's float dtype",
+            weights="int8",
+            activations=None,
+            blocked=False,
+            smoothquant=False,
+            min_opset=13,
+            gpus="Turing and newer (>= 7.5; >= 8.0 for a bf16 graph)",
+            accuracy="smallest (weight rounding only, 255 levels per output channel)",
+        ),
+        Recipe(
+            name="int4-wo",
+            summary="INT4 weight-only, block-wise along the input dimension (opset-21 blocked DequantizeLinear), "
+            "optional AWQ scale search",
+            weights="int4",
+            activations=None,
+            blocked=True,
+            smoothquant=False,
+            min_opset=21,
+            gpus="Ampere and newer (>= 8.0); TensorRT >= 10.15 for the opset-21 graph",
+            accuracy="largest of the four (15 levels per block); smaller blocks and AWQ recover part of it",
+        ),
+    )
+}
+
+
+def get_recipe(name: str) -> Recipe:
+    if name not in RECIPES:
+        raise MexportError(f"unknown quantization recipe {name!r}; valid recipes: {', '.join(RECIPES)}")
+    return RECIPES[name]
