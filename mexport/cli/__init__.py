@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import typer
+from rich.markup import escape
 
 from mexport import __version__, console
 from mexport.errors import MexportError
@@ -31,7 +32,12 @@ T = TypeVar("T")
 # command modules, in the order their commands appear in --help
 COMMAND_MODULES = (
     "mexport.cli.fixture_cmd",
+    "mexport.cli.export_cmd",
+    "mexport.cli.quantize_cmd",
+    "mexport.cli.engine_cmd",
+    "mexport.cli.pipeline_cmd",
     "mexport.cli.doctor_cmd",
+    "mexport.cli.validate_cmd",
 )
 
 
@@ -59,9 +65,9 @@ def run(call: Callable[[], T]) -> T:
     except MexportError as exc:
         if console.is_verbose():
             console.console.print_exception()
-        console.console.print(f"[bold red]error:[/bold red] {exc.message}", highlight=False, soft_wrap=True)
+        console.console.print(f"[bold red]error:[/bold red] {escape(exc.message)}", highlight=False, soft_wrap=True)
         if exc.hint:
-            console.console.print(f"[dim]hint: {exc.hint}[/dim]", highlight=False, soft_wrap=True)
+            console.console.print(f"[dim]hint: {escape(exc.hint)}[/dim]", highlight=False, soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
 
 

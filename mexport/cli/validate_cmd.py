@@ -1,0 +1,96 @@
+"""`mexport validate`: MCQ accuracy parity of candidates (ONNX / quantized / TensorRT) against the PyTorch model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from mexport.cli import app, emit_json, run
+from mexport.errors import EXIT_PARITY_FAILED, MexportError
+
+
+def parse_assignments(values: list[str], option: str, value_name: str) -> dict[str, str]:
+    """``KEY=VALUE`` option values as a dict, with a usage error naming the option for a malformed one."""
+    parsed: dict[str, str] = {}
+    for value in values:
+        key, sep, rest = value.partition("=")
+        if not sep or not key.strip() or not rest.strip():
+            raise MexportError(f"{option} {value!r}: expected KEY={value_name}")
+        parsed[key.strip()] = rest.strip()
+    return parsed
+
+
+def parse_margins(values: list[str]) -> dict[str, float]:
+    margins: dict[str, float] = {}
+    for recipe, text in parse_assignments(values, "--margin-for", "POINTS").items():
+        try:
+            margins[recipe] = float(text)
+        except ValueError:
+            raise MexportError(f"--margin-for {recipe}={text}: POINTS must be a number") from None
+    return margins
+
+
+@app.command("validate")
+def validate_command(
+    reference: Path = typer.Option(..., "--reference", help="PyTorch checkpoint directory (run in its own dtype)."),
+    candidates: list[Path] = typer.Option(
+        ..., "--candidate", help="Export, quantize or engine directory to compare (repeatable)."
+    ),
+    tasks: str = typer.Option(..., "--tasks", help="Comma-separated tasks: medmcqa, medqa, pubmedqa, afrimedqa."),
+    data: list[str] = typer.Option(
+        [], "--data", help="TASK=FILE: read TASK from a local .jsonl/.json/.parquet in its schema ('sample' ships)."
+    ),
+    output: Path = typer.Option(..., "-o", "--output", help="Report directory (report.json/.md, junit.xml, png)."),
+    limit: int | None = typer.Option(None, "--limit", help="Score a seeded random subset of N questions per task."),
+    seed: int = typer.Option(1234, "--seed", help="Seed for --limit and few-shot examples."),
+    shots: int = typer.Option(0, "--shots", help="Few-shot examples per prompt."),
+    device: str = typer.Option("cpu", "--backend-device", help="cpu or cuda (TensorRT engines need cuda)."),
+    margin: float = typer.Option(1.0, "--margin", help="Parity margin in accuracy points (paired 95% CI)."),
+    margin_for: list[str] = typer.Option([], "--margin-for", help="RECIPE=POINTS: margin for one quantize recipe."),
+    agreement_floor: float = typer.Option(0.90, "--agreement-floor", help="Minimum share of identical answers."),
+    fail_on: str = typer.Option(
+        "parity", "--fail-on", help="Exit 1 on: parity (a FAIL), any (FAIL or skipped), never."
+    ),
+    batch_size: int = typer.Option(8, "--batch-size", help="Questions per batched forward."),
+    no_resume: bool = typer.Option(False, "--no-resume", help="Ignore scores cached in REPORT_DIR/.cache."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
+) -> None:
+    """Prove MCQ accuracy parity: paired CIs, McNemar, agreement and KL per task; exit 1 when parity fails."""
+    from mexport.validate import validate
+
+    def call() -> Any:
+        return validate(
+            reference,
+            candidates,
+            tasks.split(","),
+            output=output,
+            data=parse_assignments(data, "--data", "FILE"),
+            limit=limit,
+            seed=seed,
+            shots=shots,
+            device=device,
+            margin=margin,
+            recipe_margins=parse_margins(margin_for),
+            agreement_floor=agreement_floor,
+            fail_on=fail_on,
+            batch_size=batch_size,
+            resume=not no_resume,
+        )
+
+    report = run(call)
+    if as_json:
+        emit_json({**report.summary(), "report_dir": str(Path(output).resolve())})
+    else:
+        from rich.console import Console
+
+        from mexport.validate.reports import summary_table
+
+        terminal = Console()
+        if not terminal.is_terminal:  # CI logs: no line length to fit, keep table rows whole
+            terminal.width = max(terminal.width, 160)
+        terminal.print(summary_table(report))
+        typer.echo(f"reports in {Path(output).resolve()}")
+    if report.failed:
+        raise typer.Exit(EXIT_PARITY_FAILED)

@@ -1,0 +1,151 @@
+"""Open any model artifact as a :class:`DecoderRuntime` plus its tokenizer, whatever stage produced it.
+
+A Hugging Face checkpoint (directory with ``config.json`` and no ``mexport.json``, or a hub id) runs with PyTorch;
+an export or quantize directory (``mexport.json`` kind export / quantize) with ONNX Runtime; an engine directory
+with TensorRT. A backend this host cannot run (no TensorRT, no GPU, no CUDA provider) raises
+:class:`BackendUnavailable`, which validation reports as a skipped row instead of failing the run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from mexport.errors import MexportError
+from mexport.lazy import require
+from mexport.manifest import MANIFEST_NAME, read_manifest
+from mexport.runtime.base import DecoderRuntime
+
+KINDS = ("torch", "ort", "trt")
+DEVICES_BY_KIND = {"torch": ("cpu", "cuda"), "ort": ("cpu", "cuda", "tensorrt"), "trt": ("cpu", "cuda")}
+ORT_PROVIDER_BY_DEVICE = {"cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+KIND_BY_MANIFEST = {"export": "ort", "quantize": "ort", "engine": "trt"}
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# encoded to fingerprint tokenizers: covers normalisation, pre-tokenisation and whether BOS is prepended
+FINGERPRINT_PROBE = "Question: Which vitamin?\nA. B1\nAnswer: A  maybe\n\n"
+
+
+class BackendUnavailable(MexportError):
+    """This host cannot run the requested backend (TensorRT missing, no GPU, no CUDA provider)."""
+
+
+def detect_kind(path: Path | str) -> str:
+    """ "torch", "ort" or "trt" for a model location, from its manifest (or its absence)."""
+    location = Path(path)
+    if (location / MANIFEST_NAME).is_file():
+        manifest_kind = read_manifest(location).get("kind")
+        if manifest_kind not in KIND_BY_MANIFEST:
+            raise MexportError(
+                f"{location}: manifest kind {manifest_kind!r} is not a model "
+                f"(expected one of {', '.join(KIND_BY_MANIFEST)})"
+            )
+        return KIND_BY_MANIFEST[manifest_kind]
+    if (location / "config.json").is_file() or (not location.exists() and HUB_ID.match(str(path))):
+        return "torch"
+    raise MexportError(
+        f"{location}: not a model (no {MANIFEST_NAME} and no config.json)",
+        hint="pass a Hugging Face checkpoint directory or hub id, or an mexport export / quantize / engine directory",
+    )
+
+
+def _local_checkpoint(path: Path | str) -> Path:
+    """A local directory for a checkpoint path or hub id (hub ids resolve through the Hugging Face cache)."""
+    location = Path(path)
+    if location.exists():
+        return location
+    hub = require("huggingface_hub", f"fetching {path} from the Hugging Face hub")
+    try:
+        return Path(hub.snapshot_download(str(path), allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+    except Exception as exc:  # offline, gated, missing repo: all mean "not available here"
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise MexportError(
+            f"could not get checkpoint {path} from the Hugging Face hub: {reason}",
+            hint="download it first (huggingface-cli download) and pass the local directory",
+        ) from exc
+
+
+def _ort_runtime(path: Path, device: str) -> DecoderRuntime:
+    if device in ORT_PROVIDER_BY_DEVICE:
+        ort = require("onnxruntime", "running ONNX models")
+        provider = ORT_PROVIDER_BY_DEVICE[device]
+        if provider not in ort.get_available_providers():
+            raise BackendUnavailable(
+                f"ONNX Runtime here has no {provider} (available: {', '.join(ort.get_available_providers())})",
+                hint="install onnxruntime-gpu on a CUDA host (uninstall the CPU onnxruntime first)",
+            )
+    from mexport.runtime.ort import OrtDecoder
+
+    return OrtDecoder(path, device=device)
+
+
+def _trt_runtime(path: Path) -> DecoderRuntime:
+    from mexport.doctor import MISSING, check_cuda_devices, check_tensorrt
+
+    for check in [*check_tensorrt()[:1], *check_cuda_devices()[:1]]:
+        if check.status == MISSING:
+            raise BackendUnavailable(f"TensorRT engine cannot run here: {check.name} {check.detail}", hint=check.fix)
+    try:
+        from mexport.optimize.engine import TrtDecoder
+    except ImportError as exc:
+        raise BackendUnavailable(f"TensorRT runtime unavailable: {exc}") from exc
+    return TrtDecoder(path)
+
+
+def _torch_runtime(path: Path, device: str) -> DecoderRuntime:
+    if device == "cuda":
+        torch = require("torch", "running the PyTorch reference")
+        if not torch.cuda.is_available():
+            raise BackendUnavailable("PyTorch sees no CUDA GPU", hint="use device cpu, or a CUDA build of torch")
+    from mexport.runtime.torch_runtime import TorchDecoder
+
+    return TorchDecoder(path, device=device)
+
+
+def load_tokenizer(path: Path) -> Any:
+    """The model's own tokenizer (never remote code)."""
+    transformers = require("transformers", "loading the tokenizer")
+    try:
+        return transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=False, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise MexportError(f"{path}: could not load its tokenizer: {first_line}") from exc
+
+
+def open_backend(path: Path | str, kind: str | None = None, device: str = "cpu") -> tuple[DecoderRuntime, str, Any]:
+    """(runtime, kind, tokenizer) for a checkpoint, export, quantized model or engine; ``kind`` auto-detected.
+
+    The runtime is not activated yet: use it as a context manager. ``device``: cpu | cuda for torch, cpu | cuda
+    | tensorrt (ORT execution provider) for ort; TensorRT engines always run on the GPU.
+    """
+    kind = kind or detect_kind(path)
+    if kind not in KINDS:
+        raise MexportError(f"unknown backend kind {kind!r}; expected one of {', '.join(KINDS)}")
+    if device not in DEVICES_BY_KIND[kind]:
+        raise MexportError(
+            f"device {device!r} is not valid for {kind}; expected one of {', '.join(DEVICES_BY_KIND[kind])}"
+        )
+    if kind == "torch":
+        location = _local_checkpoint(path)
+        runtime = _torch_runtime(location, device)
+    else:
+        location = Path(path)
+        runtime = _ort_runtime(location, device) if kind == "ort" else _trt_runtime(location)
+    return runtime, kind, load_tokenizer(location)
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A hash of what decides token ids: vocabulary, special tokens and how a probe text is encoded.
+
+    Two backends are only comparable question by question when this matches (an export that shipped another
+    tokenizer would score different token sequences).
+    """
+    payload = {
+        "vocab": sorted(tokenizer.get_vocab().items()),
+        "special": {key: str(value) for key, value in sorted(tokenizer.special_tokens_map.items())},
+        "special_ids": [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id],
+        "probe": list(tokenizer.encode(FINGERPRINT_PROBE, add_special_tokens=True)),
+    }
+    return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode()).hexdigest()[:16]

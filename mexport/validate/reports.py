@@ -1,0 +1,411 @@
+"""The validation report and its renderings for CI: report.json, report.md, junit.xml, accuracy.png.
+
+Every file is a pure function of the report, and the report of the inputs: the same run gives the same bytes
+except for ``created`` in report.json (the only timestamp). Files are written atomically (temp file + rename).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import xml.etree.ElementTree as ET
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mexport.validate.stats import CONFIDENCE, MetricComparison, single_flip_half_width, wilson_interval
+from mexport.validate.verdict import FAIL, PASS, SKIPPED, Verdict, points, run_fails
+
+REPORT_FILES = ("report.json", "report.md", "junit.xml", "accuracy.png")
+REFERENCE_LABEL = "reference"
+METHODS = {
+    "accuracy_ci": f"Wilson score interval, {CONFIDENCE:.0%}",
+    "delta_ci": f"paired Wald interval on d_i = correct_cand - correct_ref (mean ± z·sd/sqrt(n), ddof=1), "
+    f"{CONFIDENCE:.0%}; [0, 0] when no question flips",
+    "mcnemar": "exact two-sided binomial test of b (right->wrong) vs b+c at 0.5; 1.0 when b+c = 0",
+    "kl": "mean over questions of KL(ref || cand) between softmax distributions over the choices' log-likelihoods",
+    "verdict": "PASS when every metric's paired delta CI lies within ±margin points and its answer agreement >= floor",
+}
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    """One scored (or skipped) model, with the manifest facts a reader needs to interpret its numbers."""
+
+    label: str
+    role: str  # "reference" | "candidate"
+    path: str
+    kind: str  # "torch" | "ort" | "trt"
+    recipe: str | None = None
+    dtype: str | None = None
+    precision: str | None = None  # e.g. "bf16 weights, fp32 compute (CPU emulation)"
+    manifest_sha256: str | None = None
+    skip_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """Where a task's questions came from and what was dropped on the way."""
+
+    name: str
+    source: str
+    source_sha256: str | None  # of the data file; None for the hub
+    items_sha256: str  # of the scored questions (prompts, choices, gold): what the numbers are about
+    n_items: int
+    total_rows: int
+    skipped: dict[str, int] = field(default_factory=dict)
+    metrics: tuple[str, ...] = ("acc",)
+
+
+@dataclass(frozen=True)
+class ParityResult:
+    """One candidate on one task against the reference."""
+
+    task: str
+    candidate: str
+    margin_points: float
+    agreement_floor: float
+    verdict: Verdict
+    metrics: tuple[MetricComparison, ...] = ()
+    mean_kl: float | None = None
+    max_abs_loglik_delta: float | None = None
+
+
+@dataclass
+class ValidationReport:
+    created: str
+    settings: dict[str, Any]
+    backends: list[BackendInfo]
+    tasks: list[TaskInfo]
+    results: list[ParityResult]
+    # task -> backend label -> per-question scores (QuestionScore), in the task's question order
+    scores: dict[str, dict[str, list[Any]]]
+
+    @property
+    def fail_on(self) -> str:
+        return str(self.settings.get("fail_on", "parity"))
+
+    @property
+    def failed(self) -> bool:
+        """Whether this run should fail CI under its ``fail_on`` policy."""
+        return run_fails((r.verdict.status for r in self.results), self.fail_on)
+
+    def backend(self, label: str) -> BackendInfo:
+        return next(b for b in self.backends if b.label == label)
+
+    def summary(self) -> dict[str, Any]:
+        """The short machine-readable result (the CLI's --json): verdicts and headline numbers."""
+        rows = []
+        for result in self.results:
+            row: dict[str, Any] = {
+                "task": result.task,
+                "candidate": result.candidate,
+                "verdict": result.verdict.status,
+                "reasons": list(result.verdict.reasons),
+            }
+            if result.metrics:
+                acc = result.metrics[0]
+                row.update(
+                    reference_acc=acc.reference_acc,
+                    candidate_acc=acc.candidate_acc,
+                    delta=acc.delta,
+                    delta_ci=list(acc.delta_ci),
+                    agreement=acc.agreement,
+                    mean_kl=result.mean_kl,
+                )
+            rows.append(row)
+        return {"failed": self.failed, "fail_on": self.fail_on, "results": rows}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": 1,
+            "created": self.created,
+            "settings": self.settings,
+            "methods": METHODS,
+            "failed": self.failed,
+            "backends": [asdict(b) for b in self.backends],
+            "tasks": {t.name: _task_dict(t, self.scores.get(t.name, {})) for t in self.tasks},
+            "results": [_result_dict(r) for r in self.results],
+        }
+
+
+def _task_dict(task: TaskInfo, scores: dict[str, list[Any]]) -> dict[str, Any]:
+    """Dataset provenance plus every question with every backend's log-likelihoods."""
+    labels = list(scores)
+    questions = []
+    for index, first in enumerate(scores[labels[0]] if labels else []):
+        questions.append(
+            {
+                "doc_id": first.doc_id,
+                "gold": first.gold,
+                "choice_chars": list(first.choice_chars),
+                "backends": {
+                    label: {
+                        "logliks": list(scores[label][index].logliks),
+                        "pred": scores[label][index].pred,
+                        "pred_norm": scores[label][index].pred_norm,
+                        "acc": scores[label][index].acc,
+                        "acc_norm": scores[label][index].acc_norm,
+                    }
+                    for label in labels
+                },
+            }
+        )
+    return {
+        "source": task.source,
+        "source_sha256": task.source_sha256,
+        "items_sha256": task.items_sha256,
+        "n_items": task.n_items,
+        "total_rows": task.total_rows,
+        "skipped": dict(sorted(task.skipped.items())),
+        "metrics": list(task.metrics),
+        "single_flip_ci_half_width_points": points(single_flip_half_width(task.n_items)),
+        "questions": questions,
+    }
+
+
+def _result_dict(result: ParityResult) -> dict[str, Any]:
+    return {
+        "task": result.task,
+        "candidate": result.candidate,
+        "verdict": result.verdict.status,
+        "reasons": list(result.verdict.reasons),
+        "margin_points": result.margin_points,
+        "agreement_floor": result.agreement_floor,
+        "mean_kl": result.mean_kl,
+        "max_abs_loglik_delta": result.max_abs_loglik_delta,
+        "metrics": {m.metric: asdict(m) for m in result.metrics},
+    }
+
+
+# ---------------------------------------------------------------------------------------------------- writers
+
+
+def write_atomic(path: Path, data: bytes) -> Path:
+    """Write via a temp sibling and rename, so a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    return path
+
+
+def write_reports(report: ValidationReport, out_dir: Path) -> dict[str, Path]:
+    """Write all four report files into ``out_dir``; returns name -> path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rendered = {
+        "report.json": render_json(report).encode(),
+        "report.md": render_markdown(report).encode(),
+        "junit.xml": render_junit(report),
+        "accuracy.png": render_accuracy_png(report),
+    }
+    return {name: write_atomic(out_dir / name, data) for name, data in rendered.items()}
+
+
+def render_json(report: ValidationReport) -> str:
+    return json.dumps(report.to_dict(), indent=2, sort_keys=True) + "\n"
+
+
+def _pct(fraction: float) -> str:
+    return f"{points(fraction):.1f}"
+
+
+def _interval(ci: Sequence[float], signed: bool = False) -> str:
+    fmt = "{:+.1f}" if signed else "{:.1f}"
+    return f"[{fmt.format(points(ci[0]))}, {fmt.format(points(ci[1]))}]"
+
+
+_VERDICT_MARK = {PASS: "✅ PASS", FAIL: "❌ FAIL", SKIPPED: "⏭️ SKIPPED"}
+
+
+def render_markdown(report: ValidationReport) -> str:
+    """A summary for humans and $GITHUB_STEP_SUMMARY: one table per task and metric, then skipped backends."""
+    settings = report.settings
+    overall = "FAILED" if report.failed else "PASSED"
+    lines = [
+        "# mexport parity report",
+        "",
+        (
+            f"**Result: {overall}** (fail-on `{report.fail_on}`; margin ±{settings.get('margin_points', 0):g} pts, "
+            f"agreement floor {settings.get('agreement_floor', 0):.2f}, {settings.get('shots', 0)}-shot)"
+        ),
+        "",
+        "| backend | kind | recipe | dtype | precision | path |",
+        "| --- | --- | --- | --- | --- | --- |",
+        *(
+            f"| {b.label} | {b.kind} | {b.recipe or '–'} | {b.dtype or '–'} | {b.precision or '–'} | `{b.path}` |"
+            for b in report.backends
+        ),
+        "",
+    ]
+    for task in report.tasks:
+        lines += [f"## {task.name}", "", _task_provenance(task, float(settings.get("margin_points", 0))), ""]
+        results = [r for r in report.results if r.task == task.name]
+        for metric_name in task.metrics:
+            lines += _metric_table(report, task, metric_name, results)
+        skipped = [r for r in results if r.verdict.status == SKIPPED]
+        for result in skipped:
+            lines.append(f"- skipped `{result.candidate}`: {result.verdict.message}")
+        if skipped:
+            lines.append("")
+    lines += [
+        "## Method",
+        "",
+        *(f"- {name}: {text}" for name, text in METHODS.items()),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _task_provenance(task: TaskInfo, margin_points: float) -> str:
+    """Where the questions came from, and how finely this many questions can resolve a difference."""
+    dropped = ", ".join(f"{count} {reason}" for reason, count in sorted(task.skipped.items())) or "none"
+    flip = points(single_flip_half_width(task.n_items))
+    resolution = f"One flipped question widens the paired CI to ±{flip:.1f} pts at this size"
+    if flip > margin_points:
+        resolution += f", more than the ±{margin_points:g} margin: only a candidate with no flips can pass here"
+    return (
+        f"{task.n_items} questions from `{task.source}` (questions sha256 `{task.items_sha256[:12]}`); "
+        f"rows dropped: {dropped}. {resolution}."
+    )
+
+
+def _metric_table(report: ValidationReport, task: TaskInfo, metric_name: str, results: list[ParityResult]) -> list[str]:
+    lines = [
+        f"**{metric_name}**",
+        "",
+        f"| backend | {metric_name} [95% CI] | Δ vs ref [paired CI] | flips b/c | McNemar p | agreement | KL | verdict |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    reference = accuracy_of(report, task.name, REFERENCE_LABEL, metric_name)
+    if reference is not None:
+        lines.append(f"| {REFERENCE_LABEL} | {_pct(reference[0])} {_interval(reference[1])} | – | – | – | – | – | – |")
+    for result in results:
+        metric = next((m for m in result.metrics if m.metric == metric_name), None)
+        if metric is None:
+            continue
+        reasons = f" ({result.verdict.message})" if result.verdict.reasons else ""
+        lines.append(
+            f"| {result.candidate} | {_pct(metric.candidate_acc)} {_interval(metric.candidate_ci)} "
+            f"| {points(metric.delta):+.1f} {_interval(metric.delta_ci, signed=True)} "
+            f"| {metric.right_to_wrong}/{metric.wrong_to_right} | {metric.mcnemar_p:.3g} | {metric.agreement:.3f} "
+            f"| {result.mean_kl:.2e} | {_VERDICT_MARK[result.verdict.status]}{reasons} |"
+        )
+    lines.append("")
+    return lines
+
+
+def summary_table(report: ValidationReport) -> Any:
+    """The end-of-run summary for the terminal (rich): one row per task × candidate, then why anything failed."""
+    from rich import box
+    from rich.console import Group
+    from rich.markup import escape
+    from rich.table import Table
+    from rich.text import Text
+
+    colours = {PASS: "green", FAIL: "red", SKIPPED: "yellow"}
+    table = Table(title=f"parity vs {REFERENCE_LABEL}: {'FAILED' if report.failed else 'PASSED'}", box=box.SIMPLE_HEAD)
+    for column in ("task", "candidate", "acc ref→cand", "Δ pts (paired CI)", "b/c", "agree", "verdict"):
+        table.add_column(column, no_wrap=True)
+    for result in report.results:
+        status = f"[{colours[result.verdict.status]}]{result.verdict.status.upper()}[/]"
+        if not result.metrics:
+            table.add_row(result.task, escape(result.candidate), "", "", "", "", status)
+            continue
+        m = result.metrics[0]
+        table.add_row(
+            result.task,
+            escape(result.candidate),
+            f"{_pct(m.reference_acc)}→{_pct(m.candidate_acc)}",
+            f"{points(m.delta):+.1f} {_interval(m.delta_ci, signed=True)}",
+            f"{m.right_to_wrong}/{m.wrong_to_right}",
+            f"{m.agreement:.3f}",
+            status,
+        )
+    reasons = [
+        Text(f"{r.verdict.status.upper()} {r.task} · {r.candidate}: {r.verdict.message}")
+        for r in report.results
+        if r.verdict.reasons
+    ]
+    return Group(table, *reasons)
+
+
+def render_junit(report: ValidationReport) -> bytes:
+    """One testcase per task × candidate (classname mexport.parity.<task>); failure text says why."""
+    failures = sum(r.verdict.status == FAIL for r in report.results)
+    skipped = sum(r.verdict.status == SKIPPED for r in report.results)
+    counts = {"tests": str(len(report.results)), "failures": str(failures), "errors": "0", "skipped": str(skipped)}
+    suites = ET.Element("testsuites", {"name": "mexport.parity", **counts})
+    suite = ET.SubElement(suites, "testsuite", {"name": "mexport.parity", **counts})
+    for result in report.results:
+        case = ET.SubElement(
+            suite, "testcase", {"classname": f"mexport.parity.{result.task}", "name": result.candidate, "time": "0"}
+        )
+        if result.verdict.status == FAIL:
+            failure = ET.SubElement(case, "failure", {"message": result.verdict.message, "type": "ParityFailure"})
+            failure.text = _junit_details(result)
+        elif result.verdict.status == SKIPPED:
+            ET.SubElement(case, "skipped", {"message": result.verdict.message})
+        else:
+            out = ET.SubElement(case, "system-out")
+            out.text = _junit_details(result)
+    ET.indent(suites)
+    return ET.tostring(suites, encoding="utf-8", xml_declaration=True) + b"\n"
+
+
+def _junit_details(result: ParityResult) -> str:
+    return "\n".join(
+        f"{m.metric}: ref {_pct(m.reference_acc)} cand {_pct(m.candidate_acc)} delta {points(m.delta):+.2f} "
+        f"{_interval(m.delta_ci, signed=True)} flips {m.right_to_wrong}/{m.wrong_to_right} "
+        f"McNemar p {m.mcnemar_p:.3g} agreement {m.agreement:.3f}"
+        for m in result.metrics
+    )
+
+
+def render_accuracy_png(report: ValidationReport) -> bytes:
+    """Accuracy with its CI per backend and task (matplotlib Agg, no timestamp or version in the metadata)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    labels = [REFERENCE_LABEL] + [b.label for b in report.backends if b.role == "candidate"]
+    task_names = [t.name for t in report.tasks]
+    figure = Figure(figsize=(max(5.0, 1.6 * len(task_names) + 2.0), 4.2), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    width = 0.8 / max(1, len(labels))
+    for offset, label in enumerate(labels):
+        xs, ys, lows, highs = [], [], [], []
+        for index, task in enumerate(task_names):
+            acc_ci = accuracy_of(report, task, label)
+            if acc_ci is None:
+                continue
+            acc, (low, high) = acc_ci
+            xs.append(index - 0.4 + width * (offset + 0.5))
+            ys.append(points(acc))
+            lows.append(points(acc - low))
+            highs.append(points(high - acc))
+        if xs:
+            axes.errorbar(xs, ys, yerr=[lows, highs], fmt="o", capsize=3, label=label)
+    axes.set_xticks(range(len(task_names)), task_names)
+    axes.set_xlim(-0.6, len(task_names) - 0.4)
+    axes.set_ylim(0, 103)
+    axes.set_ylabel(f"accuracy (%), {CONFIDENCE:.0%} Wilson CI")
+    axes.grid(axis="y", alpha=0.3)
+    axes.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=min(3, len(labels)))
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", metadata={"Software": None})
+    return buffer.getvalue()
+
+
+def accuracy_of(
+    report: ValidationReport, task: str, label: str, metric: str = "acc"
+) -> tuple[float, tuple[float, float]] | None:
+    """A backend's accuracy and Wilson CI on a task, from its per-question scores (None when not scored)."""
+    scores = report.scores.get(task, {}).get(label)
+    if not scores:
+        return None
+    right = sum(int(getattr(score, metric)) for score in scores)
+    return right / len(scores), wilson_interval(right, len(scores))

@@ -1,0 +1,398 @@
+"""Validation orchestrator: score the reference and each candidate on the same questions, compare, report.
+
+Backends are loaded one at a time (a 9B reference and a candidate never share memory). Scores are cached per
+(backend identity, task, question) in ``REPORT_DIR/.cache`` as JSON lines appended after every batch, so an
+interrupted run resumes where it stopped; ``resume=False`` ignores (and rewrites) the cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mexport import console
+from mexport.errors import MexportError
+from mexport.manifest import MANIFEST_NAME, sha256_bytes, sha256_file, utc_now
+from mexport.validate.reports import (
+    REFERENCE_LABEL,
+    REPORT_FILES,
+    BackendInfo,
+    ParityResult,
+    TaskInfo,
+    ValidationReport,
+    write_reports,
+)
+from mexport.validate.stats import compare_metric, distribution_drift
+from mexport.validate.verdict import (
+    DEFAULT_AGREEMENT_FLOOR,
+    DEFAULT_MARGIN_POINTS,
+    check_policy,
+    margin_for,
+    parity_verdict,
+    skipped_verdict,
+)
+
+CACHE_DIR = ".cache"
+
+
+@dataclass
+class _Backend:
+    """A backend to score: its report entry, plus the opened runtime (None when skipped)."""
+
+    info: BackendInfo
+    runtime: Any = None
+    tokenizer: Any = None
+    identity: str = ""
+
+
+def validate(
+    reference: Path | str,
+    candidates: Sequence[Path | str],
+    tasks: Sequence[str] | str,
+    *,
+    output: Path | str,
+    data: Mapping[str, str | Path] | None = None,
+    limit: int | None = None,
+    seed: int = 1234,
+    shots: int = 0,
+    device: str = "cpu",
+    margin: float = DEFAULT_MARGIN_POINTS,
+    recipe_margins: Mapping[str, float] | None = None,
+    agreement_floor: float = DEFAULT_AGREEMENT_FLOOR,
+    fail_on: str = "parity",
+    batch_size: int = 8,
+    resume: bool = True,
+) -> ValidationReport:
+    """Score ``reference`` (a PyTorch checkpoint) and each candidate directory on ``tasks``; write the reports.
+
+    Returns the report whatever the verdicts; ``report.failed`` says whether the run fails under ``fail_on``
+    ("parity": any FAIL; "any": also a skipped backend; "never"). Raises :class:`MexportError` for bad input,
+    including a candidate whose tokenizer differs from the reference's.
+    """
+    recipe_margins = dict(recipe_margins or {})
+    check_policy(margin, agreement_floor, fail_on, recipe_margins)
+    task_names = _check_tasks(tasks, data or {})
+    if not candidates:
+        raise MexportError("no candidate to validate", hint="pass --candidate DIR (an export, quantize or engine dir)")
+    if batch_size < 1:
+        raise MexportError(f"batch size must be >= 1, got {batch_size}")
+    out_dir = _check_output(Path(output))
+
+    from mexport.validate.tasks import load_task
+
+    task_data = {
+        name: load_task(name, (data or {}).get(name), limit=limit, seed=seed, shots=shots) for name in task_names
+    }
+    for name, loaded in task_data.items():
+        if not loaded.items:
+            raise MexportError(f"{name}: no usable questions in {loaded.source} ({loaded.skipped} rows skipped)")
+
+    backends = _open_backends(Path(reference), [Path(c) for c in candidates], device)
+    (out_dir / CACHE_DIR).mkdir(parents=True, exist_ok=True)
+    scores: dict[str, dict[str, list[Any]]] = {name: {} for name in task_names}
+    for backend in backends:
+        if backend.runtime is not None:
+            _score_or_skip(backend, task_data, out_dir / CACHE_DIR, batch_size, resume, scores)
+
+    task_infos = [_task_info(loaded) for loaded in task_data.values()]
+    results = [
+        _parity_result(task, backend, scores, margin, recipe_margins, agreement_floor)
+        for task in task_infos
+        for backend in backends
+        if backend.info.role == "candidate"
+    ]
+    report = ValidationReport(
+        created=utc_now(),
+        settings={
+            "tasks": task_names,
+            "data": {name: str(path) for name, path in sorted((data or {}).items())},
+            "limit": limit,
+            "seed": seed,
+            "shots": shots,
+            "device": device,
+            "margin_points": margin,
+            "recipe_margins": dict(sorted(recipe_margins.items())),
+            "agreement_floor": agreement_floor,
+            "fail_on": fail_on,
+            "batch_size": batch_size,
+        },
+        backends=[backend.info for backend in backends],
+        tasks=task_infos,
+        results=results,
+        scores=scores,
+    )
+    write_reports(report, out_dir)
+    return report
+
+
+# ---------------------------------------------------------------------------------------------------- inputs
+
+
+def _check_tasks(tasks: Sequence[str] | str, data: Mapping[str, Any]) -> list[str]:
+    """Known task names in the order given ("a,b" or a list; duplicates dropped); ``data`` names only these."""
+    from mexport.validate.tasks import get_task
+
+    requested = tasks.split(",") if isinstance(tasks, str) else tasks
+    names = list(dict.fromkeys(name.strip() for name in requested if name.strip()))
+    if not names:
+        raise MexportError("no task to validate on", hint="pass --tasks medmcqa,pubmedqa (comma-separated)")
+    for name in names:
+        get_task(name)
+    for name in data:
+        if name not in names:
+            raise MexportError(f"--data {name}=...: {name} is not among the requested tasks ({', '.join(names)})")
+    return names
+
+
+def _check_output(out_dir: Path) -> Path:
+    """A new or empty directory, or one holding an earlier report of ours; never someone else's files."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise MexportError(f"{out_dir}: exists and is not a directory")
+    if out_dir.is_dir():
+        entries = {entry.name for entry in out_dir.iterdir()}
+        ours = set(REPORT_FILES) | {CACHE_DIR}
+        if entries and not entries & ours:
+            raise MexportError(
+                f"{out_dir}: directory holds files that are not an mexport report",
+                hint="choose a new or empty report directory",
+            )
+    return out_dir.resolve()
+
+
+def _open_backends(reference: Path, candidates: list[Path], device: str) -> list[_Backend]:
+    """Open (not load) every backend and refuse tokenizer mismatches before anything is scored."""
+    from mexport.validate.backends import BackendUnavailable, detect_kind, open_backend, tokenizer_fingerprint
+
+    runtime, kind, tokenizer = open_backend(reference, kind="torch", device=device)
+    backends = [_Backend(_backend_info(REFERENCE_LABEL, "reference", reference, kind, runtime), runtime, tokenizer)]
+    reference_fingerprint = tokenizer_fingerprint(tokenizer)
+    used_labels = {REFERENCE_LABEL}
+    for path in candidates:
+        label = _unique_label(path.resolve().name, used_labels)
+        try:
+            runtime, kind, tokenizer = open_backend(path, device=device)
+        except BackendUnavailable as exc:
+            info = _backend_info(label, "candidate", path, detect_kind(path), None, skip_reason=exc.message)
+            backends.append(_Backend(info))
+            continue
+        if tokenizer_fingerprint(tokenizer) != reference_fingerprint:
+            raise MexportError(
+                f"candidate {path} has a different tokenizer than reference {reference}: "
+                "their scores would not be comparable",
+                hint="export the candidate from the same checkpoint (its tokenizer files must match)",
+            )
+        backends.append(_Backend(_backend_info(label, "candidate", path, kind, runtime), runtime, tokenizer))
+    for backend in backends:
+        backend.identity = _backend_identity(Path(backend.info.path), backend.info.kind, device)
+    return backends
+
+
+def _local_dir(path: Path, runtime: Any) -> Path:
+    """The directory holding the model: ``path`` itself, or where a hub id was downloaded to."""
+    return path if path.exists() else Path(getattr(runtime, "checkpoint", path))
+
+
+def _unique_label(name: str, used: set[str]) -> str:
+    label, counter = name, 2
+    while label in used:
+        label, counter = f"{name}-{counter}", counter + 1
+    used.add(label)
+    return label
+
+
+def _read_manifest_if_any(path: Path) -> dict[str, Any]:
+    manifest_path = path / MANIFEST_NAME
+    try:
+        return json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    except json.JSONDecodeError:
+        return {}
+
+
+def _backend_info(
+    label: str, role: str, path: Path, kind: str, runtime: Any, skip_reason: str | None = None
+) -> BackendInfo:
+    """The facts a report reader needs: recipe, dtype and how compute ran, from the manifest and runtime."""
+    path = _local_dir(path, runtime)
+    manifest = _read_manifest_if_any(path)
+    recipe = manifest.get("recipe")
+    if isinstance(recipe, Mapping):
+        recipe = recipe.get("name")
+    manifest_path = path / MANIFEST_NAME
+    return BackendInfo(
+        label=label,
+        role=role,
+        path=str(path.resolve()),
+        kind=kind,
+        recipe=str(recipe) if recipe else None,
+        dtype=manifest.get("dtype") or getattr(runtime, "dtype", None),
+        precision=getattr(runtime, "precision", None),
+        manifest_sha256=sha256_file(manifest_path) if manifest_path.is_file() else None,
+        skip_reason=skip_reason,
+    )
+
+
+def _backend_identity(path: Path, kind: str, device: str) -> str:
+    """Cache key of a backend: its kind, device, path, and every file's name, size and mtime (plus the bytes of
+    its small metadata files), so rewritten weights invalidate the cache without re-hashing gigabytes."""
+    facts: list[Any] = [kind, device, str(path.resolve())]
+    for entry in sorted(path.iterdir()):
+        if entry.is_file() and not entry.name.startswith("."):
+            stat = entry.stat()
+            facts.append([entry.name, stat.st_size, stat.st_mtime_ns])
+            if entry.suffix == ".json" and stat.st_size < (1 << 20):
+                facts.append(sha256_file(entry))
+    return sha256_bytes(json.dumps(facts).encode())[:20]
+
+
+# ---------------------------------------------------------------------------------------------------- scoring
+
+
+def item_key(item: Any) -> str:
+    """Content hash of a question as scored (id, full prompt incl. few-shot prefix, choices, gold)."""
+    payload = json.dumps([item.doc_id, item.context, list(item.choices), item.gold], ensure_ascii=False)
+    return sha256_bytes(payload.encode())[:24]
+
+
+class ScoreCache:
+    """Append-only JSON-lines cache of one backend's scores on one task, keyed by question content."""
+
+    def __init__(self, path: Path, resume: bool) -> None:
+        from mexport.validate.scoring import QuestionScore
+
+        self.path = path
+        self._score_type = QuestionScore
+        self.entries: dict[str, Any] = self._load() if resume else {}
+        if not resume:
+            path.write_text("")
+
+    def _load(self) -> dict[str, Any]:
+        entries: dict[str, Any] = {}
+        if not self.path.is_file():
+            return entries
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+                entries[record["key"]] = self._score_type(**record["score"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue  # a line cut short by an interruption: that question is simply scored again
+        return entries
+
+    def append(self, keys: Sequence[str], scores: Sequence[Any]) -> None:
+        lines = [
+            json.dumps({"key": key, "score": dataclasses.asdict(score)}, ensure_ascii=False) + "\n"
+            for key, score in zip(keys, scores, strict=True)
+        ]
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.writelines(lines)
+            handle.flush()
+        self.entries.update(zip(keys, scores))
+
+
+def _score_or_skip(backend: _Backend, *args: Any) -> None:
+    """Score a backend; a candidate whose runtime turns out unavailable when loaded is reported skipped."""
+    from mexport.validate.backends import BackendUnavailable
+
+    try:
+        _score_backend(backend, *args)
+    except BackendUnavailable as exc:
+        if backend.info.role == "reference":
+            raise
+        backend.info = dataclasses.replace(backend.info, skip_reason=exc.message)
+
+
+def _score_backend(
+    backend: _Backend,
+    task_data: Mapping[str, Any],
+    cache_dir: Path,
+    batch_size: int,
+    resume: bool,
+    scores: dict[str, dict[str, list[Any]]],
+) -> None:
+    """Score every task's questions on one backend, loading it only when something is not cached yet."""
+    caches = {name: ScoreCache(cache_dir / f"{backend.identity}-{name}.jsonl", resume) for name in task_data}
+    pending = {
+        name: [item for item in loaded.items if item_key(item) not in caches[name].entries]
+        for name, loaded in task_data.items()
+    }
+    if any(pending.values()):
+        with backend.runtime, console.progress() as bar:
+            for name, items in pending.items():
+                loaded_items = task_data[name].items
+                label = f"{backend.info.label} · {name}"
+                task_bar = bar.add_task(label, total=len(loaded_items), completed=len(loaded_items) - len(items))
+                _score_in_batches(backend, items, caches[name], batch_size, functools.partial(bar.advance, task_bar))
+    for name, loaded in task_data.items():
+        scores[name][backend.info.label] = [caches[name].entries[item_key(item)] for item in loaded.items]
+
+
+def _score_in_batches(
+    backend: _Backend, items: list[Any], cache: ScoreCache, batch_size: int, advance: Callable[[int], None]
+) -> None:
+    from mexport.validate.scoring import score_items
+
+    for start in range(0, len(items), batch_size):
+        batch = items[start : start + batch_size]
+        batch_scores = score_items(backend.runtime, backend.tokenizer, batch, batch_size=batch_size, progress=False)
+        cache.append([item_key(item) for item in batch], batch_scores)
+        advance(len(batch))
+
+
+# ---------------------------------------------------------------------------------------------------- results
+
+
+def _items_sha256(items: Sequence[Any]) -> str:
+    digest = hashlib.sha256()
+    for item in items:
+        digest.update(item_key(item).encode())
+    return digest.hexdigest()
+
+
+def _task_info(loaded: Any) -> TaskInfo:
+    """Provenance of a task; acc_norm is reported when some question's choices differ in length (else == acc)."""
+    lengths_differ = any(len({len(choice) for choice in item.choice_texts}) > 1 for item in loaded.items)
+    return TaskInfo(
+        name=loaded.task,
+        source=loaded.source,
+        source_sha256=loaded.source_sha256,
+        items_sha256=_items_sha256(loaded.items),
+        n_items=len(loaded.items),
+        total_rows=loaded.total_rows,
+        skipped=dict(loaded.skip_reasons),
+        metrics=("acc", "acc_norm") if lengths_differ else ("acc",),
+    )
+
+
+def _parity_result(
+    task: TaskInfo,
+    backend: _Backend,
+    scores: Mapping[str, Mapping[str, list[Any]]],
+    margin: float,
+    recipe_margins: Mapping[str, float],
+    agreement_floor: float,
+) -> ParityResult:
+    info = backend.info
+    margin_points = margin_for(info.recipe, margin, recipe_margins)
+    if info.skip_reason is not None:
+        return ParityResult(task.name, info.label, margin_points, agreement_floor, skipped_verdict(info.skip_reason))
+    reference = scores[task.name][REFERENCE_LABEL]
+    candidate = scores[task.name][info.label]
+    pred_field = {"acc": "pred", "acc_norm": "pred_norm"}
+    metrics = tuple(
+        compare_metric(
+            metric,
+            [int(getattr(s, metric)) for s in reference],
+            [int(getattr(s, metric)) for s in candidate],
+            [getattr(s, pred_field[metric]) for s in reference],
+            [getattr(s, pred_field[metric]) for s in candidate],
+        )
+        for metric in task.metrics
+    )
+    mean_kl, max_abs = distribution_drift([s.logliks for s in reference], [s.logliks for s in candidate])
+    verdict = parity_verdict(metrics, margin_points, agreement_floor)
+    return ParityResult(task.name, info.label, margin_points, agreement_floor, verdict, metrics, mean_kl, max_abs)

@@ -1,0 +1,289 @@
+"""Log-likelihood multiple-choice scoring, numerically the same as lm-evaluation-harness's HFLM, for any runtime.
+
+Tokenisation is lm-eval's ``_encode_pair``: trailing spaces of the context move to the continuation,
+``whole = encode(context + continuation)``, ``context_enc = encode(context)``, and the continuation tokens are
+``whole[len(context_enc):]``; the model reads ``context_enc + continuation_enc``. Special tokens: for Gemma-family
+models lm-eval forces ``add_bos_token=True`` ("Gemma underperforms without it"), i.e. ``encode(...,
+add_special_tokens=True)``, so the tokenizer prepends its BOS to the context (and, identically, to ``whole``);
+that is what we do (mexport only handles Gemma2). loglik(choice) = sum over continuation tokens of
+log_softmax(logits) at the previous position, taken here in float64 from the runtime's float32 logits.
+acc = argmax loglik == gold; acc_norm divides by the choice's length in characters (without the delimiter);
+ties go to the first index (numpy argmax), as in lm-eval.
+
+Speed: all choices of a question share the context, so it runs once. When every continuation is one token
+(lettered tasks, yes/no/maybe), the prefill's last-position logits already give every choice's log-likelihood,
+and several questions are prefilled together (left-padded, longest first, as many as ``batch_size`` and a bound
+on the logits bytes allow). Otherwise the context is prefilled alone, its KV cache repeated once per multi-token
+choice (:meth:`DecoderRuntime.repeat_past`), and the remaining continuation tokens run as one right-padded batch.
+Batches never exceed ``batch_size`` nor a runtime's optional ``max_batch`` attribute (a TensorRT profile's limit).
+:func:`loglikelihood_naive` (one full forward per choice, no cache) is the reference the fast path is tested and
+benchmarked against.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from mexport import console
+from mexport.runtime.base import DecoderRuntime
+from mexport.validate.tasks import MCQItem
+
+# float32 logits of one batched prefill are rows x length x vocab x 4 bytes; 9B Gemma2's vocab is 256000
+LOGITS_BUDGET_BYTES = 1 << 30
+
+
+@dataclass
+class QuestionScore:
+    """Per-question result: each choice's log-likelihood and the acc / acc_norm predictions."""
+
+    doc_id: str
+    gold: int
+    logliks: list[float]
+    choice_chars: list[int]
+    pred: int
+    pred_norm: int
+
+    @classmethod
+    def from_logliks(
+        cls, doc_id: str, gold: int, logliks: Sequence[float], choice_chars: Sequence[int]
+    ) -> QuestionScore:
+        values = np.asarray(logliks, dtype=np.float64)
+        chars = np.asarray(choice_chars, dtype=np.float64)
+        return cls(
+            doc_id=doc_id,
+            gold=gold,
+            logliks=[float(v) for v in values],
+            choice_chars=[int(c) for c in choice_chars],
+            pred=int(np.argmax(values)),
+            pred_norm=int(np.argmax(values / chars)),
+        )
+
+    @property
+    def acc(self) -> float:
+        return 1.0 if self.pred == self.gold else 0.0
+
+    @property
+    def acc_norm(self) -> float:
+        return 1.0 if self.pred_norm == self.gold else 0.0
+
+    @property
+    def choice_probs(self) -> list[float]:
+        """The model's distribution over the choices (softmax of the log-likelihoods), for drift measures."""
+        values = np.asarray(self.logliks, dtype=np.float64)
+        weights = np.exp(values - values.max())
+        return [float(p) for p in weights / weights.sum()]
+
+
+# ---- tokenisation (lm-eval's HFLM) --------------------------------------------------------------------------
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return list(tokenizer.encode(text, add_special_tokens=True))
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(context tokens, continuation tokens) exactly as lm-eval's HFLM builds them for a Gemma model."""
+    if context == "":
+        # lm-eval: an empty context becomes the prefix token (BOS, else EOS); the continuation is encoded alone
+        prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        return [prefix], _encode(tokenizer, continuation)
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces > 0:
+        continuation = context[-n_spaces:] + continuation
+        context = context[:-n_spaces]
+    whole = _encode(tokenizer, context + continuation)
+    context_ids = _encode(tokenizer, context)
+    return context_ids, whole[len(context_ids) :]
+
+
+@dataclass(frozen=True)
+class _Group:
+    """One shared context and the continuations scored after it."""
+
+    context_ids: tuple[int, ...]
+    continuations: tuple[tuple[int, ...], ...]
+
+    @property
+    def single_token(self) -> bool:
+        return all(len(tokens) == 1 for tokens in self.continuations)
+
+
+def _encode_group(tokenizer, context: str, continuations: Sequence[str]) -> _Group:
+    pairs = [encode_pair(tokenizer, context, continuation) for continuation in continuations]
+    # the context's tokens never depend on the continuation (the trailing-space move is continuation-independent)
+    return _Group(tuple(pairs[0][0]), tuple(tuple(cont) for _, cont in pairs))
+
+
+# ---- numerics ---------------------------------------------------------------------------------------------------
+
+
+def _log_softmax(rows: np.ndarray) -> np.ndarray:
+    """Row-wise log-softmax in float64 (rows: (..., V) float32 logits)."""
+    values = rows.astype(np.float64)
+    shifted = values - values.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def _pad_id(tokenizer) -> int:
+    return int(tokenizer.pad_token_id) if tokenizer.pad_token_id is not None else 0
+
+
+def _prefill_batches(
+    groups: list[tuple[int, _Group]], batch_size: int, vocab_size: int
+) -> list[list[tuple[int, _Group]]]:
+    """Split groups (sorted longest first) into batches bounded by ``batch_size`` and the logits budget."""
+    batches: list[list[tuple[int, _Group]]] = []
+    current: list[tuple[int, _Group]] = []
+    for entry in groups:
+        longest = len(current[0][1].context_ids) if current else len(entry[1].context_ids)
+        over_budget = (len(current) + 1) * longest * vocab_size * 4 > LOGITS_BUDGET_BYTES
+        if current and (len(current) >= batch_size or over_budget):
+            batches.append(current)
+            current = []
+        current.append(entry)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _score_single_token_batch(
+    runtime: DecoderRuntime, batch: list[tuple[int, _Group]], pad_id: int
+) -> list[list[float]]:
+    """Left-padded prefill of several contexts; each choice is one token predicted by the last position."""
+    longest = max(len(group.context_ids) for _, group in batch)
+    input_ids = np.full((len(batch), longest), pad_id, dtype=np.int64)
+    mask = np.zeros((len(batch), longest), dtype=np.int64)
+    for row, (_, group) in enumerate(batch):
+        input_ids[row, longest - len(group.context_ids) :] = group.context_ids
+        mask[row, longest - len(group.context_ids) :] = 1
+    logits, _ = runtime.forward(input_ids, mask, None)
+    logprobs = _log_softmax(logits[:, -1, :])
+    return [[float(logprobs[row, tokens[0]]) for tokens in group.continuations] for row, (_, group) in enumerate(batch)]
+
+
+def _score_shared_context(runtime: DecoderRuntime, group: _Group, pad_id: int, max_rows: int) -> list[float]:
+    """Prefill the context once, then run the multi-token continuations on repeated copies of its KV cache.
+
+    Continuations run ``max_rows`` at a time (a TensorRT engine's profile caps the batch).
+    """
+    context = np.asarray([group.context_ids], dtype=np.int64)
+    logits, past = runtime.forward(context, np.ones_like(context), None)
+    first = _log_softmax(logits[0, -1, :])
+    scores = [float(first[tokens[0]]) if tokens else 0.0 for tokens in group.continuations]
+    longer = [index for index, tokens in enumerate(group.continuations) if len(tokens) > 1]
+    for start in range(0, len(longer), max_rows):
+        chunk = longer[start : start + max_rows]
+        # continuation token j (j >= 1) is predicted by the logits at the position of token j-1
+        steps = max(len(group.continuations[index]) for index in chunk) - 1
+        input_ids = np.full((len(chunk), steps), pad_id, dtype=np.int64)
+        mask = np.zeros((len(chunk), context.shape[1] + steps), dtype=np.int64)
+        mask[:, : context.shape[1]] = 1
+        for row, index in enumerate(chunk):
+            fed = group.continuations[index][:-1]
+            input_ids[row, : len(fed)] = fed
+            mask[row, context.shape[1] : context.shape[1] + len(fed)] = 1
+        step_logits, _ = runtime.forward(input_ids, mask, runtime.repeat_past(past, len(chunk)))
+        for row, index in enumerate(chunk):
+            targets = group.continuations[index][1:]
+            logprobs = _log_softmax(step_logits[row, : len(targets), :])
+            scores[index] += float(logprobs[np.arange(len(targets)), targets].sum())
+    return scores
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool, label: str, total: int) -> Iterator[Callable[[int], None]]:
+    """An ``advance(n)`` callback: a progress bar, or nothing at all (not even a blank line) when disabled."""
+    if not enabled:
+        yield lambda _: None
+        return
+    with console.progress() as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+def _score_groups(
+    runtime: DecoderRuntime, groups: Sequence[_Group], pad_id: int, batch_size: int, progress: bool, label: str
+) -> list[list[float]]:
+    """Log-likelihoods of every continuation of every group, in input order."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    # a runtime may cap its batch (``max_batch``: a TensorRT engine's optimisation profile); None means no cap
+    batch_size = min(batch_size, getattr(runtime, "max_batch", None) or batch_size)
+    results: list[list[float]] = [[] for _ in groups]
+    single = sorted(
+        ((index, group) for index, group in enumerate(groups) if group.single_token),
+        key=lambda entry: -len(entry[1].context_ids),
+    )
+    multi = [(index, group) for index, group in enumerate(groups) if not group.single_token]
+    with _progress(progress, label, len(groups)) as advance:
+        for batch in _prefill_batches(single, batch_size, runtime.spec.vocab_size):
+            for (index, _), scores in zip(batch, _score_single_token_batch(runtime, batch, pad_id), strict=True):
+                results[index] = scores
+            advance(len(batch))
+        for index, group in multi:
+            results[index] = _score_shared_context(runtime, group, pad_id, batch_size)
+            advance(1)
+    return results
+
+
+# ---- public API ---------------------------------------------------------------------------------------------------
+
+
+def score_requests(
+    runtime: DecoderRuntime,
+    tokenizer,
+    requests: Sequence[tuple[str, str]],
+    *,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> list[float]:
+    """lm-eval's ``loglikelihood``: one log-likelihood per (context, continuation); shared contexts run once."""
+    by_context: dict[str, list[int]] = {}
+    for position, (context, _) in enumerate(requests):
+        by_context.setdefault(context, []).append(position)
+    contexts = list(by_context)
+    groups = [_encode_group(tokenizer, c, [requests[p][1] for p in by_context[c]]) for c in contexts]
+    scores = _score_groups(runtime, groups, _pad_id(tokenizer), batch_size, progress, "scoring")
+    flat = [0.0] * len(requests)
+    for context, group_scores in zip(contexts, scores, strict=True):
+        for position, score in zip(by_context[context], group_scores, strict=True):
+            flat[position] = score
+    return flat
+
+
+def score_items(
+    runtime: DecoderRuntime,
+    tokenizer,
+    items: Sequence[MCQItem],
+    *,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> list[QuestionScore]:
+    """Score MCQ items on ``runtime`` (any backend): per-choice log-likelihoods, acc and acc_norm predictions."""
+    groups = [_encode_group(tokenizer, item.context, item.choices) for item in items]
+    label = f"scoring {items[0].task} on {runtime.name}" if items else "scoring"
+    scores = _score_groups(runtime, groups, _pad_id(tokenizer), batch_size, progress, label)
+    return [
+        QuestionScore.from_logliks(item.doc_id, item.gold, logliks, [len(text) for text in item.choice_texts])
+        for item, logliks in zip(items, scores, strict=True)
+    ]
+
+
+def loglikelihood_naive(runtime: DecoderRuntime, tokenizer, requests: Sequence[tuple[str, str]]) -> list[float]:
+    """Reference path: one full forward of context + continuation per request, no cache, no batching."""
+    scores = []
+    for context, continuation in requests:
+        context_ids, continuation_ids = encode_pair(tokenizer, context, continuation)
+        if not continuation_ids:
+            scores.append(0.0)
+            continue
+        sequence = np.asarray([(context_ids + continuation_ids)[:-1]], dtype=np.int64)
+        logits, _ = runtime.forward(sequence, np.ones_like(sequence), None)
+        predicting = logits[0, len(context_ids) - 1 :, :]
+        logprobs = _log_softmax(predicting)
+        scores.append(float(logprobs[np.arange(len(continuation_ids)), continuation_ids].sum()))
+    return scores

@@ -1,0 +1,152 @@
+"""Report files rendered from a synthetic ValidationReport: content, structure and byte-for-byte determinism."""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from mexport.validate.reports import (
+    REFERENCE_LABEL,
+    REPORT_FILES,
+    BackendInfo,
+    ParityResult,
+    TaskInfo,
+    ValidationReport,
+    render_accuracy_png,
+    render_json,
+    write_reports,
+)
+from mexport.validate.scoring import QuestionScore
+from mexport.validate.stats import compare_metric, distribution_drift
+from mexport.validate.verdict import FAIL, PASS, SKIPPED, parity_verdict, skipped_verdict
+
+N = 40
+
+
+def _scores(preds: list[int], golds: list[int], shift: float = 0.0) -> list[QuestionScore]:
+    """Four-choice questions whose argmax is ``pred`` (log-likelihood -1 for it, -3 - shift for the others)."""
+    return [
+        QuestionScore.from_logliks(f"q{i}", gold, [-1.0 if c == pred else -3.0 - shift for c in range(4)], [1, 1, 1, 1])
+        for i, (pred, gold) in enumerate(zip(preds, golds))
+    ]
+
+
+def _result(task: str, label: str, ref: list[QuestionScore], cand: list[QuestionScore]) -> ParityResult:
+    metric = compare_metric(
+        "acc", [int(s.acc) for s in ref], [int(s.acc) for s in cand], [s.pred for s in ref], [s.pred for s in cand]
+    )
+    mean_kl, max_abs = distribution_drift([s.logliks for s in ref], [s.logliks for s in cand])
+    return ParityResult(task, label, 1.0, 0.9, parity_verdict([metric], 1.0, 0.9), (metric,), mean_kl, max_abs)
+
+
+def make_report(created: str = "2025-01-01T00:00:00+00:00", fail_on: str = "parity") -> ValidationReport:
+    golds = [i % 4 for i in range(N)]
+    ref_preds = [g if i % 3 else (g + 1) % 4 for i, g in enumerate(golds)]  # right on 26 of 40
+    wrong_preds = [(g + 2) % 4 for g in golds]  # never right
+    reference = _scores(ref_preds, golds)
+    good = _scores(ref_preds, golds, shift=0.1)  # same answers, slightly different distributions
+    broken = _scores(wrong_preds, golds)
+    backends = [
+        BackendInfo(REFERENCE_LABEL, "reference", "/ckpt", "torch", dtype="bf16", precision="bf16 weights"),
+        BackendInfo("good", "candidate", "/good", "ort", dtype="fp32", manifest_sha256="ab" * 32),
+        BackendInfo("broken", "candidate", "/broken", "ort", recipe="int4-wo", dtype="bf16"),
+        BackendInfo("engine", "candidate", "/engine", "trt", skip_reason="TensorRT is not installed"),
+    ]
+    tasks = [
+        TaskInfo("medmcqa", "sample.jsonl", "cd" * 32, "ef" * 32, N, N + 3, {"missing option": 2, "label": 1}),
+        TaskInfo("pubmedqa", "sample2.jsonl", None, "01" * 32, N, N, {}),
+    ]
+    results, scores = [], {}
+    for task in tasks:
+        scores[task.name] = {REFERENCE_LABEL: reference, "good": good, "broken": broken}
+        results += [
+            _result(task.name, "good", reference, good),
+            _result(task.name, "broken", reference, broken),
+            ParityResult(task.name, "engine", 1.0, 0.9, skipped_verdict("TensorRT is not installed")),
+        ]
+    settings = {"margin_points": 1.0, "agreement_floor": 0.9, "fail_on": fail_on, "shots": 0}
+    return ValidationReport(created, settings, backends, tasks, results, scores)
+
+
+def test_synthetic_verdicts_are_what_the_report_shows() -> None:
+    report = make_report()
+    assert [r.verdict.status for r in report.results] == [PASS, FAIL, SKIPPED] * 2
+    assert report.failed
+    assert not make_report(fail_on="never").failed
+
+
+def test_json_keys_and_per_question_logliks(tmp_path: Path) -> None:
+    paths = write_reports(make_report(), tmp_path)
+    assert sorted(paths) == sorted(REPORT_FILES)
+    payload = json.loads((tmp_path / "report.json").read_text())
+    assert {"created", "settings", "methods", "failed", "backends", "tasks", "results"} <= set(payload)
+    medmcqa = payload["tasks"]["medmcqa"]
+    assert medmcqa["skipped"] == {"label": 1, "missing option": 2}
+    assert medmcqa["source_sha256"] == "cd" * 32 and medmcqa["n_items"] == N
+    assert len(medmcqa["questions"]) == N
+    first = medmcqa["questions"][0]
+    assert set(first["backends"]) == {REFERENCE_LABEL, "good", "broken"}
+    assert len(first["backends"]["good"]["logliks"]) == 4
+    result = next(r for r in payload["results"] if r["candidate"] == "broken")
+    assert result["verdict"] == FAIL and result["metrics"]["acc"]["right_to_wrong"] == 26
+    assert result["reasons"][0].startswith("paired CI")
+    assert next(b for b in payload["backends"] if b["label"] == "broken")["recipe"] == "int4-wo"
+    # no leftovers from the atomic writes
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(REPORT_FILES)
+
+
+def test_json_deterministic_apart_from_timestamp() -> None:
+    first = json.loads(render_json(make_report(created="2025-01-01T00:00:00+00:00")))
+    second = json.loads(render_json(make_report(created="2026-06-06T12:00:00+00:00")))
+    assert first.pop("created") != second.pop("created")
+    assert first == second
+    assert render_json(make_report()) == render_json(make_report())
+
+
+def test_markdown_table(tmp_path: Path) -> None:
+    write_reports(make_report(), tmp_path)
+    markdown = (tmp_path / "report.md").read_text()
+    assert (
+        "| backend | acc [95% CI] | Δ vs ref [paired CI] | flips b/c | McNemar p | agreement | KL | verdict |"
+        in markdown
+    )
+    assert markdown.count("| reference | 65.0 ") == 2
+    assert "| broken | ort | int4-wo | bf16 | – | `/broken` |" in markdown
+    good_row = next(line for line in markdown.splitlines() if line.startswith("| good | 65.0"))
+    assert "+0.0 [+0.0, +0.0]" in good_row and "0/0" in good_row and "PASS" in good_row
+    broken_row = next(line for line in markdown.splitlines() if line.startswith("| broken | 0.0"))
+    assert "26/0" in broken_row and "FAIL" in broken_row and "agreement 0.00 < 0.90" in broken_row
+    assert "skipped `engine`: TensorRT is not installed" in markdown
+    assert "**Result: FAILED**" in markdown
+
+
+def test_junit_structure(tmp_path: Path) -> None:
+    write_reports(make_report(), tmp_path)
+    root = ET.parse(tmp_path / "junit.xml").getroot()
+    cases = root.findall(".//testcase")
+    assert len(cases) == 6
+    assert {c.get("classname") for c in cases} == {"mexport.parity.medmcqa", "mexport.parity.pubmedqa"}
+    failures = root.findall(".//testcase/failure")
+    skipped = root.findall(".//testcase/skipped")
+    assert len(failures) == 2 and len(skipped) == 2
+    assert failures[0].get("message") == "paired CI [-79.97, -50.03] pts leaves ±1; agreement 0.00 < 0.90"
+    assert skipped[0].get("message") == "TensorRT is not installed"
+    assert root.get("tests") == "6" and root.get("failures") == "2" and root.get("skipped") == "2"
+
+
+def test_png_exists_and_is_deterministic(tmp_path: Path) -> None:
+    write_reports(make_report(), tmp_path)
+    png = (tmp_path / "accuracy.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 1000
+    assert render_accuracy_png(make_report(created="2030-01-01T00:00:00+00:00")) == png
+    assert b"Software" not in png and b"matplotlib" not in png.lower()
+
+
+@pytest.mark.parametrize("name", ["report.md", "junit.xml"])
+def test_text_reports_deterministic(tmp_path: Path, name: str) -> None:
+    write_reports(make_report(), tmp_path / "a")
+    write_reports(make_report(created="2030-01-01T00:00:00+00:00"), tmp_path / "b")
+    assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()

@@ -1,0 +1,196 @@
+"""Task loaders: lm-eval prompts, schema detection, unusable rows counted by reason, sampling and few-shot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mexport.errors import MexportError
+from mexport.validate.tasks import SAMPLE_DIR, TASKS, calibration_texts, load_task
+
+# each sample file ends with 3 deliberately unusable rows; what makes each one unusable
+EXPECTED_SKIPS = {
+    "medmcqa": {"missing option": 1, "label out of range": 1, "missing question": 1},
+    "medqa": {"label out of range": 1, "missing option": 1, "missing question": 1},
+    "pubmedqa": {"label out of range": 1, "missing abstract": 1, "missing question": 1},
+    "afrimedqa": {"several correct answers": 1, "missing option": 1, "not mcq": 1},
+}
+
+
+def _rows(task: str) -> list[dict]:
+    return [json.loads(line) for line in TASKS[task].sample_path.read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("task", sorted(EXPECTED_SKIPS))
+def test_sample_loads_and_counts_the_three_bad_rows(task: str) -> None:
+    data = load_task(task, "sample")
+    assert data.total_rows == len(_rows(task))
+    assert data.skipped == 3
+    assert data.skip_reasons == EXPECTED_SKIPS[task]
+    assert len(data.items) == data.total_rows - 3
+    assert len({item.doc_id for item in data.items}) == len(data.items)
+    assert data.source_sha256 is not None and data.source == str(TASKS[task].sample_path)
+    for item in data.items:
+        assert all(choice.startswith(" ") for choice in item.choices)
+        assert 0 <= item.gold < len(item.choices)
+
+
+def test_medmcqa_prompt_is_lm_evals() -> None:
+    row = _rows("medmcqa")[0]
+    item = load_task("medmcqa", "sample").items[0]
+    assert item.context == (
+        f"Question: {row['question']}\nChoices:\nA. {row['opa']}\nB. {row['opb']}\nC. {row['opc']}\n"
+        f"D. {row['opd']}\nAnswer:"
+    )
+    assert item.choices == (" A", " B", " C", " D")
+    assert (item.doc_id, item.gold) == (row["id"], row["cop"])
+
+
+def test_medqa_accepts_both_schemas_with_the_same_prompt(tmp_path: Path) -> None:
+    hf = load_task("medqa", SAMPLE_DIR / "medqa_hf_sample.jsonl")
+    assert (hf.schema, hf.skipped, len(hf.items)) == ("medqa-hf", 0, 20)
+    first = json.loads((SAMPLE_DIR / "medqa_hf_sample.jsonl").read_text().splitlines()[0])
+    endings = "".join(f"{letter}. {first[f'ending{i}']}\n" for i, letter in enumerate("ABCD"))
+    assert hf.items[0].context == f"Question: {first['sent1']}\n{endings}Answer:"
+    assert hf.items[0].gold == first["label"]
+
+    # the same question in the non-hf layout (question, options{A..D}, answer_idx) gives the same item
+    converted = {
+        "question": first["sent1"],
+        "options": {letter: first[f"ending{i}"] for i, letter in enumerate("ABCD")},
+        "answer_idx": "ABCD"[first["label"]],
+        "id": first["id"],
+    }
+    path = tmp_path / "medqa.jsonl"
+    path.write_text(json.dumps(converted) + "\n")
+    options = load_task("medqa", path)
+    assert options.schema == "medqa-4-options"
+    assert options.items == hf.items[:1]
+    assert load_task("medqa", "sample").schema == "medqa-4-options"
+
+
+def test_pubmedqa_prompt_and_choices() -> None:
+    row = _rows("pubmedqa")[0]
+    item = load_task("pubmedqa", "sample").items[0]
+    abstract = "\n".join(row["context"]["contexts"])
+    assert item.context == f"Abstract: {abstract}\nQuestion: {row['question']}\nAnswer:"
+    assert item.choices == (" yes", " no", " maybe")
+    assert item.choices[item.gold] == " " + row["final_decision"]
+
+
+def test_afrimedqa_choices_are_the_option_texts() -> None:
+    row = _rows("afrimedqa")[0]
+    item = load_task("afrimedqa", "sample").items[0]
+    options = json.loads(row["answer_options"])
+    assert item.context == f"Question: {row['question']}\nAnswer:"
+    assert item.choice_texts == tuple(options[f"option{i}"] for i in range(1, 6))
+    assert item.gold == int(row["correct_answer"].removeprefix("option")) - 1
+
+
+def test_wrong_dataset_file_names_the_missing_fields() -> None:
+    with pytest.raises(
+        MexportError,
+        match=r"pubmedqa_sample.jsonl: rows lack fields opa, opb, opc, opd, cop: "
+        r"is this a medmcqa file\?",
+    ):
+        load_task("medmcqa", TASKS["pubmedqa"].sample_path)
+
+
+def test_unknown_task_lists_valid_names() -> None:
+    with pytest.raises(MexportError, match="unknown task 'mmlu'; valid tasks: medmcqa, medqa, pubmedqa, afrimedqa"):
+        load_task("mmlu", "sample")
+
+
+def test_json_and_parquet_files_load_like_jsonl(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = _rows("medmcqa")[:5]
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "rows.parquet")
+    jsonl = tmp_path / "rows.jsonl"
+    jsonl.write_text("\n".join(json.dumps(row) for row in rows) + "\n{not json\n")
+    expected = load_task("medmcqa", "sample").items[:5]
+    assert load_task("medmcqa", tmp_path / "rows.json").items == expected
+    assert load_task("medmcqa", tmp_path / "rows.parquet").items == expected
+    broken = load_task("medmcqa", jsonl)
+    assert broken.items == expected and broken.skip_reasons == {"unparseable row": 1}
+
+
+def test_missing_file_and_unsupported_suffix(tmp_path: Path) -> None:
+    with pytest.raises(MexportError, match="no such data file"):
+        load_task("medmcqa", tmp_path / "absent.jsonl")
+    (tmp_path / "rows.csv").write_text("question,opa\n")
+    with pytest.raises(MexportError, match="unsupported data file type '.csv'"):
+        load_task("medmcqa", tmp_path / "rows.csv")
+
+
+def test_hub_failure_is_one_line_with_a_hint(monkeypatch: pytest.MonkeyPatch) -> None:
+    import datasets
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'openlifescienceai/medmcqa' on the Hub (LocalEntryNotFoundError)\nmore")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(MexportError) as raised:
+        load_task("medmcqa")
+    assert "\n" not in raised.value.message
+    assert "hf:openlifescienceai/medmcqa:validation" in raised.value.message
+    assert "--data medmcqa=FILE" in raised.value.hint and "medmcqa=sample" in raised.value.hint
+
+
+def test_hub_rows_go_through_the_same_converter(monkeypatch: pytest.MonkeyPatch) -> None:
+    import datasets
+
+    calls = []
+
+    def fake_hub(path, name=None, split=None):
+        calls.append((path, name, split))
+        return _rows("pubmedqa")
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_hub)
+    data = load_task("pubmedqa")
+    assert calls == [("qiaojin/PubMedQA", "pqa_labeled", "train")]
+    assert data.source == "hf:qiaojin/PubMedQA/pqa_labeled:train" and data.source_sha256 is None
+    assert data.items == load_task("pubmedqa", "sample").items
+
+
+def test_limit_is_a_seeded_sample_in_file_order() -> None:
+    full = [item.doc_id for item in load_task("medmcqa", "sample").items]
+    first = [item.doc_id for item in load_task("medmcqa", "sample", limit=10, seed=7).items]
+    again = [item.doc_id for item in load_task("medmcqa", "sample", limit=10, seed=7).items]
+    other = [item.doc_id for item in load_task("medmcqa", "sample", limit=10, seed=8).items]
+    assert first == again and len(first) == 10
+    assert first != other
+    assert first == [doc_id for doc_id in full if doc_id in set(first)]  # original order kept
+    assert [item.doc_id for item in load_task("medmcqa", "sample", limit=1000).items] == full
+    with pytest.raises(MexportError, match="limit must be at least 1"):
+        load_task("medmcqa", "sample", limit=0)
+
+
+def test_few_shot_prefix_is_lm_eval_layout_and_excludes_the_question() -> None:
+    zero = {item.doc_id: item for item in load_task("medmcqa", "sample").items}
+    shot = load_task("medmcqa", "sample", shots=2, limit=5, seed=3)
+    for item in shot.items:
+        examples = item.context.split("\n\n")
+        assert len(examples) == 3
+        assert examples[-1] == zero[item.doc_id].context
+        for example in examples[:2]:
+            prompt, answer = example.rsplit(" ", 1)
+            source = next(other for other in zero.values() if other.context == prompt)
+            assert source.doc_id != item.doc_id
+            assert " " + answer == source.choices[source.gold]
+    # a question's prefix does not depend on which other questions are scored with it
+    alone = {item.doc_id: item.context for item in load_task("medmcqa", "sample", shots=2, seed=3).items}
+    assert all(alone[item.doc_id] == item.context for item in shot.items)
+    with pytest.raises(MexportError, match="need more than"):
+        load_task("medqa", SAMPLE_DIR / "medqa_hf_sample.jsonl", shots=20)
+
+
+def test_calibration_texts_append_the_correct_answer() -> None:
+    texts = calibration_texts("afrimedqa", "sample", limit=3, seed=0)
+    items = load_task("afrimedqa", "sample", limit=3, seed=0).items
+    assert texts == [item.context + item.choices[item.gold] for item in items]
+    assert texts[0].startswith("Question: ") and "\nAnswer: " in texts[0]
