@@ -60,6 +60,17 @@ class PipelineConfig:
     fail_on: str = "parity"
 
     def check(self) -> None:
+        """Refuse bad names before any step runs, so a typo never costs a finished export."""
+        from mexport.export.graph import EXPORT_DTYPES
+        from mexport.optimize.quantize.recipes import get_recipe
+        from mexport.validate.tasks import get_task
+
+        if self.dtype not in EXPORT_DTYPES:
+            raise MexportError(f"unknown dtype {self.dtype!r}; expected one of {', '.join(EXPORT_DTYPES)}")
+        for recipe in self.recipes:
+            get_recipe(recipe)
+        for task in self.tasks:
+            get_task(task)
         if self.engine not in ENGINE_MODES:
             raise MexportError(f"engine mode {self.engine!r} is not one of {', '.join(ENGINE_MODES)}")
         if self.model.startswith(FIXTURE_PREFIX) and self.model[len(FIXTURE_PREFIX):] not in FIXTURE_NAMES:
@@ -188,8 +199,12 @@ class _Runner:
         self.out.mkdir(parents=True, exist_ok=True)
         write_atomic(self.state_path, (json.dumps(self.state, indent=2, sort_keys=True) + "\n").encode())
 
-    def step(self, name: str, settings: dict[str, Any], target: Path, action: Callable[[], str]) -> str:
+    def step(
+        self, name: str, settings: dict[str, Any], target: Path, action: Callable[[], str], marker: str = MANIFEST_NAME
+    ) -> str:
         """Run ``action`` (which writes ``target`` and returns a short detail) unless it is already up to date.
+
+        Up to date: the same settings hash as the last successful run and ``target / marker`` still there.
 
         Returns the step's settings hash, which downstream steps fold into theirs.
         """
@@ -199,7 +214,7 @@ class _Runner:
             not self.force
             and previous.get("hash") == digest
             and previous.get("status") == "done"
-            and _artifact_present(target)
+            and (target / marker).is_file()
         )
         if up_to_date:
             console.info(f"[dim]{name}: up to date, skipped (resume)[/dim]")
@@ -226,10 +241,6 @@ class _Runner:
         self.state["steps"][name] = {"hash": digest, "status": status, "output": str(target), "detail": detail}
         self._save_state()
         self.steps.append(StepRecord(name, status, str(target), seconds, detail))
-
-
-def _artifact_present(target: Path) -> bool:
-    return target.is_dir() and any((target / name).is_file() for name in (MANIFEST_NAME, "plan.json", "report.json"))
 
 
 def _checkpoint_fingerprint(model: str) -> dict[str, Any]:
@@ -304,6 +315,7 @@ def run_pipeline(config: PipelineConfig, force: bool = False) -> PipelineResult:
          "fail_on": config.fail_on},
         report_dir,
         _validate,
+        marker="report.json",
     )
     if validation is None:  # resumed: the summary the earlier run recorded
         validation = runner.state["validation"]["summary"]
@@ -327,7 +339,7 @@ def _checkpoint_step(runner: _Runner, config: PipelineConfig) -> tuple[str, str]
         write_fixture(name, target, overwrite=True)
         return f"fixture {name}"
 
-    digest = runner.step("checkpoint", {"fixture": name}, target, _write)
+    digest = runner.step("checkpoint", {"fixture": name}, target, _write, marker="config.json")
     return str(target), digest
 
 
@@ -379,6 +391,7 @@ def _engine_steps(
         runner.step(
             f"engine-plan:{label}", {**step_settings, "plan_only": True}, target,
             lambda model_dir=model_dir, target=target: _plan(plan_engine, write_plan, model_dir, target, settings),
+            marker="plan.json",
         )
         reason = "plan only (engine.mode = plan)" if config.engine == "plan" else unavailable
         runner.skip(f"engine:{label}", f"{reason}; plan written to {target / 'plan.json'}")

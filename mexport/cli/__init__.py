@@ -76,6 +76,27 @@ def emit_json(payload: Any) -> None:
     sys.stdout.write(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
 
 
+def parse_assignments(values: list[str], option: str, value_name: str) -> dict[str, str]:
+    """``KEY=VALUE`` option values as a dict, with a usage error naming the option for a malformed one."""
+    parsed: dict[str, str] = {}
+    for value in values:
+        key, sep, rest = value.partition("=")
+        if not sep or not key.strip() or not rest.strip():
+            raise MexportError(f"{option} {value!r}: expected KEY={value_name}")
+        parsed[key.strip()] = rest.strip()
+    return parsed
+
+
+def parse_margins(values: list[str]) -> dict[str, float]:
+    margins: dict[str, float] = {}
+    for recipe, text in parse_assignments(values, "--margin-for", "POINTS").items():
+        try:
+            margins[recipe] = float(text)
+        except ValueError:
+            raise MexportError(f"--margin-for {recipe}={text}: POINTS must be a number") from None
+    return margins
+
+
 for _module in COMMAND_MODULES:
     importlib.import_module(_module)
 

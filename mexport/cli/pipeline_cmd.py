@@ -7,38 +7,44 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from mexport.cli import app, emit_json, run
+from mexport.cli import app, emit_json, parse_assignments, parse_margins, run
 from mexport.console import console
 from mexport.errors import EXIT_PARITY_FAILED
-
-
-def _parse_pairs(pairs: list[str] | None, what: str, cast=str) -> dict | None:
-    if not pairs:
-        return None
-    parsed = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key or not value:
-            raise typer.BadParameter(f"{what} must look like KEY=VALUE, got {pair!r}")
-        parsed[key] = cast(value)
-    return parsed
 
 
 @app.command("pipeline")
 def pipeline(
     config: Path | None = typer.Argument(None, help="Pipeline TOML file (see examples/pipeline-tiny.toml)."),
-    model: str | None = typer.Option(None, "--model", help="Checkpoint dir, hub id, or fixture:tiny-gemma2 / fixture:learned-gemma2."),
+    model: str | None = typer.Option(
+        None, "--model", help="Checkpoint dir, hub id, or fixture:tiny-gemma2 / fixture:learned-gemma2."
+    ),
     output: Path | None = typer.Option(None, "-o", "--output", help="Pipeline output directory."),
+    revision: str | None = typer.Option(None, "--revision", help="Hub revision of MODEL."),
     dtype: str | None = typer.Option(None, "--dtype", help="Export dtype: fp32, bf16 or fp16."),
-    recipe: list[str] | None = typer.Option(None, "--recipe", help="Quantization recipe (repeatable): fp8, int8-sq, int8-wo, int4-wo."),
-    calib: str | None = typer.Option(None, "--calib", help="Calibration JSONL/text file (default: the shipped MCQ samples)."),
-    engine: str | None = typer.Option(None, "--engine", help="auto (build when TensorRT + GPU, else plan), build, plan or off."),
-    target: str | None = typer.Option(None, "--target", help="Deployment GPU for the engine memory check, e.g. h100-80gb."),
-    tasks: str | None = typer.Option(None, "--tasks", help="Comma-separated tasks: medmcqa,medqa,pubmedqa,afrimedqa."),
+    opset: int | None = typer.Option(None, "--opset", help="ONNX opset of the export."),
+    export_device: str | None = typer.Option(None, "--export-device", help="Export/check device: cpu or cuda."),
+    recipe: list[str] | None = typer.Option(
+        None, "--recipe", help="Quantization recipe (repeatable): fp8, int8-sq, int8-wo, int4-wo."
+    ),
+    calib: str | None = typer.Option(None, "--calib", help="Calibration file or task name (default: MCQ samples)."),
+    calib_size: int | None = typer.Option(None, "--calib-size", help="Calibration samples."),
+    engine: str | None = typer.Option(
+        None, "--engine", help="auto (build when TensorRT + GPU, else plan), build, plan or off."
+    ),
+    precision: str | None = typer.Option(None, "--precision", help="Engine precision: bf16, fp16 or fp32."),
+    max_batch: int | None = typer.Option(None, "--max-batch", help="Engine profile: largest batch."),
+    max_input_len: int | None = typer.Option(None, "--max-input-len", help="Engine profile: longest prompt."),
+    max_context: int | None = typer.Option(None, "--max-context", help="Engine profile: longest context."),
+    target: str | None = typer.Option(None, "--target", help="Deployment GPU for the memory check, e.g. h100-80gb."),
+    gpu_memory: float | None = typer.Option(None, "--gpu-memory", help="Deployment GPU memory in GB."),
+    tasks: str | None = typer.Option(None, "--tasks", help="Comma-separated: medmcqa,medqa,pubmedqa,afrimedqa."),
     data: list[str] | None = typer.Option(None, "--data", help="TASK=FILE (or TASK=sample), repeatable."),
     limit: int | None = typer.Option(None, "--limit", help="Questions per task."),
+    seed: int | None = typer.Option(None, "--seed", help="Sampling seed for --limit."),
     device: str | None = typer.Option(None, "--backend-device", help="Scoring device: cpu or cuda."),
     margin: float | None = typer.Option(None, "--margin", help="Parity margin in accuracy points."),
+    margin_for: list[str] | None = typer.Option(None, "--margin-for", help="RECIPE=POINTS margin, repeatable."),
+    agreement_floor: float | None = typer.Option(None, "--agreement-floor", help="Least answer agreement."),
     fail_on: str | None = typer.Option(None, "--fail-on", help="parity, any or never."),
     force: bool = typer.Option(False, "--force", help="Redo every step even when its output is up to date."),
     as_json: bool = typer.Option(False, "--json", help="Print the pipeline result as JSON on stdout."),
@@ -46,14 +52,17 @@ def pipeline(
     """Run export → quantize → engine → validate, skipping steps whose outputs are up to date."""
     from mexport.pipeline import config_from, load_config, run_pipeline
 
-    overrides = {
-        "model": model, "output": output, "dtype": dtype, "recipes": recipe or None, "calib": calib,
-        "engine": engine, "target": target, "tasks": tasks.split(",") if tasks else None,
-        "data": _parse_pairs(data, "--data"), "limit": limit, "device": device, "margin": margin,
-        "fail_on": fail_on,
-    }
-
     def _run():
+        overrides = {
+            "model": model, "output": output, "revision": revision, "dtype": dtype, "opset": opset,
+            "export_device": export_device, "recipes": recipe or None, "calib": calib, "calib_size": calib_size,
+            "engine": engine, "engine_precision": precision, "max_batch": max_batch, "max_input_len": max_input_len,
+            "max_context": max_context, "target": target, "gpu_memory_gb": gpu_memory,
+            "tasks": tasks.split(",") if tasks else None,
+            "data": parse_assignments(data, "--data", "FILE") if data else None, "limit": limit, "seed": seed,
+            "device": device, "margin": margin, "recipe_margins": parse_margins(margin_for) if margin_for else None,
+            "agreement_floor": agreement_floor, "fail_on": fail_on,
+        }
         settings = load_config(config, overrides) if config else config_from({}, overrides)
         return run_pipeline(settings, force=force)
 

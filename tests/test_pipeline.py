@@ -1,0 +1,133 @@
+"""`mexport pipeline`: config parsing, the run on the learned tiny model end to end, resume and --force."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from xml.etree import ElementTree
+
+import pytest
+from typer.testing import CliRunner
+
+from mexport.cli import app
+from mexport.errors import MexportError
+from mexport.pipeline import PipelineConfig, config_from, load_config, run_pipeline
+
+runner = CliRunner()
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def test_example_configs_parse_with_every_table() -> None:
+    tiny = load_config(EXAMPLES / "pipeline-tiny.toml")
+    assert tiny.model == "fixture:learned-gemma2"
+    assert tiny.recipes == ["fp8", "int8-sq", "int8-wo", "int4-wo"]
+    assert tiny.max_context == 512 and tiny.target == "l4-24gb"
+    assert tiny.data == {task: "sample" for task in ("medmcqa", "medqa", "pubmedqa", "afrimedqa")}
+    assert tiny.recipe_margins == {"int4-wo": 5.0, "int8-sq": 5.0}
+    assert tiny.output == (EXAMPLES.parent / "out" / "pipeline-tiny").resolve()
+    real = load_config(EXAMPLES / "pipeline-meditron.toml")
+    assert real.model == "OpenMeditron/Meditron3-Gemma2-9B" and real.engine == "build" and real.data == {}
+
+
+def test_cli_overrides_win_over_the_file(tmp_path: Path) -> None:
+    config = load_config(EXAMPLES / "pipeline-tiny.toml", {"dtype": "fp32", "recipes": ["int8-wo"], "limit": None})
+    assert config.dtype == "fp32" and config.recipes == ["int8-wo"] and config.limit is None
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('model = "x"\noutput = "o"\n[export]\ndtpye = "bf16"\n', "unknown setting 'export.dtpye'"),
+        ('model = "x"\n[export\n', "invalid TOML"),
+        ('[export]\ndtype = "bf16"\n', "pipeline needs model and output"),
+        ('model = "fixture:huge"\noutput = "o"\n', "unknown fixture 'fixture:huge'"),
+        ('model = "x"\noutput = "o"\n[engine]\nmode = "sometimes"\n', "engine mode 'sometimes' is not one of"),
+        ('model = "x"\noutput = "o"\n[quantize]\nrecipes = ["int3"]\n', "unknown quantization recipe 'int3'"),
+        ('model = "x"\noutput = "o"\n[validate]\ntasks = ["usmle"]\n', "unknown task 'usmle'"),
+        ('model = "x"\noutput = "o"\n[export]\ndtype = "int8"\n', "unknown dtype 'int8'"),
+    ],
+)
+def test_bad_config_is_one_clear_error(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(MexportError, match=message):
+        load_config(path)
+    result = runner.invoke(app, ["pipeline", str(path)])
+    assert result.exit_code == 2
+    assert message.split("'")[0] in result.output and "Traceback" not in result.output
+
+
+def test_refuses_an_output_that_is_not_a_pipeline_output(tmp_path: Path) -> None:
+    (tmp_path / "mine.txt").write_text("keep me")
+    with pytest.raises(MexportError, match="holds no pipeline-state.json"):
+        run_pipeline(PipelineConfig(model="fixture:tiny-gemma2", output=tmp_path))
+    assert (tmp_path / "mine.txt").read_text() == "keep me"
+
+
+def _small(output: Path, **changes: object) -> PipelineConfig:
+    values = {
+        "model": "fixture:learned-gemma2", "output": output, "dtype": "fp32", "recipes": ["int8-wo"],
+        "engine": "auto", "max_batch": 4, "max_input_len": 256, "max_context": 512, "tasks": ["medmcqa"],
+        "data": {"medmcqa": "sample"}, "limit": 12, "recipe_margins": {"int8-wo": 20.0}, "agreement_floor": 0.75,
+    }
+    return config_from({**values, **changes})
+
+
+@pytest.mark.slow
+def test_pipeline_end_to_end_then_resume_after_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "run"
+    # the first run crashes in the validate step: everything before it is finished
+    import mexport.validate
+
+    def crash(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("simulated crash during scoring")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(mexport.validate, "validate", crash)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            run_pipeline(_small(out))
+    state = json.loads((out / "pipeline-state.json").read_text())["steps"]
+    assert state["quantize:int8-wo"]["status"] == "done" and state["validate"]["status"] == "running"
+
+    result = run_pipeline(_small(out))
+    statuses = {step.name: step.status for step in result.steps}
+    assert statuses["checkpoint"] == "resumed" and statuses["export"] == "resumed"
+    assert statuses["quantize:int8-wo"] == "resumed" and statuses["validate"] == "done"
+    # no TensorRT here: plans are written and the engine builds are reported as skipped with the reason
+    assert statuses["engine-plan:onnx-fp32"] == "resumed"  # written before the crash
+    skipped = next(step for step in result.steps if step.name == "engine:onnx-fp32")
+    assert skipped.status == "skipped" and "TensorRT" in skipped.detail
+    assert (out / "engine-onnx-fp32" / "plan.json").is_file()
+    assert not result.failed
+    verdicts = {(row["task"], row["candidate"]): row["verdict"] for row in result.validation["results"]}
+    assert set(verdicts.values()) == {"pass"}, verdicts
+
+    # combined reports: Markdown with the steps and the parity tables, JUnit with one case per step
+    markdown = (out / "pipeline.md").read_text()
+    assert "| export | resumed |" in markdown and "medmcqa" in markdown
+    suite = ElementTree.parse(out / "pipeline-junit.xml").getroot()
+    assert int(suite.get("tests")) == len(result.steps)
+    assert int(suite.get("skipped")) == sum(step.status == "skipped" for step in result.steps)
+    assert (out / "report" / "junit.xml").is_file() and (out / "report" / "report.md").is_file()
+
+    # a re-run does nothing; changing one setting redoes that step and what depends on it only
+    again = run_pipeline(_small(out))
+    assert {s.status for s in again.steps if s.name != "engine:onnx-fp32" and s.name != "engine:quant-int8-wo"} == {
+        "resumed"
+    }
+    changed = {s.name: s.status for s in run_pipeline(_small(out, limit=8)).steps}
+    assert changed["export"] == "resumed" and changed["quantize:int8-wo"] == "resumed"
+    assert changed["validate"] == "done"
+
+    # --force through the CLI redoes everything and prints JSON
+    cli = runner.invoke(
+        app,
+        ["pipeline", "--model", "fixture:learned-gemma2", "-o", str(out), "--dtype", "fp32", "--recipe", "int8-wo",
+         "--max-batch", "4", "--max-input-len", "256", "--max-context", "512", "--tasks", "medmcqa",
+         "--data", "medmcqa=sample", "--limit", "8", "--margin-for", "int8-wo=20", "--agreement-floor", "0.75",
+         "--force", "--json"],
+    )
+    assert cli.exit_code == 0, cli.output
+    payload = json.loads(cli.stdout)
+    assert {s["status"] for s in payload["steps"]} <= {"done", "skipped"}
+    assert payload["failed"] is False
