@@ -180,3 +180,10 @@ def test_fail_on_policy() -> None:
 def test_check_policy_rejects_nonsense(margin, floor, fail_on, recipe_margins, message) -> None:
     with pytest.raises(MexportError, match=message):
         check_policy(margin, floor, fail_on, recipe_margins)
+
+
+def test_verdict_fails_a_candidate_with_non_finite_logliks_even_at_equal_accuracy() -> None:
+    correct = [1] * 30 + [0] * 10
+    verdict = parity_verdict([_metric(correct, correct)], margin_points=1.0, agreement_floor=0.9, non_finite=2)
+    assert verdict.status == "fail"
+    assert verdict.reasons == ("2 question(s) with non-finite log-likelihoods (NaN/inf)",)

@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -394,5 +395,6 @@ def _parity_result(
         for metric in task.metrics
     )
     mean_kl, max_abs = distribution_drift([s.logliks for s in reference], [s.logliks for s in candidate])
-    verdict = parity_verdict(metrics, margin_points, agreement_floor)
+    non_finite = sum(not all(math.isfinite(value) for value in s.logliks) for s in candidate)
+    verdict = parity_verdict(metrics, margin_points, agreement_floor, non_finite)
     return ParityResult(task.name, info.label, margin_points, agreement_floor, verdict, metrics, mean_kl, max_abs)

@@ -42,9 +42,17 @@ def points(fraction: float) -> float:
     return 100.0 * fraction
 
 
-def parity_verdict(metrics: Sequence[MetricComparison], margin_points: float, agreement_floor: float) -> Verdict:
-    """PASS when every metric's paired delta CI lies within ±margin and its agreement reaches the floor."""
+def parity_verdict(
+    metrics: Sequence[MetricComparison], margin_points: float, agreement_floor: float, non_finite: int = 0
+) -> Verdict:
+    """PASS when every metric's paired delta CI lies within ±margin and its agreement reaches the floor.
+
+    ``non_finite`` counts candidate questions with a NaN/inf log-likelihood: argmax would silently pick the first
+    choice for them, so any such question fails the candidate whatever its accuracy.
+    """
     reasons: list[str] = []
+    if non_finite:
+        reasons.append(f"{non_finite} question(s) with non-finite log-likelihoods (NaN/inf)")
     margin = margin_points / 100.0
     for metric in metrics:
         prefix = "" if metric.metric == "acc" else f"{metric.metric} "
