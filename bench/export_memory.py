@@ -7,12 +7,23 @@ sharded safetensors checkpoint (~2.6 GB for 2 layers), then runs each tool in it
 the 9B targets use (issue #3: peak RSS / checkpoint <= 1.5, stretch 1.2; bf16 output / checkpoint <= 1.05).
 
     python bench/export_memory.py [--layers 2] [--skip-optimum] [--workdir DIR] [--keep]
+
+``--layers 42`` builds a Meditron3-Gemma2-9B-shaped model (18.5 GB): it needs ~37 GB of disk with --skip-optimum
+(checkpoint + one export at a time), ~56 GB without, and ~6 GB of RAM to build (one shard and the embedding's fp32
+draw at a time); validation then needs ~20 GB of RAM.
+
+Measured here (2 CPU cores), peak RSS / checkpoint and wall time with --skip-optimum:
+    2 layers (2.63 GB): export only 0.38 in 13 s; export + validation 1.37 in 42 s (4.58 before validation kept
+                        the weights in bf16 on both sides)
+    8 layers (5.01 GB): export only 0.22 in 21 s; export + validation 1.23 in 81 s
+Validation holds the weights plus ~1 GB, so the ratio falls with depth.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -50,8 +61,26 @@ print(json.dumps({"rc": rc, "wall_s": wall, "peak_rss_bytes": peak_kib * 1024}))
 """
 
 
-def build_checkpoint(directory: Path, layers: int) -> int:
-    """Random-weight full-width Gemma2 as sharded bf16 safetensors + tokenizer; returns the weight bytes."""
+def shard_plan(shapes: dict[str, tuple[int, ...]]) -> list[list[str]]:
+    """Tensor names per shard, in order, each shard at most SHARD_BYTES (unless one tensor is larger)."""
+    shards: list[list[str]] = [[]]
+    shard_bytes = 0
+    for name, shape in shapes.items():
+        nbytes = 2 * math.prod(shape)
+        if shard_bytes and shard_bytes + nbytes > SHARD_BYTES:
+            shards.append([])
+            shard_bytes = 0
+        shards[-1].append(name)
+        shard_bytes += nbytes
+    return shards
+
+
+def build_checkpoint(directory: Path, layers: int, disk_needed_per_byte: float) -> int:
+    """Random-weight full-width Gemma2 as sharded bf16 safetensors + tokenizer; returns the weight bytes.
+
+    Shards are generated and written one at a time, so building needs one shard of RAM, not the whole model.
+    ``disk_needed_per_byte``: disk needed per checkpoint byte (the checkpoint plus the exports kept at once).
+    """
     import torch
     import transformers
     from safetensors.torch import save_file
@@ -62,25 +91,20 @@ def build_checkpoint(directory: Path, layers: int) -> int:
     with torch.device("meta"):
         model = transformers.Gemma2ForCausalLM(config)
     shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}  # tied head listed once
-    estimate = sum(torch.Size(s).numel() * 2 for s in shapes.values())
-    check_free_space(directory.parent, estimate * 4, what="the benchmark checkpoint and three exports")
+    estimate = sum(2 * math.prod(shape) for shape in shapes.values())
+    needed = int(estimate * disk_needed_per_byte)
+    check_free_space(directory.parent, needed, what="the benchmark checkpoint and exports")
     directory.mkdir(parents=True)
     generator = torch.Generator().manual_seed(0)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    shard_bytes = 0
-    for name, shape in shapes.items():
-        tensor = (torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16)
-        if shard_bytes and shard_bytes + tensor.nbytes > SHARD_BYTES:
-            shards.append({})
-            shard_bytes = 0
-        shards[-1][name] = tensor
-        shard_bytes += tensor.nbytes
+    plan = shard_plan(shapes)
     weight_map = {}
-    for index, shard in enumerate(shards, start=1):
-        filename = f"model-{index:05d}-of-{len(shards):05d}.safetensors"
+    for index, names in enumerate(plan, start=1):
+        filename = f"model-{index:05d}-of-{len(plan):05d}.safetensors"
+        print(f"  writing {filename}", flush=True)
+        shard = {name: (torch.randn(shapes[name], generator=generator) * 0.02).to(torch.bfloat16) for name in names}
         save_file(shard, str(directory / filename), metadata={"format": "pt"})
-        weight_map.update({name: filename for name in shard})
-        shard.clear()
+        weight_map.update(dict.fromkeys(names, filename))
+        del shard
     (directory / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": estimate}, "weight_map": weight_map}, indent=2)
     )
@@ -99,6 +123,10 @@ def measure(name: str, command: list[str], output: Path, log: Path) -> dict:
         )
     result = json.loads(finished.stdout.strip().splitlines()[-1])
     result.update(name=name, output_bytes=dir_bytes(output) if output.exists() else 0, log=str(log))
+    manifest_path = output / "mexport.json"
+    if manifest_path.is_file():  # mexport's own account: validation verdict and figures, phase timings
+        manifest = json.loads(manifest_path.read_text())
+        result.update(status=manifest["status"], validation=manifest["validation"], timings=manifest["timings"])
     if result["rc"] != 0:
         tail = log.read_text().strip().splitlines()[-3:]
         print(f"  {name} failed (exit {result['rc']}): {' | '.join(tail)}", flush=True)
@@ -107,15 +135,27 @@ def measure(name: str, command: list[str], output: Path, log: Path) -> dict:
 
 def report(results: list[dict], checkpoint_bytes: int) -> None:
     print(f"\ncheckpoint: {format_bytes(checkpoint_bytes)} (bf16 safetensors)")
-    header = f"{'tool':<28}{'exit':>5}{'wall s':>9}{'peak RSS':>11}{'output':>11}{'RSS/ckpt':>10}{'out/ckpt':>10}"
+    header = (
+        f"{'tool':<28}{'exit':>5}{'status':>15}{'wall s':>9}{'peak RSS':>11}{'output':>11}{'RSS/ckpt':>10}"
+        f"{'out/ckpt':>10}"
+    )
     print(header)
     print("-" * len(header))
     for r in results:
         print(
-            f"{r['name']:<28}{r['rc']:>5}{r['wall_s']:>9.1f}{format_bytes(r['peak_rss_bytes']):>11}"
-            f"{format_bytes(r['output_bytes']):>11}{r['peak_rss_bytes'] / checkpoint_bytes:>10.2f}"
-            f"{r['output_bytes'] / checkpoint_bytes:>10.3f}"
+            f"{r['name']:<28}{r['rc']:>5}{r.get('status', '-'):>15}{r['wall_s']:>9.1f}"
+            f"{format_bytes(r['peak_rss_bytes']):>11}{format_bytes(r['output_bytes']):>11}"
+            f"{r['peak_rss_bytes'] / checkpoint_bytes:>10.2f}{r['output_bytes'] / checkpoint_bytes:>10.3f}"
         )
+    for r in results:
+        if r.get("validation"):
+            v, t = r["validation"], r["timings"]
+            print(
+                f"\n{r['name']}: export {t['export_s']:.1f} s + validation {t['validate_s']:.1f} s; "
+                f"{v['inputs']['sequence_length']} tokens (window exercised: {v['inputs']['window_exercised']}), "
+                f"max-abs {v['max_abs']:.3g} (tolerance {v['tolerance']['max_abs']:g}), top-1 {v['top1_agreement']:.0%}"
+                f"\n  reference: {v['reference']}; runtime: {v['runtime']}"
+            )
     baseline = next((r for r in results if r["name"].startswith("optimum") and r["rc"] == 0), None)
     if baseline:
         print("\nmexport / optimum-cli:")
@@ -138,12 +178,17 @@ def main() -> None:
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="mexport-bench-"))
     checkpoint = workdir / f"gemma2-fullwidth-{args.layers}l"
+    # disk per checkpoint byte for the outputs: each mexport bf16 export ~1, optimum-cli's fp32 one ~2, kept or
+    # each deleted once measured
+    outputs = [1.0, 1.0] + ([] if args.skip_optimum else [2.0])
+    outputs_per_byte = sum(outputs) if args.keep else max(outputs)
     try:
         if checkpoint.is_dir():
             checkpoint_bytes = sum(f.stat().st_size for f in checkpoint.glob("*.safetensors"))
+            check_free_space(workdir, int(checkpoint_bytes * outputs_per_byte), what="the exports")
         else:
             print(f"building {args.layers}-layer full-width Gemma2 in {checkpoint}", flush=True)
-            checkpoint_bytes = build_checkpoint(checkpoint, args.layers)
+            checkpoint_bytes = build_checkpoint(checkpoint, args.layers, 1 + outputs_per_byte)
         mexport = [str(Path(sys.executable).with_name("mexport")), "-q", "onnx", str(checkpoint)]
         runs = [
             ("mexport bf16 (export only)", [*mexport, "--dtype", "bf16", "--no-validate"], workdir / "mexport-bf16"),

@@ -167,3 +167,48 @@ def test_manifest_io_signature_matches_the_graph(tiny_export_fp32: Path) -> None
     assert [v.name for v in graph.input] == names
     assert [v.name for v in graph.output] == [entry["name"] for entry in io["outputs"]]
     assert manifest["model_config"]["parameter_count"] == 214080
+
+
+def test_validation_memory_is_one_copy_of_the_larger_weights(tiny_checkpoint: Path) -> None:
+    from mexport.export.verify import VALIDATION_OVERHEAD_BYTES, validation_memory_bytes
+
+    checkpoint = resolve_checkpoint(tiny_checkpoint)  # bf16
+    parameters = 214080
+    overhead = VALIDATION_OVERHEAD_BYTES
+    assert validation_memory_bytes(checkpoint, "bf16") == int(1.1 * checkpoint.weight_bytes) + overhead
+    assert validation_memory_bytes(checkpoint, "fp32") == int(1.1 * 4 * parameters) + overhead  # the fp32 export
+
+
+def test_cpu_validation_that_cannot_fit_in_ram_is_refused_before_work(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import psutil
+
+    from mexport.export import export_onnx
+
+    memory = namedtuple("memory", "available")
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: memory(100 << 20))
+    message = r"validating this bf16 export on CPU needs about 1\.07 GB of RAM, 104\.86 MB available"
+    with pytest.raises(MexportError, match=message) as caught:
+        export_onnx(tiny_checkpoint, tmp_path / "out", dtype="bf16")
+    assert caught.value.hint is not None and "--no-validate" in caught.value.hint
+    assert not (tmp_path / "out").exists()
+    export_onnx(tiny_checkpoint, tmp_path / "out", dtype="bf16", device="cpu", validate=False)  # nothing to check
+
+
+@pytest.mark.parametrize(
+    ("dtype", "compute", "hidden_size", "expected"),
+    [
+        ("bf16", "fp32", 64, "fp32"),  # sqrt(64) = 8: exact in bf16, the fp32 bound applies
+        ("bf16", "fp32", 3584, "rounded"),  # 59.87 -> 59.75 in bf16 (Meditron3-Gemma2-9B)
+        ("fp16", "fp32", 3584, "rounded"),  # 59.87 -> 59.88 in fp16
+        ("fp16", "fp32", 256, "fp32"),
+        ("bf16", "bf16", 3584, "bf16"),  # native compute: compared with PyTorch in the same dtype
+        ("fp32", "fp32", 3584, "fp32"),
+    ],
+)
+def test_tolerance_follows_what_is_computed(dtype: str, compute: str, hidden_size: int, expected: str) -> None:
+    from mexport.export.verify import ROUNDED_SCALE_TOLERANCE, TOLERANCES, tolerance_for
+
+    tolerance = tolerance_for(dtype, compute, hidden_size)
+    assert tolerance == (ROUNDED_SCALE_TOLERANCE if expected == "rounded" else TOLERANCES[expected])

@@ -1,8 +1,10 @@
 """The DecoderRuntime contract, checked identically on every CPU backend.
 
-Backends: PyTorch fp32; ORT fp32; ORT bf16 with fp32 compute (CPU emulation); ORT fp16 with native fp16 compute,
-which takes the code path GPUs take (low-precision cache OrtValues, logits cast to float32 in the graph). The tiny
-fixture's sliding window is 8, so every sequence here runs past it: cache handling of sliding-window layers is
+Backends: PyTorch fp32 (an fp32 copy of the weights, or the bf16 weights upcast at run time); ORT fp32; ORT bf16 with
+fp32 compute (CPU emulation: casts folded at load, or the low-memory session casting weights per node); ORT fp16 with
+native fp16 compute, which takes the code path GPUs take (low-precision cache OrtValues, logits cast to float32 in
+the graph). The run-time upcasts use slices small enough that the tiny fixture's weights are cut in several. The
+tiny fixture's sliding window is 8, so every sequence here runs past it: cache handling of sliding-window layers is
 exercised in step decoding, padding and cache repetition.
 """
 
@@ -17,9 +19,10 @@ import pytest
 
 from mexport.runtime.base import DecoderRuntime
 
-RUNTIMES = ["torch-fp32", "ort-fp32", "ort-bf16", "ort-fp16-native"]
+RUNTIMES = ["torch-fp32", "torch-fp32-upcast", "ort-fp32", "ort-bf16", "ort-bf16-low-memory", "ort-fp16-native"]
 # different chunkings / batchings only reorder sums: tiny differences in fp32, fp16 rounding in fp16
-ATOL = {"torch-fp32": 1e-4, "ort-fp32": 1e-4, "ort-bf16": 1e-4, "ort-fp16-native": 2e-2}
+ATOL = {runtime: 2e-2 if runtime == "ort-fp16-native" else 1e-4 for runtime in RUNTIMES}
+SLICE_BYTES = 16 << 10  # 16 slices of the 1024 x 64 embedding in fp32
 
 
 @pytest.fixture(scope="module")
@@ -38,17 +41,23 @@ class Backend(NamedTuple):
 
 @pytest.fixture(scope="module", params=RUNTIMES)
 def backend(request: pytest.FixtureRequest, tiny_checkpoint: Path) -> Iterator[Backend]:
+    from mexport.runtime import torch_runtime, upcast
     from mexport.runtime.ort import OrtDecoder
     from mexport.runtime.torch_runtime import TorchDecoder
 
-    if request.param == "torch-fp32":
-        decoder: DecoderRuntime = TorchDecoder(tiny_checkpoint, dtype="fp32")
+    if request.param.startswith("torch"):
+        upcast_at_run_time = request.param.endswith("upcast")
+        decoder: DecoderRuntime = TorchDecoder(tiny_checkpoint, dtype="fp32", upcast_at_run_time=upcast_at_run_time)
     elif request.param == "ort-fp16-native":
         decoder = OrtDecoder(request.getfixturevalue("tiny_export_fp16"), fp32_compute=False)
     else:
-        decoder = OrtDecoder(request.getfixturevalue(f"tiny_export_{request.param.split('-')[1]}"))
-    with decoder:
-        yield Backend(decoder, ATOL[request.param])
+        export = request.getfixturevalue(f"tiny_export_{request.param.split('-')[1]}")
+        decoder = OrtDecoder(export, low_memory=request.param.endswith("low-memory"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch_runtime, "UPCAST_SLICE_BYTES", SLICE_BYTES)
+        patch.setattr(upcast, "DEFAULT_SLICE_BYTES", SLICE_BYTES)
+        with decoder:
+            yield Backend(decoder, ATOL[request.param])
 
 
 def token_ids(length: int, seed: int) -> np.ndarray:

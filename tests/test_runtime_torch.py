@@ -37,6 +37,39 @@ def test_bf16_computes_in_bf16_close_to_fp32(tiny_checkpoint: Path) -> None:
     assert str(past.layers[0].keys.dtype) == "torch.bfloat16"
 
 
+def test_upcast_at_run_time_computes_fp32_over_the_stored_bf16_weights(
+    tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mexport.runtime import torch_runtime
+
+    monkeypatch.setattr(torch_runtime, "UPCAST_SLICE_BYTES", 16 << 10)  # the tied LM head in 16 slices
+    ids = np.random.default_rng(2).integers(4, 1000, (2, 20)).astype(np.int64)
+    mask = np.ones_like(ids)
+    mask[1, :6] = 0
+    step_mask = np.ones((2, 21), np.int64)
+    step_mask[1, :6] = 0
+    with TorchDecoder(tiny_checkpoint, dtype="fp32") as fp32_copy:
+        expected, past = fp32_copy.forward(ids, mask)
+        expected_step, _ = fp32_copy.forward(ids[:, :1], step_mask, past)
+    with TorchDecoder(tiny_checkpoint, dtype="fp32", upcast_at_run_time=True) as decoder:
+        assert decoder.precision == "bf16 weights, fp32 compute (PyTorch cpu)"
+        model = decoder._loaded_model()
+        assert {str(p.dtype) for p in model.parameters()} == {"torch.bfloat16"}
+        logits, past = decoder.forward(ids, mask)
+        step, _ = decoder.forward(ids[:, :1], step_mask, past)
+    assert str(past.layers[0].keys.dtype) == "torch.float32"
+    # the same fp32 arithmetic; slicing the LM head may only change how BLAS blocks its sums
+    np.testing.assert_allclose(logits, expected, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(step, expected_step, atol=1e-6, rtol=0)
+
+
+def test_upcast_at_run_time_only_widens(tiny_checkpoint: Path) -> None:
+    decoder = TorchDecoder(tiny_checkpoint, upcast_at_run_time=True)
+    assert (decoder.dtype, decoder.weights_dtype) == ("bf16", "bf16")
+    decoder = TorchDecoder(tiny_checkpoint, dtype="fp16", upcast_at_run_time=True)
+    assert (decoder.dtype, decoder.weights_dtype) == ("fp16", "fp16")  # bf16 -> fp16 is a conversion, not an upcast
+
+
 def test_sliding_window_layers_keep_only_their_window(tiny_checkpoint: Path) -> None:
     ids = np.random.default_rng(1).integers(4, 1000, (1, 20)).astype(np.int64)
     with TorchDecoder(tiny_checkpoint, dtype="fp32") as decoder:

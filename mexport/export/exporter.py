@@ -146,7 +146,7 @@ def export_onnx(
     timings: dict[str, float] = {}
     checkpoint = resolve_checkpoint(model, revision)
     if validate:
-        check_validation_memory(checkpoint, device)
+        check_validation_memory(checkpoint, dtype, device)
     overflow_probe = fp16_overflow_probe(checkpoint.path, device) if validate and dtype == "fp16" else None
 
     clock = time.perf_counter()

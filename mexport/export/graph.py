@@ -6,11 +6,18 @@ parameter as a graph input named by its state-dict name (and stops TorchScript m
 :func:`externalize_parameters` then turns those inputs into initializers backed by ``model.onnx.data``, folding a
 Linear's ``Transpose(weight)`` into the stored tensor so MatMuls read an initializer directly (what quantizers and
 TensorRT expect). The tied embedding feeds both the Gather and the LM head's Transpose: it stays one tensor.
+
+bf16 / fp16 traces: PyTorch computes a low-precision GELU in fp32 ("opmath": upcast, fp32 constants, one rounding of
+the result), but the TorchScript exporter decomposes it into ops of the input dtype, baking sqrt(2/pi) and 0.044715 in
+as bf16 constants (0.797 and 0.0447: ~0.1% off, in every MLP). :func:`_gelu_in_opmath` makes the trace say what
+PyTorch does: Cast to fp32, the GELU with exact constants, Cast back (plain ops any runtime, TensorRT included, runs).
+Constants PyTorch itself keeps in the model dtype stay so (Gemma's sqrt(hidden) embedding scale).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import warnings
 from collections.abc import Iterator
@@ -24,6 +31,7 @@ from mexport.lazy import require
 
 EXPORT_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # mexport name -> torch / numpy name
 ONNX_ELEMENT_TYPES = {"fp32": "FLOAT", "bf16": "BFLOAT16", "fp16": "FLOAT16"}
+ELEMENT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 TASK = "text-generation-with-past"
 DATA_FILE = "model.onnx.data"
 GRAPH_FILE = "model.onnx"
@@ -83,6 +91,20 @@ def _lazy_zeros(torch: Any, shape: Any, dtype: Any) -> Any:
     return torch.from_numpy(np.zeros(numel * element_bytes, dtype=np.uint8)).view(dtype).reshape(tuple(shape))
 
 
+def _activation_in_fp32(activation: Any, hidden: Any) -> Any:
+    return activation(hidden.float()).to(hidden.dtype)
+
+
+def _gelu_in_opmath(torch: Any, model: Any) -> None:
+    """Trace the model's fused GELU activations (transformers' ``act``: ``F.gelu``, tanh or erf) of a bf16 / fp16 model
+    as fp32 computations between casts, as PyTorch computes them."""
+    gelu = torch.nn.functional.gelu
+    for module in model.modules():
+        activation = getattr(module, "act", None)
+        if activation is gelu or (isinstance(activation, functools.partial) and activation.func is gelu):
+            module.act = functools.partial(_activation_in_fp32, activation)
+
+
 def _weightless_model(checkpoint_dir: Path, dtype: str) -> Any:
     """The causal LM built from config with lazily-committed zero parameters (tied ones stay one object)."""
     torch = require("torch", "tracing the model")
@@ -104,6 +126,8 @@ def _weightless_model(checkpoint_dir: Path, dtype: str) -> Any:
     meta_buffers = [name for name, buffer in model.named_buffers() if buffer.is_meta]
     if meta_buffers:
         raise RuntimeError(f"buffers left on the meta device after rebuilding: {meta_buffers}")
+    if dtype != "fp32":
+        _gelu_in_opmath(torch, model)
     return model.eval()
 
 
@@ -177,7 +201,8 @@ def trace_graph(checkpoint_dir: Path, dtype: str, opset: int) -> TracedGraph:
     return traced
 
 
-def _is_plain_transpose(node: Any) -> bool:
+def is_plain_transpose(node: Any) -> bool:
+    """A 2-D ``Transpose`` (no perm, or perm [1, 0])."""
     if node.op_type != "Transpose":
         return False
     perm = [list(a.ints) for a in node.attribute if a.name == "perm"]
@@ -201,7 +226,7 @@ def externalize_parameters(traced: TracedGraph, dtype: str, untie_embeddings: bo
     stored: list[StoredTensor] = []
     for name, shape in traced.parameters.items():
         readers = consumers.get(name, [])
-        transposes = [n for n in readers if len(shape) == 2 and _is_plain_transpose(n)]
+        transposes = [n for n in readers if len(shape) == 2 and is_plain_transpose(n)]
         others = [n for n in readers if n not in transposes]
         if transposes and (not others or untie_embeddings):
             folded = name + TRANSPOSED_SUFFIX
@@ -224,13 +249,12 @@ def externalize_parameters(traced: TracedGraph, dtype: str, untie_embeddings: bo
 
 def assign_offsets(stored: list[StoredTensor]) -> int:
     """Lay the tensors out in order in one file (aligned for memory mapping); returns the file size."""
-    element_bytes = {"fp32": 4, "bf16": 2, "fp16": 2}
     cursor = 0
     for tensor in stored:
         numel = 1
         for dim in tensor.shape:
             numel *= dim
-        tensor.nbytes = numel * element_bytes[tensor.dtype]
+        tensor.nbytes = numel * ELEMENT_BYTES[tensor.dtype]
         alignment = LARGE_ALIGNMENT if tensor.nbytes >= LARGE_TENSOR_BYTES else SMALL_ALIGNMENT
         tensor.offset = -(-cursor // alignment) * alignment
         cursor = tensor.offset + tensor.nbytes

@@ -5,11 +5,19 @@ eager path (SDPA / flash kernels silently skip it). The KV cache is a transforme
 model config, so sliding-window layers keep only their window; step decoding past the window matches the
 full-sequence forward (checked in tests/test_runtime_torch.py). :meth:`TorchDecoder.forward` never mutates the
 cache it is given (it works on a copy), so one prefilled cache can feed several continuations, like ORT's.
+
+``upcast_at_run_time=True`` computes in a dtype wider than the checkpoint's (fp32 over bf16 weights) without an
+fp32 copy of the model: the weights stay as loaded (memory-mapped from the safetensors files), each Linear casts its
+weight slice by slice as it runs and each Embedding casts the rows it gathered, so activations flow in fp32 exactly
+as in a model upcast whole (Gemma2's embedding scale, attention mask and rotary cast by the activations' dtype;
+its RMSNorm upcasts its own weight). Peak memory is the checkpoint plus one weight slice instead of 2x the checkpoint.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
+import gc
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +37,8 @@ from mexport.runtime.base import (
 )
 
 DEVICES = ("cpu", "cuda")
+# the largest fp32 copy of a weight slice a Linear materializes with upcast_at_run_time (Gemma's LM head is 3.7 GB)
+UPCAST_SLICE_BYTES = 16 << 20
 
 
 def checkpoint_dtype(config: dict[str, Any]) -> str:
@@ -40,18 +50,53 @@ def checkpoint_dtype(config: dict[str, Any]) -> str:
     return by_torch_name[saved]
 
 
+def _upcast_linear_forward(torch: Any, linear: Any, compute_dtype: Any, hidden: Any) -> Any:
+    """``linear(hidden)`` in ``compute_dtype`` with the weight cast one slice of output rows at a time."""
+    weight, bias = linear.weight, linear.bias
+    rows = max(1, UPCAST_SLICE_BYTES // (weight.shape[1] * torch.finfo(compute_dtype).bits // 8))
+    pieces = [
+        torch.nn.functional.linear(
+            hidden,
+            weight[start : start + rows].to(compute_dtype),
+            None if bias is None else bias[start : start + rows].to(compute_dtype),
+        )
+        for start in range(0, weight.shape[0], rows)
+    ]
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)
+
+
+def _upcast_at_run_time(torch: Any, model: Any, compute_dtype: Any) -> None:
+    """Make ``model`` compute in ``compute_dtype`` while its weights keep their stored dtype (see module doc)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.forward = functools.partial(_upcast_linear_forward, torch, module, compute_dtype)
+        elif isinstance(module, torch.nn.Embedding):
+            module.register_forward_hook(lambda _module, _inputs, rows: rows.to(compute_dtype))
+
+
+def _is_narrower(dtype: str, than: str) -> bool:
+    return dtype in ("bf16", "fp16") and than == "fp32"
+
+
 class TorchDecoder(DecoderRuntime):
     """A Hugging Face causal LM checkpoint run with PyTorch (eager attention, DynamicCache)."""
 
     name = "torch"
 
-    def __init__(self, checkpoint: Path | str, dtype: str | None = None, device: str = "cpu") -> None:
+    def __init__(
+        self, checkpoint: Path | str, dtype: str | None = None, device: str = "cpu", upcast_at_run_time: bool = False
+    ) -> None:
+        """``upcast_at_run_time``: when ``dtype`` is wider than the checkpoint's, keep the stored weights and cast them
+        as each module runs (see module doc) instead of loading an upcast copy."""
         self.checkpoint = Path(checkpoint)
         self.config = read_config(self.checkpoint)
         weight_files(self.checkpoint)  # safetensors only: fail here, before any heavy import
-        self.dtype = dtype or checkpoint_dtype(self.config)
+        stored_dtype = checkpoint_dtype(self.config)
+        self.dtype = dtype or stored_dtype
         if self.dtype not in TORCH_DTYPES:
             raise MexportError(f"unknown dtype {self.dtype!r}; expected one of {', '.join(TORCH_DTYPES)}")
+        upcast = upcast_at_run_time and _is_narrower(stored_dtype, self.dtype)
+        self.weights_dtype = stored_dtype if upcast else self.dtype
         if device not in DEVICES:
             raise MexportError(f"unknown torch device {device!r}; expected one of {', '.join(DEVICES)}")
         self.device = device
@@ -65,7 +110,7 @@ class TorchDecoder(DecoderRuntime):
     @property
     def precision(self) -> str:
         """How weights and compute are represented, for reports."""
-        return f"{self.dtype} weights, {self.dtype} compute (PyTorch {self.device})"
+        return f"{self.weights_dtype} weights, {self.dtype} compute (PyTorch {self.device})"
 
     def activate(self) -> None:
         torch = require("torch", "running the PyTorch reference")
@@ -75,11 +120,11 @@ class TorchDecoder(DecoderRuntime):
                 "device 'cuda' requested but torch.cuda.is_available() is False",
                 hint="use device 'cpu', or install a CUDA build of torch on a GPU host",
             )
-        with console.phase(f"loading {self.checkpoint.name} ({self.dtype}, {self.device})"):
+        with console.phase(f"loading {self.checkpoint.name} ({self.weights_dtype}, {self.device})"):
             try:
                 model = transformers.AutoModelForCausalLM.from_pretrained(
                     self.checkpoint,
-                    dtype=getattr(torch, TORCH_DTYPES[self.dtype]),
+                    dtype=getattr(torch, TORCH_DTYPES[self.weights_dtype]),
                     attn_implementation="eager",
                     use_safetensors=True,
                     local_files_only=True,
@@ -88,10 +133,13 @@ class TorchDecoder(DecoderRuntime):
             except (OSError, ValueError, KeyError) as exc:
                 first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 raise MexportError(f"could not load checkpoint {self.checkpoint}: {first_line}") from exc
+        if self.weights_dtype != self.dtype:
+            _upcast_at_run_time(torch, model, getattr(torch, TORCH_DTYPES[self.dtype]))
         self._model = model.to(self.device).eval()
 
     def deactivate(self) -> None:
         self._model = None
+        gc.collect()  # the run-time upcast forwards refer to their modules (cycles): free the weights now
 
     def _loaded_model(self) -> Any:
         if self._model is None:
