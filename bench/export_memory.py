@@ -174,13 +174,17 @@ def main() -> None:
     parser.add_argument("--skip-optimum", action="store_true", help="do not run the optimum-cli baseline")
     parser.add_argument("--workdir", type=Path, help="where to build (default: a temp dir, deleted unless --keep)")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoint and exports")
+    parser.add_argument(
+        "--mexport-runs", choices=("both", "export-only", "validated"), default="both",
+        help="which mexport runs to measure: export only (--no-validate), with validation, or both",
+    )
     args = parser.parse_args()
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="mexport-bench-"))
     checkpoint = workdir / f"gemma2-fullwidth-{args.layers}l"
     # disk per checkpoint byte for the outputs: each mexport bf16 export ~1, optimum-cli's fp32 one ~2, kept or
     # each deleted once measured
-    outputs = [1.0, 1.0] + ([] if args.skip_optimum else [2.0])
+    outputs = [1.0] * (2 if args.mexport_runs == "both" else 1) + ([] if args.skip_optimum else [2.0])
     outputs_per_byte = sum(outputs) if args.keep else max(outputs)
     try:
         if checkpoint.is_dir():
@@ -189,11 +193,14 @@ def main() -> None:
         else:
             print(f"building {args.layers}-layer full-width Gemma2 in {checkpoint}", flush=True)
             checkpoint_bytes = build_checkpoint(checkpoint, args.layers, 1 + outputs_per_byte)
-        mexport = [str(Path(sys.executable).with_name("mexport")), "-q", "onnx", str(checkpoint)]
-        runs = [
-            ("mexport bf16 (export only)", [*mexport, "--dtype", "bf16", "--no-validate"], workdir / "mexport-bf16"),
-            ("mexport bf16 (+ validation)", [*mexport, "--dtype", "bf16"], workdir / "mexport-bf16-validated"),
-        ]
+        mexport = [sys.executable, "-m", "mexport", "-q", "onnx", str(checkpoint)]
+        runs = []
+        if args.mexport_runs in ("both", "export-only"):
+            runs.append(
+                ("mexport bf16 (export only)", [*mexport, "--dtype", "bf16", "--no-validate"], workdir / "mexport-bf16")
+            )
+        if args.mexport_runs in ("both", "validated"):
+            runs.append(("mexport bf16 (+ validation)", [*mexport, "--dtype", "bf16"], workdir / "mexport-bf16-validated"))
         if not args.skip_optimum:
             optimum = [str(Path(sys.executable).with_name("optimum-cli")), "export", "onnx", "--model",
                        str(checkpoint), "--task", "text-generation-with-past"]
@@ -201,7 +208,7 @@ def main() -> None:
         results = []
         for name, command, output in runs:
             shutil.rmtree(output, ignore_errors=True)
-            if command[0].endswith("mexport"):
+            if command[:3] == mexport[:3]:
                 command = [*command, "-o", str(output)]
             else:
                 command = [*command, str(output)]
