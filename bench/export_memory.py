@@ -126,7 +126,7 @@ def measure(name: str, command: list[str], output: Path, log: Path) -> dict:
     manifest_path = output / "mexport.json"
     if manifest_path.is_file():  # mexport's own account: validation verdict and figures, phase timings
         manifest = json.loads(manifest_path.read_text())
-        result.update(status=manifest["status"], validation=manifest["validation"], timings=manifest["timings"])
+        result.update(status=manifest["status"], validation=manifest.get("validation"), timings=manifest.get("timings"))
     if result["rc"] != 0:
         tail = log.read_text().strip().splitlines()[-3:]
         print(f"  {name} failed (exit {result['rc']}): {' | '.join(tail)}", flush=True)

@@ -5,7 +5,8 @@ layers, ~2.6 GB of bf16 for 2), exports it with `mexport onnx --dtype bf16 --no-
 quantization in its own wrapper process so ``ru_maxrss`` is that run's peak alone:
 
 - `mexport quantize` with each of ``--recipes`` (default: the weight-only ones; a calibrated recipe such as fp8
-  adds an ONNX Runtime CPU session of the whole graph, which holds the weights in fp32) and ``--check-prompts 0``;
+  adds an ONNX Runtime CPU session of the graph, which keeps this export's weights stored in bf16 and casts them
+  per node) and ``--check-prompts 0``;
 - the baseline, onnxruntime's ``MatMulNBitsQuantizer`` in its QDQ int4 form (the maintained tool for the same
   graph edit), which loads the whole model into memory.
 
@@ -69,7 +70,8 @@ def main() -> None:
     try:
         if not checkpoint.is_dir():
             print(f"building {args.layers}-layer full-width Gemma2 in {checkpoint}", flush=True)
-            bench.build_checkpoint(checkpoint, args.layers)
+            # disk per checkpoint byte: the checkpoint, the export and (at most) one output per run
+            bench.build_checkpoint(checkpoint, args.layers, 2 + len(args.recipes) + (not args.skip_baseline))
         if not export.is_dir():
             print(f"exporting to {export}", flush=True)
             command = [mexport, "-q", "onnx", str(checkpoint), "-o", str(export), "--dtype", "bf16", "--no-validate"]

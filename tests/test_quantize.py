@@ -295,6 +295,55 @@ def test_bf16_exports_quantize_with_bf16_scales(quantized, tiny_export_bf16: Pat
     assert numbers["top1_agreement"] >= MIN_TOP1[recipe]
 
 
+def test_bounded_calibration_session_gives_the_folded_statistics(
+    tiny_export_bf16: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Large bf16 exports calibrate with stored weights cast per node (OrtDecoder's low-memory path) instead of a
+    session holding fp32 copies of them; the statistics must not change. Slices are shrunk so the tiny fixture's
+    MatMuls run sliced, as a 9B's would."""
+    from mexport.optimize.quantize.api import read_export, select_layers, weights_map
+    from mexport.optimize.quantize.calibration import collect_activation_stats, load_calibration, tokenize
+    from mexport.optimize.quantize.graph import ModelGraph
+    from mexport.runtime import ort, upcast
+
+    manifest = read_export(tiny_export_bf16)
+    graph = ModelGraph(tiny_export_bf16, weights_map(manifest), vocab_size=1024)
+    layers, _ = select_layers(graph.linears(), (), include_lm_head=True)
+    inputs = {layer.input: layer.in_features for layer in layers}
+    token_ids = tokenize(tiny_export_bf16, load_calibration(None, 8, 0).texts, 64)
+    bounded_graphs: list[onnx.ModelProto] = []
+    bound = upcast.bound_weight_upcasts
+
+    def recording_bound(model: onnx.ModelProto) -> onnx.ModelProto:
+        bounded_graphs.append(bound(model))
+        return model
+
+    monkeypatch.setattr(upcast, "bound_weight_upcasts", recording_bound)
+    monkeypatch.setattr(upcast, "DEFAULT_SLICE_BYTES", 16 << 10)
+
+    def stats(**options: Any) -> dict[str, Any]:
+        return collect_activation_stats(graph, manifest, inputs, token_ids, keep_rows=True, **options)
+
+    folded = stats()  # the tiny export is below LOW_MEMORY_MIN_BYTES: folded, as before
+    assert not bounded_graphs
+    forced = stats(low_memory=True)
+    monkeypatch.setattr(ort, "LOW_MEMORY_MIN_BYTES", 0)  # the size rule OrtDecoder applies picks the bounded path
+    by_size = stats()
+    assert len(bounded_graphs) == 2
+    # gate/up/down (32 KiB in fp32) of each of the 4 layers run in two slices of 16 KiB
+    nodes = bounded_graphs[0].graph.node
+    weight_slices = [node for node in nodes if node.op_type == "Slice" and upcast.SLICE_SUFFIX in node.output[0]]
+    assert len(weight_slices) == 4 * 3 * 2
+    for bounded in (forced, by_size):
+        assert bounded.keys() == folded.keys()
+        for tensor, expected in folded.items():
+            got = bounded[tensor]
+            assert got.tokens == expected.tokens == sum(ids.shape[1] for ids in token_ids)
+            np.testing.assert_allclose(got.absmax, expected.absmax, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(got.abs_sum, expected.abs_sum, rtol=1e-5, atol=1e-4)
+            np.testing.assert_allclose(got.rows, expected.rows, rtol=1e-5, atol=1e-5)
+
+
 # ---- refusals ------------------------------------------------------------------------------------------------------
 
 

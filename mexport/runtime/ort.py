@@ -83,6 +83,38 @@ def _onnx_element_type(dtype_name: str) -> int:
     return by_name[dtype_name]
 
 
+def prefers_low_memory(model_dir: Path) -> bool:
+    """Whether fp32 compute over ``model_dir``'s weights should keep them stored (bounded upcasts): from
+    LOW_MEMORY_MIN_BYTES of weights on, folded fp32 copies cost more memory than their speed is worth."""
+    data_file = Path(model_dir) / DATA_FILE
+    return data_file.is_file() and data_file.stat().st_size >= LOW_MEMORY_MIN_BYTES
+
+
+def external_data_session(
+    model_source: str | bytes,
+    model_dir: Path,
+    providers: list[str],
+    bounded_upcasts: bool,
+    intra_op_threads: int | None = None,
+) -> Any:
+    """An ONNX Runtime session reading external data from ``model_dir``. ``bounded_upcasts``: the graph went through
+    :func:`~mexport.runtime.upcast.bound_weight_upcasts`, so keep the optimizers that undo it and the memory arena
+    (which would keep the largest transient set allocated) off."""
+    ort = require("onnxruntime", "running ONNX models")
+    options = ort.SessionOptions()
+    if intra_op_threads:
+        options.intra_op_num_threads = intra_op_threads
+    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(model_dir))
+    if bounded_upcasts:
+        options.enable_cpu_mem_arena = False
+    return ort.InferenceSession(
+        model_source,
+        sess_options=options,
+        providers=providers,
+        disabled_optimizers=BOUNDED_UPCAST_DISABLED_OPTIMIZERS if bounded_upcasts else None,
+    )
+
+
 class OrtDecoder(DecoderRuntime):
     """An exported (or quantized) decoder run with ONNX Runtime on CPU, CUDA or TensorRT."""
 
@@ -119,8 +151,7 @@ class OrtDecoder(DecoderRuntime):
         self.emulated = fp32_compute and self.dtype in LOW_PRECISION_NAMES.values()
         self.compute_dtype = "fp32" if self.emulated else self.dtype
         if low_memory is None:
-            data_file = self.model_dir / DATA_FILE
-            low_memory = data_file.is_file() and data_file.stat().st_size >= LOW_MEMORY_MIN_BYTES
+            low_memory = prefers_low_memory(self.model_dir)
         self.low_memory = self.emulated and low_memory
 
         io = self.manifest["io"]
@@ -184,17 +215,9 @@ class OrtDecoder(DecoderRuntime):
     def activate(self) -> None:
         ort = require("onnxruntime", "running ONNX models")
         self._check_providers(ort)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = self.intra_op_threads
-        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(self.model_dir))
-        if self.low_memory:
-            options.enable_cpu_mem_arena = False
         try:
-            session = ort.InferenceSession(
-                self._model_source(),
-                sess_options=options,
-                providers=self.providers,
-                disabled_optimizers=BOUNDED_UPCAST_DISABLED_OPTIMIZERS if self.low_memory else None,
+            session = external_data_session(
+                self._model_source(), self.model_dir, self.providers, self.low_memory, self.intra_op_threads
             )
         except Exception as exc:  # ORT raises bare pybind errors (Fail, InvalidGraph, NoSuchFile, ...)
             missing_low_precision_kernel = "NOT_IMPLEMENTED" in str(exc) and self.compute_dtype != "fp32"

@@ -4,7 +4,9 @@ Default texts are the shipped medical MCQ samples with the correct answer append
 model's intended use), from :func:`mexport.validate.tasks.calibration_texts`. Statistics come from running the
 exported graph itself with ONNX Runtime on the CPU, with per-channel reductions added as extra graph outputs
 (so a 14336-wide activation returns 14336 numbers, not the tensor); bf16 exports run through the runtime's
-fp32-compute rewrite (:mod:`mexport.runtime.upcast`).
+fp32-compute rewrite (:mod:`mexport.runtime.upcast`), with the weights kept stored and cast per node as they run
+when they are large (the rule and session settings of :class:`~mexport.runtime.ort.OrtDecoder`'s low-memory mode):
+a folded session would hold an fp32 copy of every weight, ~37 GB for Meditron3-Gemma2-9B.
 """
 
 from __future__ import annotations
@@ -182,16 +184,20 @@ def _stats_graph(graph: ModelGraph, tensors: dict[str, int], keep_rows: bool) ->
     return model, outputs
 
 
-def _session(graph: ModelGraph, model: Any, dtype: str) -> Any:
-    """A CPU session over the in-memory graph; weights stay in the export's data file."""
-    ort = require("onnxruntime", "running the graph for calibration")
-    if dtype != "fp32":
-        from mexport.runtime.upcast import upcast_to_float32
+def _session(graph: ModelGraph, model: Any, dtype: str, low_memory: bool | None) -> Any:
+    """A CPU session over the in-memory graph; weights stay in the export's data file. A bf16/fp16 graph computes
+    in fp32, with bounded weight upcasts when ``low_memory`` (None: when the weights are large, as OrtDecoder)."""
+    require("onnxruntime", "running the graph for calibration")
+    from mexport.runtime.ort import external_data_session, prefers_low_memory
+    from mexport.runtime.upcast import bound_weight_upcasts, upcast_to_float32
 
+    bounded = False
+    if dtype != "fp32":
+        bounded = prefers_low_memory(graph.model_dir) if low_memory is None else low_memory
         upcast_to_float32(model)
-    options = ort.SessionOptions()
-    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(graph.model_dir))
-    return ort.InferenceSession(model.SerializeToString(), sess_options=options, providers=["CPUExecutionProvider"])
+        if bounded:
+            bound_weight_upcasts(model)
+    return external_data_session(model.SerializeToString(), graph.model_dir, ["CPUExecutionProvider"], bounded)
 
 
 def prefill_feeds(manifest: dict[str, Any], input_ids: np.ndarray) -> dict[str, np.ndarray]:
@@ -221,10 +227,12 @@ def collect_activation_stats(
     token_ids: list[np.ndarray],
     keep_rows: bool = False,
     seed: int = 0,
+    low_memory: bool | None = None,
 ) -> dict[str, ActivationStats]:
-    """Run every calibration sample and reduce the ``tensors`` ({name: channels}) to per-channel statistics."""
+    """Run every calibration sample and reduce the ``tensors`` ({name: channels}) to per-channel statistics.
+    ``low_memory`` forces the bounded fp32 upcast of a bf16/fp16 graph on or off (None: by weight size)."""
     model, outputs = _stats_graph(graph, tensors, keep_rows)
-    session = _session(graph, model, manifest["dtype"])
+    session = _session(graph, model, manifest["dtype"], low_memory)
     stats = {
         tensor: ActivationStats(np.zeros(n, np.float32), np.zeros(n, np.float64), 0) for tensor, n in tensors.items()
     }
