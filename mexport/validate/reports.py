@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mexport.fsutil import write_atomic
 from mexport.validate.stats import CONFIDENCE, MetricComparison, single_flip_half_width, wilson_interval
 from mexport.validate.verdict import FAIL, PASS, SKIPPED, Verdict, points, run_fails
 
@@ -181,14 +181,6 @@ def _result_dict(result: ParityResult) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------------- writers
-
-
-def write_atomic(path: Path, data: bytes) -> Path:
-    """Write via a temp sibling and rename, so a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-    return path
 
 
 def write_reports(report: ValidationReport, out_dir: Path) -> dict[str, Path]:
