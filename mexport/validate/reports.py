@@ -216,11 +216,14 @@ def render_markdown(report: ValidationReport) -> str:
     """A summary for humans and $GITHUB_STEP_SUMMARY: one table per task and metric, then skipped backends."""
     settings = report.settings
     overall = "FAILED" if report.failed else "PASSED"
+    recipe_margins = "".join(
+        f", {recipe} ±{points_:g}" for recipe, points_ in settings.get("recipe_margins", {}).items()
+    )
     lines = [
         "# mexport parity report",
         "",
         (
-            f"**Result: {overall}** (fail-on `{report.fail_on}`; margin ±{settings.get('margin_points', 0):g} pts, "
+            f"**Result: {overall}** (fail-on `{report.fail_on}`; margin ±{settings.get('margin_points', 0):g} pts{recipe_margins}, "
             f"agreement floor {settings.get('agreement_floor', 0):.2f}, {settings.get('shots', 0)}-shot)"
         ),
         "",
