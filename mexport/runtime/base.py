@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 import numpy as np
+
+T = TypeVar("T")
 
 PastKV = Any  # backend-specific KV cache; None means "no past" (prefill)
 
@@ -76,9 +78,14 @@ class DecoderRuntime(abc.ABC):
     def deactivate(self) -> None:
         """Release heavy state; called on ``__exit__``."""
 
-    @property
-    @abc.abstractmethod
-    def spec(self) -> DecoderSpec: ...
+    spec: DecoderSpec  # set by each backend's __init__ from its manifest or config
+
+    def _activated(self, state: T | None) -> T:
+        """``state`` made by :meth:`activate`, or a clear error when the runtime is used outside its ``with``."""
+        if state is None:
+            name = type(self).__name__
+            raise RuntimeError(f"{name} used outside its context: use `with {name}(...) as runtime:`")
+        return state
 
     @abc.abstractmethod
     def forward(

@@ -168,13 +168,9 @@ class OrtDecoder(DecoderRuntime):
             raise MexportError(f"{self.model_dir}: manifest io has mixed KV-cache dtypes {sorted(past_dtypes)}")
         self.past_dtype = "float32" if self.emulated else past_dtypes.pop()
         self.uses_position_ids = "position_ids" in self.input_names
-        self._spec = DecoderSpec.from_model_config(self.manifest["model_config"])
+        self.spec = DecoderSpec.from_model_config(self.manifest["model_config"])
         self._session: Any = None
         self._repeat_session: Any = None
-
-    @property
-    def spec(self) -> DecoderSpec:
-        return self._spec
 
     @property
     def precision(self) -> str:
@@ -243,9 +239,7 @@ class OrtDecoder(DecoderRuntime):
         self._repeat_session = None
 
     def _active_session(self) -> Any:
-        if self._session is None:
-            raise RuntimeError("OrtDecoder used outside its context: use `with OrtDecoder(...) as runtime:`")
-        return self._session
+        return self._activated(self._session)
 
     # -- decoding --------------------------------------------------------------------------------------------
 

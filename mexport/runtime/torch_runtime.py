@@ -100,12 +100,8 @@ class TorchDecoder(DecoderRuntime):
         if device not in DEVICES:
             raise MexportError(f"unknown torch device {device!r}; expected one of {', '.join(DEVICES)}")
         self.device = device
-        self._spec = DecoderSpec.from_model_config(self.config)
+        self.spec = DecoderSpec.from_model_config(self.config)
         self._model: Any = None
-
-    @property
-    def spec(self) -> DecoderSpec:
-        return self._spec
 
     @property
     def precision(self) -> str:
@@ -142,9 +138,7 @@ class TorchDecoder(DecoderRuntime):
         gc.collect()  # the run-time upcast forwards refer to their modules (cycles): free the weights now
 
     def _loaded_model(self) -> Any:
-        if self._model is None:
-            raise RuntimeError("TorchDecoder used outside its context: use `with TorchDecoder(...) as runtime:`")
-        return self._model
+        return self._activated(self._model)
 
     def forward(
         self, input_ids: np.ndarray, attention_mask: np.ndarray, past: PastKV = None

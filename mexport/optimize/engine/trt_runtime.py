@@ -137,12 +137,8 @@ class TrtDecoder(DecoderRuntime):
         self.output_names = [entry["name"] for entry in io["outputs"]]
         self.past_names = [name for name in self.input_shapes if name.startswith(PAST_PREFIX)]
         self.present_names = {name: PRESENT_PREFIX + name[len(PAST_PREFIX) :] for name in self.past_names}
-        self._spec = DecoderSpec.from_model_config(self.manifest["model_config"])
+        self.spec = DecoderSpec.from_model_config(self.manifest["model_config"])
         self._session: _Session | None = None
-
-    @property
-    def spec(self) -> DecoderSpec:
-        return self._spec
 
     @property
     def precision(self) -> str:
@@ -208,9 +204,7 @@ class TrtDecoder(DecoderRuntime):
             del session.context, session.engine, session.runtime
 
     def _active(self) -> _Session:
-        if self._session is None:
-            raise RuntimeError("TrtDecoder used outside its context: use `with TrtDecoder(...) as runtime:`")
-        return self._session
+        return self._activated(self._session)
 
     # -- decoding --------------------------------------------------------------------------------------------
 
