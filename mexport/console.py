@@ -1,4 +1,8 @@
-"""Shared rich console and progress bars, honouring the CLI's --quiet / -v switches."""
+"""Shared rich consoles and progress bars, honouring the CLI's --quiet / -v / --json switches.
+
+Progress, tables and summaries go to :data:`console` (stderr), which ``-q`` silences. Errors go to
+:data:`error_console` (stderr too), which nothing silences: ``-q`` hides progress, never a failure.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +22,8 @@ from rich.progress import (
 )
 
 console = Console(stderr=True)
-_state = {"quiet": False, "verbose": False}
+error_console = Console(stderr=True)
+_state = {"quiet": False, "verbose": False, "json": False}
 
 
 def configure(quiet: bool = False, verbose: bool = False) -> None:
@@ -31,12 +36,22 @@ def is_verbose() -> bool:
     return _state["verbose"]
 
 
+def request_json(enabled: bool = True) -> None:
+    """The command prints machine-readable output: a failure then also prints a JSON error object on stdout."""
+    _state["json"] = enabled
+
+
+def json_requested() -> bool:
+    return _state["json"]
+
+
 def info(message: str) -> None:
     console.print(message)
 
 
 def warn(message: str) -> None:
-    console.print(f"[yellow]warning:[/yellow] {message}")
+    """A warning the user must see even with ``-q`` (an ignored option, a thin margin)."""
+    error_console.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
 
 
 @contextlib.contextmanager

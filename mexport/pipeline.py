@@ -19,7 +19,7 @@ from typing import Any
 from xml.etree import ElementTree
 
 from mexport import console
-from mexport.errors import MexportError
+from mexport.errors import EXIT_CHECK_FAILED, EXIT_OK, MexportError
 from mexport.fixtures import FIXTURE_NAMES
 from mexport.fsutil import write_atomic
 from mexport.manifest import MANIFEST_NAME, settings_hash, utc_now
@@ -61,7 +61,7 @@ class PipelineConfig:
 
     def check(self) -> None:
         """Refuse bad names before any step runs, so a typo never costs a finished export."""
-        from mexport.export.graph import EXPORT_DTYPES
+        from mexport.formats import EXPORT_DTYPES
         from mexport.optimize.quantize.recipes import get_recipe
         from mexport.validate.tasks import get_task
 
@@ -164,6 +164,11 @@ class PipelineResult:
     steps: list[StepRecord]
     validation: dict[str, Any] | None
     failed: bool
+
+    @property
+    def exit_code(self) -> int:
+        """The CLI's exit code for this run (see :mod:`mexport.errors`)."""
+        return EXIT_CHECK_FAILED if self.failed else EXIT_OK
 
     def to_dict(self) -> dict[str, Any]:
         return {

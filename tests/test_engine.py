@@ -26,6 +26,7 @@ from mexport.optimize.engine.gpus import GPU_TARGETS, parse_nvidia_smi, require_
 from mexport.optimize.engine.precision import select_build_mode
 from mexport.optimize.engine.profiles import EngineLimits, derive_profiles
 from mexport.optimize.engine.trt_runtime import TrtDecoder, check_engine_compatibility
+from mexport.runtime.base import RuntimeLimits
 
 runner = CliRunner()
 
@@ -458,7 +459,8 @@ def test_trt_decoder_errors_before_touching_the_gpu(tmp_path: Path, no_tensorrt:
     with pytest.raises(MexportError, match="CUDA devices only, not 'cpu'"):
         TrtDecoder(directory, device="cpu")
     decoder = TrtDecoder(directory)
-    assert decoder.spec.num_layers == 4 and decoder.limits == EngineLimits(2, 64, 128, 1)
+    assert decoder.spec.num_layers == 4 and decoder.engine_limits == EngineLimits(2, 64, 128, 1)
+    assert decoder.limits == RuntimeLimits(max_batch=2, max_context=128)
     assert decoder.precision == "bf16 (TensorRT 10.13.0.35, weakly typed)"
     with pytest.raises(MissingDependencyError, match="TensorRT is missing"):
         decoder.activate()
@@ -512,7 +514,7 @@ def test_cli_build_without_tensorrt_says_how_to_get_it(tmp_path: Path, no_tensor
     (source / "model.onnx").write_bytes(b"graph placeholder: never parsed, the build stops before")
     result = runner.invoke(app, ["engine", str(source), "-o", str(tmp_path / "e"), "--max-context", "256",
                                  "--max-input-len", "128"])
-    assert result.exit_code == 2
+    assert result.exit_code == 3  # environment: a missing dependency
     assert "error: TensorRT is missing" in result.output
     assert "hint: pip install 'mexport" in result.output and "--plan` works without TensorRT" in result.output
 

@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mexport.checkpoint import read_safetensors_header, resolve_checkpoint
 from mexport.errors import MexportError
-from mexport.export.checkpoint import read_safetensors_header, resolve_checkpoint
-from mexport.export.graph import LARGE_ALIGNMENT, SMALL_ALIGNMENT, StoredTensor, assign_offsets
+from mexport.export.graph import StoredTensor, assign_offsets
+from mexport.formats import LARGE_ALIGNMENT, SMALL_ALIGNMENT
 
 
 def _write_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:

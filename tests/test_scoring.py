@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mexport.runtime.base import DecoderRuntime, DecoderSpec
+from mexport.runtime.base import DecoderRuntime, DecoderSpec, RuntimeLimits
 from mexport.validate.scoring import (
     QuestionScore,
     encode_pair,
@@ -58,10 +58,15 @@ class HistoryRuntime(DecoderRuntime):
         self.current = rng.normal(size=(VOCAB, VOCAB))
         self.context = rng.normal(size=(VOCAB, VOCAB))
         self.calls: list[tuple[int, ...]] = []
+        self.max_batch: int | None = None
 
     @property
     def spec(self) -> DecoderSpec:
         return DecoderSpec(num_layers=1, num_kv_heads=1, head_dim=1, vocab_size=VOCAB)
+
+    @property
+    def limits(self) -> RuntimeLimits:
+        return RuntimeLimits(max_batch=self.max_batch)
 
     def forward(self, input_ids, attention_mask, past=None):
         batch, new = input_ids.shape

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from mexport.cli import app, emit_json
+from mexport.cli import app, emit_json, json_option
 from mexport.console import console
 
 STYLE = {"ok": "green", "missing": "red", "warn": "yellow", "info": "cyan"}
@@ -16,7 +16,7 @@ STYLE = {"ok": "green", "missing": "red", "warn": "yellow", "info": "cyan"}
 @app.command("doctor")
 def doctor(
     path: Path = typer.Option(Path("."), "--path", help="Where exports would be written (checks free disk there)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the checks as JSON on stdout."),
+    as_json: bool = json_option(),
 ) -> None:
     """Check Python, packages, ONNX Runtime providers, GPUs, TensorRT, disk and RAM for each stage."""
     from mexport.doctor import as_dicts, diagnose

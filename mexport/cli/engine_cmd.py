@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import typer
 
 from mexport import console
-from mexport.cli import app, emit_json, run
+from mexport.cli import app, emit_json, json_option
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -92,7 +92,7 @@ def engine(
     gpu_memory: float = typer.Option(None, help="Check memory against a GPU of this many GB."),
     target: str = typer.Option(None, help=TARGET_HELP),
     verbose: bool = typer.Option(False, "-v", "--verbose", help="TensorRT's verbose log and tracebacks."),
-    as_json: bool = typer.Option(False, "--json", help="Print the plan / result as JSON on stdout."),
+    as_json: bool = json_option(),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT (or its plan.json)."),
 ) -> None:
     """Build a TensorRT engine (prefill + decode profiles) from an exported or quantized model directory.
@@ -117,7 +117,7 @@ def engine(
         target=target,
     )
     if plan_only:
-        plan = run(lambda: plan_engine(model_dir, settings))
+        plan = plan_engine(model_dir, settings)
         for warning in plan.warnings:
             console.warn(warning)
         if as_json:
@@ -125,10 +125,10 @@ def engine(
             return
         for table in _plan_tables(plan):
             console.console.print(table)
-        path = run(lambda: write_plan(plan, out, overwrite=overwrite))
+        path = write_plan(plan, out, overwrite=overwrite)
         typer.echo(f"wrote {path}")
         return
-    result = run(lambda: build_engine(model_dir, out, settings, overwrite=overwrite))
+    result = build_engine(model_dir, out, settings, overwrite=overwrite)
     if as_json:
         emit_json(result.to_dict())
         return

@@ -7,7 +7,7 @@ from typing import Any
 
 import typer
 
-from mexport.cli import app, emit_json, run
+from mexport.cli import app, emit_json, json_option
 
 
 def _validation_table(result: Any) -> Any:
@@ -46,7 +46,7 @@ def onnx_export(
     untie_embeddings: bool = typer.Option(
         False, "--untie-embeddings", help="Store the LM head as its own transposed matrix (tied models store it once)."
     ),
-    as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON on stdout."),
+    as_json: bool = json_option(),
 ) -> None:
     """Export a Gemma2 checkpoint to ONNX (text generation with KV cache) and check its logits against PyTorch.
 
@@ -56,11 +56,9 @@ def onnx_export(
     from mexport.export import export_onnx
     from mexport.fsutil import format_bytes
 
-    result = run(
-        lambda: export_onnx(
-            model, output, dtype=dtype, opset=opset, revision=revision, device=device, validate=not no_validate,
-            overwrite=overwrite, untie_embeddings=untie_embeddings,
-        )
+    result = export_onnx(
+        model, output, dtype=dtype, opset=opset, revision=revision, device=device, validate=not no_validate,
+        overwrite=overwrite, untie_embeddings=untie_embeddings,
     )
     if as_json:
         emit_json(result.manifest)
@@ -80,13 +78,13 @@ def generate(
     prompt: str = typer.Option(..., "--prompt", "-p", help="Text to continue."),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="Most tokens to generate (stops at EOS)."),
     device: str = typer.Option("cpu", help="ONNX Runtime device: cpu or cuda."),
-    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+    as_json: bool = json_option(),
 ) -> None:
     """Greedy continuation of a prompt with ONNX Runtime and the KV cache, with tokens per second."""
     from mexport import console
     from mexport.export import generate_text
 
-    result = run(lambda: generate_text(model_dir, prompt, max_new_tokens, device=device))
+    result = generate_text(model_dir, prompt, max_new_tokens, device=device)
     if as_json:
         emit_json({**result.__dict__, "tokens_per_s": result.tokens_per_s})
         return

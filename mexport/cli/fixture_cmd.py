@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from mexport.cli import app, emit_json, run
+from mexport.cli import app, emit_json, json_option
 
 
 @app.command("fixture")
@@ -15,12 +15,12 @@ def fixture(
     out_dir: Path = typer.Argument(..., help="Directory to write the checkpoint and tokenizer to."),
     seed: int = typer.Option(0, help="Weight seed (same seed, same bytes)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUT_DIR."),
-    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+    as_json: bool = json_option(),
 ) -> None:
     """Write a built-in Gemma2-architecture test checkpoint (GQA, sliding window, softcaps, tied embeddings)."""
     from mexport.fixtures import write_fixture
 
-    path = run(lambda: write_fixture(name, out_dir, seed=seed, overwrite=overwrite))
+    path = write_fixture(name, out_dir, seed=seed, overwrite=overwrite)
     if as_json:
         emit_json({"fixture": name, "path": str(path)})
     else:

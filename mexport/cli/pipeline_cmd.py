@@ -7,9 +7,8 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from mexport.cli import app, emit_json, parse_assignments, parse_margins, run
+from mexport.cli import app, emit_json, exit_with, json_option, parse_assignments, parse_margins
 from mexport.console import console
-from mexport.errors import EXIT_PARITY_FAILED
 
 
 @app.command("pipeline")
@@ -47,26 +46,24 @@ def pipeline(
     agreement_floor: float | None = typer.Option(None, "--agreement-floor", help="Least answer agreement."),
     fail_on: str | None = typer.Option(None, "--fail-on", help="parity, any or never."),
     force: bool = typer.Option(False, "--force", help="Redo every step even when its output is up to date."),
-    as_json: bool = typer.Option(False, "--json", help="Print the pipeline result as JSON on stdout."),
+    as_json: bool = json_option(),
 ) -> None:
     """Run export → quantize → engine → validate, skipping steps whose outputs are up to date."""
     from mexport.pipeline import config_from, load_config, run_pipeline
 
-    def _run():
-        overrides = {
-            "model": model, "output": output, "revision": revision, "dtype": dtype, "opset": opset,
-            "export_device": export_device, "recipes": recipe or None, "calib": calib, "calib_size": calib_size,
-            "engine": engine, "engine_precision": precision, "max_batch": max_batch, "max_input_len": max_input_len,
-            "max_context": max_context, "target": target, "gpu_memory_gb": gpu_memory,
-            "tasks": tasks.split(",") if tasks else None,
-            "data": parse_assignments(data, "--data", "FILE") if data else None, "limit": limit, "seed": seed,
-            "device": device, "margin": margin, "recipe_margins": parse_margins(margin_for) if margin_for else None,
-            "agreement_floor": agreement_floor, "fail_on": fail_on,
-        }
-        settings = load_config(config, overrides) if config else config_from({}, overrides)
-        return run_pipeline(settings, force=force)
+    overrides = {
+        "model": model, "output": output, "revision": revision, "dtype": dtype, "opset": opset,
+        "export_device": export_device, "recipes": recipe or None, "calib": calib, "calib_size": calib_size,
+        "engine": engine, "engine_precision": precision, "max_batch": max_batch, "max_input_len": max_input_len,
+        "max_context": max_context, "target": target, "gpu_memory_gb": gpu_memory,
+        "tasks": tasks.split(",") if tasks else None,
+        "data": parse_assignments(data, "--data", "FILE") if data else None, "limit": limit, "seed": seed,
+        "device": device, "margin": margin, "recipe_margins": parse_margins(margin_for) if margin_for else None,
+        "agreement_floor": agreement_floor, "fail_on": fail_on,
+    }
+    settings = load_config(config, overrides) if config else config_from({}, overrides)
+    result = run_pipeline(settings, force=force)
 
-    result = run(_run)
     if as_json:
         emit_json(result.to_dict())
     else:
@@ -77,5 +74,4 @@ def pipeline(
             table.add_row(step.name, step.status, f"{step.seconds:.1f}", step.detail)
         console.print(table)
         console.print(f"reports: {result.output / 'pipeline.md'}, {result.output / 'report'}")
-    if result.failed:
-        raise typer.Exit(EXIT_PARITY_FAILED)
+    exit_with(result.exit_code)

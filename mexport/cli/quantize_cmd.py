@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from mexport.cli import app, emit_json, run
+from mexport.cli import app, emit_json, json_option
 from mexport.optimize.quantize.recipes import DEFAULT_BLOCK_SIZE, RECIPES
 
 
@@ -36,7 +36,7 @@ def quantize_command(
         4, "--check-prompts", help="Prompts for the numeric check vs the export (0: skip)."
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUTPUT directory."),
-    as_json: bool = typer.Option(False, "--json", help="Print the result and report as JSON on stdout."),
+    as_json: bool = json_option(),
 ) -> None:
     """Quantize an exported model's linear layers into Q/DQ ONNX that TensorRT builds low-precision engines from.
 
@@ -47,21 +47,19 @@ def quantize_command(
     from mexport.optimize import quantize
     from mexport.optimize.quantize.report import report_tables
 
-    result = run(
-        lambda: quantize(
-            export_dir,
-            output,
-            recipe,
-            calib=calib,
-            calib_size=calib_size,
-            seed=seed,
-            exclude=tuple(exclude),
-            block_size=block_size,
-            awq=awq,
-            include_lm_head=include_lm_head,
-            overwrite=overwrite,
-            check_prompts=check_prompts,
-        )
+    result = quantize(
+        export_dir,
+        output,
+        recipe,
+        calib=calib,
+        calib_size=calib_size,
+        seed=seed,
+        exclude=tuple(exclude),
+        block_size=block_size,
+        awq=awq,
+        include_lm_head=include_lm_head,
+        overwrite=overwrite,
+        check_prompts=check_prompts,
     )
     if as_json:
         emit_json(result.summary())

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import typer
 
-from mexport.cli import app, emit_json, parse_assignments, parse_margins, run
-from mexport.errors import EXIT_PARITY_FAILED
+from mexport.cli import app, emit_json, exit_with, json_option, parse_assignments, parse_margins
 
 
 @app.command("validate")
@@ -34,31 +32,28 @@ def validate_command(
     ),
     batch_size: int = typer.Option(8, "--batch-size", help="Questions per batched forward."),
     no_resume: bool = typer.Option(False, "--no-resume", help="Ignore scores cached in REPORT_DIR/.cache."),
-    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
+    as_json: bool = json_option(),
 ) -> None:
     """Prove MCQ accuracy parity: paired CIs, McNemar, agreement and KL per task; exit 1 when parity fails."""
     from mexport.validate import validate
 
-    def call() -> Any:
-        return validate(
-            reference,
-            candidates,
-            tasks.split(","),
-            output=output,
-            data=parse_assignments(data, "--data", "FILE"),
-            limit=limit,
-            seed=seed,
-            shots=shots,
-            device=device,
-            margin=margin,
-            recipe_margins=parse_margins(margin_for),
-            agreement_floor=agreement_floor,
-            fail_on=fail_on,
-            batch_size=batch_size,
-            resume=not no_resume,
-        )
-
-    report = run(call)
+    report = validate(
+        reference,
+        candidates,
+        tasks.split(","),
+        output=output,
+        data=parse_assignments(data, "--data", "FILE"),
+        limit=limit,
+        seed=seed,
+        shots=shots,
+        device=device,
+        margin=margin,
+        recipe_margins=parse_margins(margin_for),
+        agreement_floor=agreement_floor,
+        fail_on=fail_on,
+        batch_size=batch_size,
+        resume=not no_resume,
+    )
     if as_json:
         emit_json({**report.summary(), "report_dir": str(Path(output).resolve())})
     else:
@@ -71,5 +66,4 @@ def validate_command(
             terminal.width = max(terminal.width, 160)
         terminal.print(summary_table(report))
         typer.echo(f"reports in {Path(output).resolve()}")
-    if report.failed:
-        raise typer.Exit(EXIT_PARITY_FAILED)
+    exit_with(report.exit_code)

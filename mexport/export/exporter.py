@@ -14,15 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from mexport import console
+from mexport.checkpoint import Checkpoint, TensorLocation, copy_side_files, resolve_checkpoint, side_files_bytes
 from mexport.errors import MexportError, ValidationFailedError
-from mexport.export.checkpoint import Checkpoint, TensorLocation, copy_side_files, resolve_checkpoint, side_files_bytes
 from mexport.export.graph import (
-    DATA_FILE,
-    EXPORT_DTYPES,
-    GRAPH_FILE,
-    LARGE_ALIGNMENT,
-    SMALL_ALIGNMENT,
-    TASK,
     StoredTensor,
     TracedGraph,
     assign_offsets,
@@ -33,6 +27,7 @@ from mexport.export.graph import (
 )
 from mexport.export.verify import check_validation_memory, fp16_overflow_probe, validate_export
 from mexport.export.weights import write_weights
+from mexport.formats import DATA_FILE, EXPORT_DTYPES, GRAPH_FILE, LARGE_ALIGNMENT, SMALL_ALIGNMENT, TASK
 from mexport.fsutil import check_free_space, check_output_dir, staged_output_dir
 from mexport.lazy import require
 from mexport.manifest import new_manifest, sha256_file, write_manifest

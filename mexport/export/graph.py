@@ -27,19 +27,18 @@ from typing import Any
 
 import numpy as np
 
+from mexport.formats import (
+    DATA_FILE,
+    ELEMENT_BYTES,
+    EXPORT_DTYPES,
+    LARGE_ALIGNMENT,
+    LARGE_TENSOR_BYTES,
+    ONNX_ELEMENT_TYPES,
+    SMALL_ALIGNMENT,
+    TRANSPOSED_SUFFIX,
+    is_plain_transpose,
+)
 from mexport.lazy import require
-
-EXPORT_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # mexport name -> torch / numpy name
-ONNX_ELEMENT_TYPES = {"fp32": "FLOAT", "bf16": "BFLOAT16", "fp16": "FLOAT16"}
-ELEMENT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-TASK = "text-generation-with-past"
-DATA_FILE = "model.onnx.data"
-GRAPH_FILE = "model.onnx"
-# tensors of at least LARGE_TENSOR_BYTES start on a 64 KiB boundary so ONNX Runtime can memory-map them in place
-LARGE_TENSOR_BYTES = 1 << 20
-LARGE_ALIGNMENT = 1 << 16
-SMALL_ALIGNMENT = 64
-TRANSPOSED_SUFFIX = "_transposed"
 
 
 @dataclass
@@ -199,14 +198,6 @@ def trace_graph(checkpoint_dir: Path, dtype: str, opset: int) -> TracedGraph:
     traced = TracedGraph(onnx.load_from_string(buffer.getvalue()), parameters, _model_config(model))
     del model
     return traced
-
-
-def is_plain_transpose(node: Any) -> bool:
-    """A 2-D ``Transpose`` (no perm, or perm [1, 0])."""
-    if node.op_type != "Transpose":
-        return False
-    perm = [list(a.ints) for a in node.attribute if a.name == "perm"]
-    return not perm or perm[0] == [1, 0]
 
 
 def externalize_parameters(traced: TracedGraph, dtype: str, untie_embeddings: bool = False) -> list[StoredTensor]:

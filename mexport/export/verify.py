@@ -31,9 +31,9 @@ from typing import Any
 import numpy as np
 
 from mexport import console
+from mexport.checkpoint import Checkpoint
 from mexport.errors import MexportError
-from mexport.export.checkpoint import Checkpoint
-from mexport.export.graph import ELEMENT_BYTES, EXPORT_DTYPES
+from mexport.formats import ELEMENT_BYTES, EXPORT_DTYPES
 from mexport.fsutil import format_bytes
 from mexport.lazy import require
 

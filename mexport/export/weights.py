@@ -18,9 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from mexport.checkpoint import TensorLocation
 from mexport.errors import MexportError
-from mexport.export.checkpoint import TensorLocation
-from mexport.export.graph import EXPORT_DTYPES, StoredTensor
+from mexport.export.graph import StoredTensor
+from mexport.formats import EXPORT_DTYPES
 from mexport.lazy import require
 
 CHUNK_BYTES = 64 << 20

@@ -4,6 +4,11 @@ A runtime is a context manager: heavy setup (loading weights, creating sessions,
 in :meth:`DecoderRuntime.activate`, release in :meth:`DecoderRuntime.deactivate`. Arrays crossing the interface are
 NumPy (int64 ids/masks, float32 logits); the KV cache is opaque to callers (each backend keeps it in its own form,
 e.g. device buffers) and only passed back to the same runtime, expanded with :meth:`repeat_past`.
+
+``forward(..., logits_to_keep=K)`` returns logits for the last K new positions only (0: all), as Hugging Face's
+``logits_to_keep`` does: a prefill whose caller needs the next-token distribution asks for 1 and never pays for
+``S x vocab`` logits. :attr:`DecoderRuntime.limits` says what one call may hold (a TensorRT engine's profiles, the
+model's context); callers split batches and skip prompts to fit, and the runtime splits long inputs itself.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ class DecoderSpec:
     head_dim: int
     vocab_size: int
     sliding_window: int | None = None
+    max_context: int | None = None  # max_position_embeddings: the longest past + new tokens the model was made for
 
     @classmethod
     def from_model_config(cls, config: dict[str, Any]) -> DecoderSpec:
@@ -38,7 +44,26 @@ class DecoderSpec:
             head_dim=int(config["head_dim"]),
             vocab_size=int(config["vocab_size"]),
             sliding_window=config.get("sliding_window"),
+            max_context=int(config["max_position_embeddings"]) if config.get("max_position_embeddings") else None,
         )
+
+
+@dataclass(frozen=True)
+class RuntimeLimits:
+    """The most one :meth:`DecoderRuntime.forward` call may hold; None means no limit beyond memory."""
+
+    max_batch: int | None = None  # rows per call (a TensorRT profile's largest batch)
+    max_context: int | None = None  # cached + new tokens per row (the model's or the engine's context)
+
+    def to_dict(self) -> dict[str, int | None]:
+        return {"max_batch": self.max_batch, "max_context": self.max_context}
+
+
+def kept_logits(new_tokens: int, logits_to_keep: int) -> int:
+    """How many trailing positions a forward returns logits for (``logits_to_keep`` 0 means all of them)."""
+    if not 0 <= logits_to_keep <= new_tokens:
+        raise ValueError(f"logits_to_keep {logits_to_keep} outside 0..{new_tokens} (the new tokens of this call)")
+    return logits_to_keep or new_tokens
 
 
 def position_ids_from_mask(attention_mask: np.ndarray, new_tokens: int) -> np.ndarray:
@@ -80,6 +105,11 @@ class DecoderRuntime(abc.ABC):
 
     spec: DecoderSpec  # set by each backend's __init__ from its manifest or config
 
+    @property
+    def limits(self) -> RuntimeLimits:
+        """What one forward call may hold: by default the model's context and any batch."""
+        return RuntimeLimits(max_batch=None, max_context=self.spec.max_context)
+
     def _activated(self, state: T | None) -> T:
         """``state`` made by :meth:`activate`, or a clear error when the runtime is used outside its ``with``."""
         if state is None:
@@ -89,12 +119,13 @@ class DecoderRuntime(abc.ABC):
 
     @abc.abstractmethod
     def forward(
-        self, input_ids: np.ndarray, attention_mask: np.ndarray, past: PastKV = None
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, past: PastKV = None, logits_to_keep: int = 0
     ) -> tuple[np.ndarray, PastKV]:
         """Run ``input_ids`` (B, S) with ``attention_mask`` (B, P+S) after ``past`` (P cached positions).
 
-        Returns float32 logits (B, S, V) and the cache extended to P+S positions. Position ids are derived from
-        the mask with :func:`position_ids_from_mask`.
+        Returns float32 logits (B, K, V) of the last K = ``logits_to_keep`` new positions (all S when 0, see
+        :func:`kept_logits`) and the cache extended to P+S positions. Position ids are derived from the mask with
+        :func:`position_ids_from_mask`.
         """
 
     @abc.abstractmethod
@@ -104,7 +135,7 @@ class DecoderRuntime(abc.ABC):
     def generate(self, input_ids: np.ndarray, max_new_tokens: int, eos_token_id: int | None = None) -> np.ndarray:
         """Greedy decoding of a single unpadded prompt (1, S) with the KV cache; returns the new token ids."""
         mask = np.ones_like(input_ids, dtype=np.int64)
-        logits, past = self.forward(input_ids.astype(np.int64), mask, None)
+        logits, past = self.forward(input_ids.astype(np.int64), mask, None, logits_to_keep=1)
         new_tokens: list[int] = []
         for _ in range(max_new_tokens):
             token = int(np.argmax(logits[0, -1]))
@@ -112,5 +143,5 @@ class DecoderRuntime(abc.ABC):
             if eos_token_id is not None and token == eos_token_id:
                 break
             mask = np.concatenate([mask, np.ones((1, 1), dtype=np.int64)], axis=1)
-            logits, past = self.forward(np.array([[token]], dtype=np.int64), mask, past)
+            logits, past = self.forward(np.array([[token]], dtype=np.int64), mask, past, logits_to_keep=1)
         return np.array(new_tokens, dtype=np.int64)

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from mexport.errors import MexportError, MissingDependencyError
-from mexport.export.graph import DATA_FILE
+from mexport.formats import DATA_FILE, GRAPH_FILE, PAST_PREFIX, PRESENT_PREFIX
 from mexport.lazy import require
 from mexport.manifest import read_manifest
 from mexport.runtime.base import (
@@ -37,6 +37,7 @@ from mexport.runtime.base import (
     DecoderSpec,
     PastKV,
     check_forward_shapes,
+    kept_logits,
     position_ids_from_mask,
 )
 from mexport.runtime.upcast import (
@@ -47,10 +48,7 @@ from mexport.runtime.upcast import (
     upcast_to_float32,
 )
 
-MODEL_FILE = "model.onnx"
 LOW_MEMORY_MIN_BYTES = 1 << 30
-PAST_PREFIX = "past_key_values."
-PRESENT_PREFIX = "present."
 # device -> (ORT providers in priority order, where OrtValues live)
 DEVICE_PROVIDERS: dict[str, tuple[list[str], str]] = {
     "cpu": (["CPUExecutionProvider"], "cpu"),
@@ -133,9 +131,9 @@ class OrtDecoder(DecoderRuntime):
         ``low_memory`` (fp32 compute only) None: from LOW_MEMORY_MIN_BYTES of weights on; True / False force it."""
         self.model_dir = Path(model_dir)
         self.manifest = read_manifest(self.model_dir, expected_kind=("export", "quantize"))
-        self.model_path = self.model_dir / MODEL_FILE
+        self.model_path = self.model_dir / GRAPH_FILE
         if not self.model_path.is_file():
-            raise MexportError(f"{self.model_dir}: no {MODEL_FILE}", hint="re-run the export into a fresh directory")
+            raise MexportError(f"{self.model_dir}: no {GRAPH_FILE}", hint="re-run the export into a fresh directory")
         if device not in DEVICE_PROVIDERS:
             raise MexportError(f"unknown ONNX Runtime device {device!r}; expected one of {', '.join(DEVICE_PROVIDERS)}")
         for key in ("io", "model_config", "dtype"):
@@ -253,9 +251,10 @@ class OrtDecoder(DecoderRuntime):
         )
 
     def forward(
-        self, input_ids: np.ndarray, attention_mask: np.ndarray, past: PastKV = None
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, past: PastKV = None, logits_to_keep: int = 0
     ) -> tuple[np.ndarray, PastKV]:
         session = self._active_session()
+        kept = kept_logits(input_ids.shape[1], logits_to_keep)
         input_ids = np.ascontiguousarray(input_ids, dtype=np.int64)
         attention_mask = np.ascontiguousarray(attention_mask, dtype=np.int64)
         if past is None:
@@ -273,7 +272,8 @@ class OrtDecoder(DecoderRuntime):
             binding.bind_output(name, self._value_device)
         session.run_with_iobinding(binding)
         logits, *present = binding.get_outputs()  # in binding order
-        return logits.numpy(), tuple(present)
+        # TODO(issue 12): graphs with a logits-positions input compute only the kept positions
+        return logits.numpy()[:, -kept:], tuple(present)
 
     def repeat_past(self, past: PastKV, repeats: int) -> PastKV:
         if past[0].shape()[0] != 1:

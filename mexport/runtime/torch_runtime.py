@@ -24,15 +24,16 @@ from typing import Any
 import numpy as np
 
 from mexport import console
+from mexport.checkpoint import read_config, weight_files
 from mexport.errors import MexportError
-from mexport.export.checkpoint import read_config, weight_files
-from mexport.export.graph import EXPORT_DTYPES as TORCH_DTYPES  # mexport name -> torch / HF config name
+from mexport.formats import EXPORT_DTYPES as TORCH_DTYPES  # mexport name -> torch / HF config name
 from mexport.lazy import require
 from mexport.runtime.base import (
     DecoderRuntime,
     DecoderSpec,
     PastKV,
     check_forward_shapes,
+    kept_logits,
     position_ids_from_mask,
 )
 
@@ -141,12 +142,13 @@ class TorchDecoder(DecoderRuntime):
         return self._activated(self._model)
 
     def forward(
-        self, input_ids: np.ndarray, attention_mask: np.ndarray, past: PastKV = None
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, past: PastKV = None, logits_to_keep: int = 0
     ) -> tuple[np.ndarray, PastKV]:
         model = self._loaded_model()
         torch = require("torch")
         transformers = require("transformers")
         new_tokens = input_ids.shape[1]
+        kept_logits(new_tokens, logits_to_keep)
         check_forward_shapes(input_ids, attention_mask, past_length=past.get_seq_length() if past is not None else 0)
 
         def to_device(array: np.ndarray) -> Any:
@@ -161,6 +163,7 @@ class TorchDecoder(DecoderRuntime):
                 position_ids=to_device(position_ids_from_mask(attention_mask, new_tokens)),
                 past_key_values=cache,
                 use_cache=True,
+                logits_to_keep=logits_to_keep,
             )
             logits = output.logits.float().cpu().numpy()
         return logits, output.past_key_values

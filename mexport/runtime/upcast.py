@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from mexport.export.graph import is_plain_transpose
+from mexport.formats import is_plain_transpose
 from mexport.lazy import require
 
 LOW_PRECISION_NAMES = {"bfloat16": "bf16", "float16": "fp16"}

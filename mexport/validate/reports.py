@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mexport.errors import EXIT_CHECK_FAILED, EXIT_OK
 from mexport.fsutil import write_atomic
 from mexport.validate.stats import CONFIDENCE, MetricComparison, single_flip_half_width, wilson_interval
 from mexport.validate.verdict import FAIL, PASS, SKIPPED, Verdict, points, run_fails
@@ -91,6 +92,11 @@ class ValidationReport:
     def failed(self) -> bool:
         """Whether this run should fail CI under its ``fail_on`` policy."""
         return run_fails((r.verdict.status for r in self.results), self.fail_on)
+
+    @property
+    def exit_code(self) -> int:
+        """The CLI's exit code for this run (see :mod:`mexport.errors`)."""
+        return EXIT_CHECK_FAILED if self.failed else EXIT_OK
 
     def backend(self, label: str) -> BackendInfo:
         return next(b for b in self.backends if b.label == label)

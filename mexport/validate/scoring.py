@@ -15,7 +15,7 @@ Speed: all choices of a question share the context, so it runs once. When every 
 and several questions are prefilled together (left-padded, longest first, as many as ``batch_size`` and a bound
 on the logits bytes allow). Otherwise the context is prefilled alone, its KV cache repeated once per multi-token
 choice (:meth:`DecoderRuntime.repeat_past`), and the remaining continuation tokens run as one right-padded batch.
-Batches never exceed ``batch_size`` nor a runtime's optional ``max_batch`` attribute (a TensorRT profile's limit).
+Batches never exceed ``batch_size`` nor the runtime's ``limits.max_batch`` (a TensorRT profile's limit).
 :func:`loglikelihood_naive` (one full forward per choice, no cache) is the reference the fast path is tested and
 benchmarked against.
 """
@@ -211,8 +211,8 @@ def _score_groups(
     """Log-likelihoods of every continuation of every group, in input order."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    # a runtime may cap its batch (``max_batch``: a TensorRT engine's optimisation profile); None means no cap
-    batch_size = min(batch_size, getattr(runtime, "max_batch", None) or batch_size)
+    # a runtime may cap its batch (a TensorRT engine's optimisation profile); None means no cap
+    batch_size = min(batch_size, runtime.limits.max_batch or batch_size)
     results: list[list[float]] = [[] for _ in groups]
     single = sorted(
         ((index, group) for index, group in enumerate(groups) if group.single_token),

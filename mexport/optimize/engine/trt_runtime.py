@@ -25,7 +25,14 @@ from mexport.manifest import read_manifest
 from mexport.optimize.engine.builder import ENGINE_FILE, require_tensorrt
 from mexport.optimize.engine.precision import version_tuple
 from mexport.optimize.engine.profiles import BATCH, DECODE, PAST, PREFILL, SEQUENCE, EngineLimits, resolve_shape
-from mexport.runtime.base import DecoderRuntime, DecoderSpec, PastKV, position_ids_from_mask
+from mexport.runtime.base import (
+    DecoderRuntime,
+    DecoderSpec,
+    PastKV,
+    RuntimeLimits,
+    kept_logits,
+    position_ids_from_mask,
+)
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -131,7 +138,7 @@ class TrtDecoder(DecoderRuntime):
             raise MexportError(f"{self.engine_dir}: no {ENGINE_FILE}", hint="rebuild with `mexport engine`")
         self.device = device
         self.engine_info: dict[str, Any] = self.manifest["engine"]
-        self.limits = EngineLimits(**self.engine_info["limits"])
+        self.engine_limits = EngineLimits(**self.engine_info["limits"])
         io = self.manifest["io"]
         self.input_shapes = {entry["name"]: entry["shape"] for entry in io["inputs"]}
         self.output_names = [entry["name"] for entry in io["outputs"]]
@@ -209,7 +216,13 @@ class TrtDecoder(DecoderRuntime):
     # -- decoding --------------------------------------------------------------------------------------------
 
     def forward(
-        self, input_ids: np.ndarray, attention_mask: np.ndarray, past: PastKV = None
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, past: PastKV = None, logits_to_keep: int = 0
+    ) -> tuple[np.ndarray, PastKV]:
+        logits, present = self._forward_all(input_ids, attention_mask, past)
+        return logits[:, -kept_logits(input_ids.shape[1], logits_to_keep) :], present
+
+    def _forward_all(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, past: PastKV
     ) -> tuple[np.ndarray, PastKV]:
         input_ids = np.ascontiguousarray(input_ids, dtype=np.int64)
         attention_mask = np.ascontiguousarray(attention_mask, dtype=np.int64)
@@ -230,8 +243,12 @@ class TrtDecoder(DecoderRuntime):
             chunks.append(logits)
         return np.concatenate(chunks, axis=1), past
 
+    @property
+    def limits(self) -> RuntimeLimits:
+        return RuntimeLimits(max_batch=self.engine_limits.max_batch, max_context=self.engine_limits.max_context)
+
     def _check_limits(self, batch: int, new_tokens: int, total: int, prefill: bool) -> None:
-        limits = self.limits
+        limits = self.engine_limits
         problems = []
         if batch > limits.max_batch:
             problems.append(f"batch {batch} > --max-batch {limits.max_batch}")

@@ -12,7 +12,8 @@ import numpy as np
 
 from mexport.console import phase, warn
 from mexport.errors import MexportError, ValidationFailedError
-from mexport.export.graph import DATA_FILE, GRAPH_FILE, io_signature
+from mexport.export.graph import io_signature
+from mexport.formats import DATA_FILE, GRAPH_FILE
 from mexport.fsutil import check_free_space, check_output_dir, staged_output_dir
 from mexport.lazy import require
 from mexport.manifest import MANIFEST_NAME, file_records, new_manifest, read_manifest, settings_hash, write_manifest

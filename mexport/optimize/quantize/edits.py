@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from mexport.export.graph import TRANSPOSED_SUFFIX
+from mexport.formats import TRANSPOSED_SUFFIX
 from mexport.lazy import require
 from mexport.optimize.quantize.graph import Linear, ModelGraph
 from mexport.optimize.quantize.numerics import (

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from mexport.console import progress
-from mexport.export.graph import DATA_FILE, GRAPH_FILE, LARGE_ALIGNMENT, LARGE_TENSOR_BYTES, SMALL_ALIGNMENT
+from mexport.formats import DATA_FILE, GRAPH_FILE, LARGE_ALIGNMENT, LARGE_TENSOR_BYTES, SMALL_ALIGNMENT
 from mexport.lazy import require
 
 # tensors below this size stay inside model.onnx (onnx's own external-data threshold)
