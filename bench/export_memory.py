@@ -39,7 +39,7 @@ FULL_WIDTH = {
     "num_attention_heads": 16,
     "num_key_value_heads": 8,
     "head_dim": 256,
-    "query_pre_attn_scalar": 256,
+    "query_pre_attn_scalar": 224,
     "sliding_window": 4096,
     "attn_logit_softcapping": 50.0,
     "final_logit_softcapping": 30.0,

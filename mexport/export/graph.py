@@ -135,7 +135,7 @@ def _model_config(model: Any) -> dict[str, Any]:
     keys = (
         "model_type", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_size",
         "intermediate_size", "vocab_size", "sliding_window", "attn_logit_softcapping", "final_logit_softcapping",
-        "max_position_embeddings", "tie_word_embeddings",
+        "query_pre_attn_scalar", "max_position_embeddings", "tie_word_embeddings",
     )
     summary = {key: getattr(config, key, None) for key in keys}
     summary["parameter_count"] = sum(p.numel() for p in model.parameters())  # shared parameters counted once
