@@ -7,14 +7,17 @@ import re
 import warnings
 import zlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from mexport.runtime.base import DecoderRuntime, DecoderSpec, RuntimeLimits
+from mexport.errors import MexportError
+from mexport.runtime.base import DecoderRuntime, DecoderSpec, RuntimeLimits, kept_logits
 from mexport.validate.scoring import (
     QuestionScore,
+    SkippedQuestion,
     encode_pair,
     loglikelihood_naive,
     score_items,
@@ -44,6 +47,13 @@ class NumberTokenizer(WordTokenizer):
         return [self.bos_token_id, *ids] if add_special_tokens else ids
 
 
+@dataclass(frozen=True)
+class InputLimits(RuntimeLimits):
+    """RuntimeLimits with a per-call input limit, as a TensorRT engine's profiles give."""
+
+    max_input_len: int | None = None
+
+
 class HistoryRuntime(DecoderRuntime):
     """A fake decoder whose "KV cache" is the token history: logits = W[token] + mean of U over attended tokens.
 
@@ -59,6 +69,8 @@ class HistoryRuntime(DecoderRuntime):
         self.context = rng.normal(size=(VOCAB, VOCAB))
         self.calls: list[tuple[int, ...]] = []
         self.max_batch: int | None = None
+        self.max_context: int | None = None
+        self.max_input_len: int | None = None
 
     @property
     def spec(self) -> DecoderSpec:
@@ -66,9 +78,9 @@ class HistoryRuntime(DecoderRuntime):
 
     @property
     def limits(self) -> RuntimeLimits:
-        return RuntimeLimits(max_batch=self.max_batch)
+        return InputLimits(max_batch=self.max_batch, max_context=self.max_context, max_input_len=self.max_input_len)
 
-    def forward(self, input_ids, attention_mask, past=None):
+    def forward(self, input_ids, attention_mask, past=None, logits_to_keep=0):
         batch, new = input_ids.shape
         history = past if past is not None else np.zeros((batch, 0), dtype=np.int64)
         tokens = np.concatenate([history, input_ids], axis=1)
@@ -82,7 +94,7 @@ class HistoryRuntime(DecoderRuntime):
                     upto = history.shape[1] + step + 1
                     seen = tokens[row, :upto][attention_mask[row, :upto] == 1]
                     logits[row, step] = self.current[tokens[row, upto - 1]] + self.context[seen].mean(axis=0)
-        return logits, tokens
+        return logits[:, -kept_logits(new, logits_to_keep) :], tokens
 
     def repeat_past(self, past, repeats):
         assert past.shape[0] == 1
@@ -92,19 +104,21 @@ class HistoryRuntime(DecoderRuntime):
 class SuccessorRuntime(HistoryRuntime):
     """Predicts token t+1 after token t with logit 20 (all others 0): log-likelihoods are hand-computable."""
 
-    def forward(self, input_ids, attention_mask, past=None):
+    def forward(self, input_ids, attention_mask, past=None, logits_to_keep=0):
         logits = np.zeros((*input_ids.shape, VOCAB), dtype=np.float32)
         rows, steps = np.indices(input_ids.shape)
         logits[rows, steps, (input_ids + 1) % VOCAB] = 20.0
         history = past if past is not None else np.zeros((input_ids.shape[0], 0), dtype=np.int64)
-        return logits, np.concatenate([history, input_ids], axis=1)
+        kept = kept_logits(input_ids.shape[1], logits_to_keep)
+        return logits[:, -kept:], np.concatenate([history, input_ids], axis=1)
 
 
 class UniformRuntime(HistoryRuntime):
-    def forward(self, input_ids, attention_mask, past=None):
+    def forward(self, input_ids, attention_mask, past=None, logits_to_keep=0):
         logits = np.zeros((*input_ids.shape, VOCAB), dtype=np.float32)
         history = past if past is not None else np.zeros((input_ids.shape[0], 0), dtype=np.int64)
-        return logits, np.concatenate([history, input_ids], axis=1)
+        kept = kept_logits(input_ids.shape[1], logits_to_keep)
+        return logits[:, -kept:], np.concatenate([history, input_ids], axis=1)
 
 
 def _flat(scores: list[QuestionScore]) -> list[float]:
@@ -184,6 +198,42 @@ def test_runtime_batch_cap_is_honoured() -> None:
     fast = _flat(score_items(runtime, tokenizer, MIXED_ITEMS, batch_size=8, progress=False))
     assert {batch for batch, _ in runtime.calls} == {1}
     np.testing.assert_allclose(fast, loglikelihood_naive(runtime, tokenizer, _requests(MIXED_ITEMS)), atol=1e-9)
+
+
+def test_questions_beyond_the_context_or_input_limit_are_skipped_with_the_reason() -> None:
+    tokenizer = WordTokenizer()
+    unlimited = score_items(HistoryRuntime(), tokenizer, MIXED_ITEMS, progress=False)
+    runtime = HistoryRuntime()
+    runtime.max_context = 20  # "long" needs 33 context tokens + 2 of its 3-token longest answer (the last is not fed)
+    scores = score_items(runtime, tokenizer, MIXED_ITEMS, progress=False)
+    assert scores[2] == SkippedQuestion("long", "prompt longer than the context (20 tokens)")
+    assert [s for i, s in enumerate(scores) if i != 2] == [s for i, s in enumerate(unlimited) if i != 2]
+    assert all(shape[1] <= 20 for shape in runtime.calls)
+    runtime = HistoryRuntime()
+    runtime.max_input_len = 7  # prompts of "words" (8 tokens) and "long" (33) exceed it; the others fit
+    skipped = [
+        s.doc_id for s in score_items(runtime, tokenizer, MIXED_ITEMS, progress=False) if isinstance(s, SkippedQuestion)
+    ]
+    assert skipped == ["words", "long"]
+    with pytest.raises(MexportError, match="context"):
+        limited = HistoryRuntime()
+        limited.max_context = 4
+        score_requests(limited, tokenizer, [("Q: " + "word " * 30, " y")])
+
+
+def test_a_tokenizer_that_drops_bos_is_refused() -> None:
+    class NoBos(WordTokenizer):
+        def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+            return super().encode(text, add_special_tokens=False)
+
+    with pytest.raises(MexportError, match="BOS") as raised:
+        score_items(HistoryRuntime(), NoBos(), MIXED_ITEMS, progress=False)
+    assert "add_bos_token" in raised.value.hint
+
+
+def test_empty_context_is_the_prefix_token_then_the_continuation_without_specials() -> None:
+    assert encode_pair(NumberTokenizer(), "", " 5 6") == ([1], [5, 6])  # lm-eval 0.4.13's loglikelihood
+    assert encode_pair(NumberTokenizer(), "", "1 5") == ([1], [5])  # already starts with the prefix token
 
 
 def test_score_requests_groups_shared_contexts_and_keeps_request_order() -> None:

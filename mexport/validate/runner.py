@@ -260,14 +260,18 @@ def item_key(item: Any) -> str:
     return sha256_bytes(payload.encode())[:24]
 
 
+def _score_from_dict(fields: dict[str, Any]) -> Any:
+    """A cached QuestionScore, or a SkippedQuestion (it has a ``reason``)."""
+    from mexport.validate.scoring import QuestionScore, SkippedQuestion
+
+    return SkippedQuestion(**fields) if "reason" in fields else QuestionScore(**fields)
+
+
 class ScoreCache:
     """Append-only JSON-lines cache of one backend's scores on one task, keyed by question content."""
 
     def __init__(self, path: Path, resume: bool) -> None:
-        from mexport.validate.scoring import QuestionScore
-
         self.path = path
-        self._score_type = QuestionScore
         self.entries: dict[str, Any] = self._load() if resume else {}
         if not resume:
             path.write_text("")
@@ -279,7 +283,7 @@ class ScoreCache:
         for line in self.path.read_text(encoding="utf-8").splitlines():
             try:
                 record = json.loads(line)
-                entries[record["key"]] = self._score_type(**record["score"])
+                entries[record["key"]] = _score_from_dict(record["score"])
             except (json.JSONDecodeError, KeyError, TypeError):
                 continue  # a line cut short by an interruption: that question is simply scored again
         return entries
@@ -381,8 +385,16 @@ def _parity_result(
     margin_points = margin_for(info.recipe, margin, recipe_margins)
     if info.skip_reason is not None:
         return ParityResult(task.name, info.label, margin_points, agreement_floor, skipped_verdict(info.skip_reason))
-    reference = scores[task.name][REFERENCE_LABEL]
-    candidate = scores[task.name][info.label]
+    from mexport.validate.scoring import SkippedQuestion
+
+    # only questions both backends scored are paired (a runtime skips prompts beyond its context)
+    pairs = [
+        (ref, cand)
+        for ref, cand in zip(scores[task.name][REFERENCE_LABEL], scores[task.name][info.label], strict=True)
+        if not isinstance(ref, SkippedQuestion) and not isinstance(cand, SkippedQuestion)
+    ]
+    reference = [ref for ref, _ in pairs]
+    candidate = [cand for _, cand in pairs]
     pred_field = {"acc": "pred", "acc_norm": "pred_norm"}
     metrics = tuple(
         compare_metric(

@@ -15,7 +15,11 @@ Speed: all choices of a question share the context, so it runs once. When every 
 and several questions are prefilled together (left-padded, longest first, as many as ``batch_size`` and a bound
 on the logits bytes allow). Otherwise the context is prefilled alone, its KV cache repeated once per multi-token
 choice (:meth:`DecoderRuntime.repeat_past`), and the remaining continuation tokens run as one right-padded batch.
-Batches never exceed ``batch_size`` nor the runtime's ``limits.max_batch`` (a TensorRT profile's limit).
+Batches never exceed ``batch_size`` nor the runtime's ``limits.max_batch`` (a TensorRT profile's limit). Prefills ask
+the runtime for the last position's logits only (``logits_to_keep=1``): on a 32000-token vocabulary the LM head and
+softcap over every prompt position were most of a lettered question's time (cProfile, wide fixture). A question
+whose prompt and longest answer do not fit the runtime's context (``limits.max_context``) or whose prompt exceeds a
+per-call input limit (``max_input_len``, TensorRT) is not scored: :class:`SkippedQuestion` says why.
 :func:`loglikelihood_naive` (one full forward per choice, no cache) is the reference the fast path is tested and
 benchmarked against.
 """
@@ -29,7 +33,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from mexport import console
-from mexport.runtime.base import DecoderRuntime
+from mexport.errors import MexportError
+from mexport.runtime.base import DecoderRuntime, RuntimeLimits
 from mexport.validate.tasks import MCQItem
 
 # float32 logits of one batched prefill are rows x length x vocab x 4 bytes; 9B Gemma2's vocab is 256000
@@ -78,6 +83,14 @@ class QuestionScore:
         return [float(p) for p in weights / weights.sum()]
 
 
+@dataclass
+class SkippedQuestion:
+    """A question the runtime cannot score (its prompt does not fit); reports count these by ``reason``."""
+
+    doc_id: str
+    reason: str
+
+
 # ---- tokenisation (lm-eval's HFLM) --------------------------------------------------------------------------
 
 
@@ -86,11 +99,15 @@ def _encode(tokenizer, text: str) -> list[int]:
 
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """(context tokens, continuation tokens) exactly as lm-eval's HFLM builds them for a Gemma model."""
+    """(context tokens, continuation tokens) exactly as lm-eval 0.4.13's HFLM builds them."""
     if context == "":
-        # lm-eval: an empty context becomes the prefix token (BOS, else EOS); the continuation is encoded alone
+        # lm-eval: the continuation alone, without special tokens, after the prefix token (BOS, else EOS) unless
+        # the continuation already starts with it
         prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-        return [prefix], _encode(tokenizer, continuation)
+        continuation_ids = list(tokenizer.encode(continuation, add_special_tokens=False))
+        if continuation_ids and continuation_ids[0] == prefix:
+            return continuation_ids[:1], continuation_ids[1:]
+        return [prefix], continuation_ids
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces > 0:
         continuation = context[-n_spaces:] + continuation
@@ -111,11 +128,38 @@ class _Group:
     def single_token(self) -> bool:
         return all(len(tokens) == 1 for tokens in self.continuations)
 
+    @property
+    def tokens_needed(self) -> int:
+        """Context plus the longest continuation but its last token (which is only predicted, never fed)."""
+        return len(self.context_ids) + max((len(tokens) for tokens in self.continuations), default=1) - 1
+
+
+def _check_bos(tokenizer, context_ids: Sequence[int]) -> None:
+    """Gemma scores far worse without its BOS; a tokenizer saved with ``add_bos_token`` false silently drops it."""
+    bos = tokenizer.bos_token_id
+    if bos is None or not context_ids or context_ids[0] != bos:
+        raise MexportError(
+            f"the tokenizer does not start prompts with its BOS token (bos_token_id {bos}, prompt starts with "
+            f"{list(context_ids[:3])}); Gemma models must be scored with it, as lm-eval does",
+            hint="re-save the tokenizer with add_bos_token=True (its tokenizer_config.json / post-processor)",
+        )
+
 
 def _encode_group(tokenizer, context: str, continuations: Sequence[str]) -> _Group:
     pairs = [encode_pair(tokenizer, context, continuation) for continuation in continuations]
     # the context's tokens never depend on the continuation (the trailing-space move is continuation-independent)
+    _check_bos(tokenizer, pairs[0][0])
     return _Group(tuple(pairs[0][0]), tuple(tuple(cont) for _, cont in pairs))
+
+
+def _skip_reason(group: _Group, limits: RuntimeLimits) -> str | None:
+    """Why ``group`` cannot run on a runtime with ``limits`` (None: it fits)."""
+    if limits.max_context is not None and group.tokens_needed > limits.max_context:
+        return f"prompt longer than the context ({limits.max_context} tokens)"
+    max_input_len = getattr(limits, "max_input_len", None)  # new tokens per call (TensorRT profiles)
+    if max_input_len is not None and len(group.context_ids) > max_input_len:
+        return f"prompt longer than the input limit ({max_input_len} tokens)"
+    return None
 
 
 # ---- numerics ---------------------------------------------------------------------------------------------------
@@ -135,7 +179,8 @@ def _pad_id(tokenizer) -> int:
 def _prefill_batches(
     groups: list[tuple[int, _Group]], batch_size: int, vocab_size: int
 ) -> list[list[tuple[int, _Group]]]:
-    """Split groups (sorted longest first) into batches bounded by ``batch_size`` and the logits budget."""
+    """Split groups (sorted longest first, so each batch holds similar lengths) into batches bounded by
+    ``batch_size`` and the logits budget (every position counted: a graph without lean logits computes them all)."""
     batches: list[list[tuple[int, _Group]]] = []
     current: list[tuple[int, _Group]] = []
     for entry in groups:
@@ -160,7 +205,7 @@ def _score_single_token_batch(
     for row, (_, group) in enumerate(batch):
         input_ids[row, longest - len(group.context_ids) :] = group.context_ids
         mask[row, longest - len(group.context_ids) :] = 1
-    logits, _ = runtime.forward(input_ids, mask, None)
+    logits, _ = runtime.forward(input_ids, mask, None, logits_to_keep=1)
     logprobs = _log_softmax(logits[:, -1, :])
     return [[float(logprobs[row, tokens[0]]) for tokens in group.continuations] for row, (_, group) in enumerate(batch)]
 
@@ -171,7 +216,7 @@ def _score_shared_context(runtime: DecoderRuntime, group: _Group, pad_id: int, m
     Continuations run ``max_rows`` at a time (a TensorRT engine's profile caps the batch).
     """
     context = np.asarray([group.context_ids], dtype=np.int64)
-    logits, past = runtime.forward(context, np.ones_like(context), None)
+    logits, past = runtime.forward(context, np.ones_like(context), None, logits_to_keep=1)
     first = _log_softmax(logits[0, -1, :])
     scores = [float(first[tokens[0]]) if tokens else 0.0 for tokens in group.continuations]
     longer = [index for index, tokens in enumerate(group.continuations) if len(tokens) > 1]
@@ -207,19 +252,23 @@ def _progress(enabled: bool, label: str, total: int) -> Iterator[Callable[[int],
 
 def _score_groups(
     runtime: DecoderRuntime, groups: Sequence[_Group], pad_id: int, batch_size: int, progress: bool, label: str
-) -> list[list[float]]:
-    """Log-likelihoods of every continuation of every group, in input order."""
+) -> list[list[float] | str]:
+    """Log-likelihoods of every continuation of every group, in input order; a skip reason for groups that do not
+    fit the runtime."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    limits = runtime.limits
     # a runtime may cap its batch (a TensorRT engine's optimisation profile); None means no cap
-    batch_size = min(batch_size, runtime.limits.max_batch or batch_size)
-    results: list[list[float]] = [[] for _ in groups]
+    batch_size = min(batch_size, limits.max_batch or batch_size)
+    results: list[list[float] | str] = [_skip_reason(group, limits) or [] for group in groups]
+    runnable = [(index, group) for index, group in enumerate(groups) if results[index] == []]
     single = sorted(
-        ((index, group) for index, group in enumerate(groups) if group.single_token),
+        ((index, group) for index, group in runnable if group.single_token),
         key=lambda entry: -len(entry[1].context_ids),
     )
-    multi = [(index, group) for index, group in enumerate(groups) if not group.single_token]
+    multi = [(index, group) for index, group in runnable if not group.single_token]
     with _progress(progress, label, len(groups)) as advance:
+        advance(len(groups) - len(runnable))
         for batch in _prefill_batches(single, batch_size, runtime.spec.vocab_size):
             for (index, _), scores in zip(batch, _score_single_token_batch(runtime, batch, pad_id), strict=True):
                 results[index] = scores
@@ -241,7 +290,10 @@ def score_requests(
     batch_size: int = 8,
     progress: bool = False,
 ) -> list[float]:
-    """lm-eval's ``loglikelihood``: one log-likelihood per (context, continuation); shared contexts run once."""
+    """lm-eval's ``loglikelihood``: one log-likelihood per (context, continuation); shared contexts run once.
+
+    Raises MexportError when a context does not fit the runtime (lm-eval has no way to skip a request).
+    """
     by_context: dict[str, list[int]] = {}
     for position, (context, _) in enumerate(requests):
         by_context.setdefault(context, []).append(position)
@@ -250,6 +302,8 @@ def score_requests(
     scores = _score_groups(runtime, groups, _pad_id(tokenizer), batch_size, progress, "scoring")
     flat = [0.0] * len(requests)
     for context, group_scores in zip(contexts, scores, strict=True):
+        if isinstance(group_scores, str):
+            raise MexportError(f"cannot score a request on {runtime.name}: {group_scores}")
         for position, score in zip(by_context[context], group_scores, strict=True):
             flat[position] = score
     return flat
@@ -262,13 +316,16 @@ def score_items(
     *,
     batch_size: int = 8,
     progress: bool = True,
-) -> list[QuestionScore]:
-    """Score MCQ items on ``runtime`` (any backend): per-choice log-likelihoods, acc and acc_norm predictions."""
+) -> list[QuestionScore | SkippedQuestion]:
+    """Score MCQ items on ``runtime`` (any backend): per-choice log-likelihoods, acc and acc_norm predictions; a
+    :class:`SkippedQuestion` for each question that does not fit the runtime's limits."""
     groups = [_encode_group(tokenizer, item.context, item.choices) for item in items]
     label = f"scoring {items[0].task} on {runtime.name}" if items else "scoring"
     scores = _score_groups(runtime, groups, _pad_id(tokenizer), batch_size, progress, label)
     return [
-        QuestionScore.from_logliks(item.doc_id, item.gold, logliks, [len(text) for text in item.choice_texts])
+        SkippedQuestion(item.doc_id, logliks)
+        if isinstance(logliks, str)
+        else QuestionScore.from_logliks(item.doc_id, item.gold, logliks, [len(text) for text in item.choice_texts])
         for item, logliks in zip(items, scores, strict=True)
     ]
 
