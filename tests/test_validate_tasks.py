@@ -10,12 +10,13 @@ import pytest
 from mexport.errors import MexportError
 from mexport.validate.tasks import SAMPLE_DIR, TASKS, calibration_texts, load_task
 
-# each sample file ends with 3 deliberately unusable rows; what makes each one unusable
+# each sample file ends with 3 deliberately unusable rows (afrimedqa: 2, its multi-answer row is scored with its
+# first answer, as the authors do); what makes each one unusable
 EXPECTED_SKIPS = {
     "medmcqa": {"missing option": 1, "label out of range": 1, "missing question": 1},
     "medqa": {"label out of range": 1, "missing option": 1, "missing question": 1},
     "pubmedqa": {"label out of range": 1, "missing abstract": 1, "missing question": 1},
-    "afrimedqa": {"several correct answers": 1, "missing option": 1, "not mcq": 1},
+    "afrimedqa": {"missing option": 1, "not mcq": 1},
 }
 
 
@@ -27,9 +28,9 @@ def _rows(task: str) -> list[dict]:
 def test_sample_loads_and_counts_the_three_bad_rows(task: str) -> None:
     data = load_task(task, "sample")
     assert data.total_rows == len(_rows(task))
-    assert data.skipped == 3
     assert data.skip_reasons == EXPECTED_SKIPS[task]
-    assert len(data.items) == data.total_rows - 3
+    assert data.skipped == sum(EXPECTED_SKIPS[task].values())
+    assert len(data.items) == data.total_rows - data.skipped
     assert len({item.doc_id for item in data.items}) == len(data.items)
     assert data.source_sha256 is not None and data.source == str(TASKS[task].sample_path)
     for item in data.items:
@@ -87,6 +88,78 @@ def test_afrimedqa_choices_are_the_option_texts() -> None:
     assert item.context == f"Question: {row['question']}\nAnswer:"
     assert item.choice_texts == tuple(options[f"option{i}"] for i in range(1, 6))
     assert item.gold == int(row["correct_answer"].removeprefix("option")) - 1
+
+
+def _afrimedqa_row(**changes: object) -> dict:
+    """A row in intronhealth/afrimedqa_v2's schema (answer_options is a JSON string; question has trailing blank
+    lines, as in the real data)."""
+    options = {"option1": "Artesunate", "option2": "Chloroquine", "option3": "Quinine", "option4": "Primaquine"}
+    row = {
+        "sample_id": "s1",
+        "question_type": "mcq",
+        "tier": "expert",
+        "question": "First-line drug for severe malaria?\n\n",
+        "answer_options": json.dumps({**options, "option5": "Doxycycline"}),
+        "correct_answer": "option1",
+    }
+    return row | changes
+
+
+@pytest.mark.parametrize(
+    ("changes", "choices", "gold"),
+    [
+        ({}, ("Artesunate", "Chloroquine", "Quinine", "Primaquine", "Doxycycline"), 0),
+        # an "n/a" fifth option (any case) is dropped: a 4-way question
+        (
+            {
+                "answer_options": json.dumps(
+                    {"option1": "A1", "option2": "B2", "option3": "C3", "option4": "D4", "option5": "N/A"}
+                )
+            },
+            ("A1", "B2", "C3", "D4"),
+            0,
+        ),
+        # several answers: the first one is gold
+        (
+            {"correct_answer": "option3,option1"},
+            ("Artesunate", "Chloroquine", "Quinine", "Primaquine", "Doxycycline"),
+            2,
+        ),
+    ],
+)
+def test_afrimedqa_follows_the_authors_rules(tmp_path: Path, changes: dict, choices: tuple, gold: int) -> None:
+    path = tmp_path / "afrimedqa.jsonl"
+    path.write_text(json.dumps(_afrimedqa_row(**changes)) + "\n")
+    [item] = load_task("afrimedqa", path).items
+    assert item.choice_texts == choices
+    assert item.gold == gold
+    assert item.context == "Question: First-line drug for severe malaria?\nAnswer:"  # trailing blank lines gone
+
+
+def test_afrimedqa_prefers_question_clean_and_skips_an_n_a_gold(tmp_path: Path) -> None:
+    n_a_gold = _afrimedqa_row(
+        sample_id="s2",
+        answer_options=json.dumps({"option1": "a", "option2": "b", "option3": "c", "option4": "d", "option5": "n/a"}),
+        correct_answer="option5",
+    )
+    rows = [_afrimedqa_row(question_clean="Which drug first?"), n_a_gold]
+    path = tmp_path / "afrimedqa.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    data = load_task("afrimedqa", path)
+    assert [item.context for item in data.items] == ["Question: Which drug first?\nAnswer:"]
+    assert data.skip_reasons == {"label out of range": 1}
+
+
+def test_afrimedqa_hub_error_says_the_dataset_is_gated(monkeypatch: pytest.MonkeyPatch) -> None:
+    import datasets
+
+    def gated(*args: object, **kwargs: object) -> None:
+        raise ConnectionError("401 Client Error: Unauthorized")
+
+    monkeypatch.setattr(datasets, "load_dataset", gated)
+    with pytest.raises(MexportError, match="401") as raised:
+        load_task("afrimedqa")
+    assert "gated" in raised.value.hint and "HF_TOKEN" in raised.value.hint
 
 
 def test_wrong_dataset_file_names_the_missing_fields() -> None:

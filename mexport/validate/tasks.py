@@ -3,9 +3,9 @@
 Prompts, choices and few-shot layout follow lm-evaluation-harness 0.4.x (``medmcqa``, ``medqa_4options``,
 ``pubmedqa``; AfriMedQA with the proposed zero-shot prompt) so our accuracies are comparable with published
 tables. Each task reads its dataset's own schema from the Hugging Face hub, a local file, or the small shipped
-sample; rows that cannot form a valid question (missing option, label out of range, several correct answers, not a
-single-answer MCQ) are skipped and counted by reason, never fatal. A file whose rows lack the schema's fields
-altogether is the wrong dataset and is refused.
+sample; rows that cannot form a valid question (missing option, label out of range, not an MCQ) are skipped and
+counted by reason, never fatal. A file whose rows lack the schema's fields altogether is the wrong dataset and is
+refused.
 
 Data splits (what we score vs what lm-eval scores):
 - medmcqa: ``openlifescienceai/medmcqa`` validation (4183), as lm-eval (test labels are hidden).
@@ -14,7 +14,9 @@ Data splits (what we score vs what lm-eval scores):
 - pubmedqa: ``qiaojin/PubMedQA`` pqa_labeled train = all 1000 labelled questions. lm-eval's current task scores
   the 500-question test fold of BigBio's script dataset (which no longer loads with datasets>=4), older lm-eval
   scored these same 1000: accuracies are comparable in kind, not digit for digit.
-- afrimedqa: ``intronhealth/afrimedqa_v2`` filtered to expert-tier single-answer 5-option MCQs (no lm-eval task).
+- afrimedqa: ``intronhealth/afrimedqa_v2`` (gated) expert-tier MCQs, as its authors score them (no lm-eval task):
+  an "n/a" fifth option is dropped (a 4-way question), a multi-answer row is scored with its first answer (lm-eval
+  PR #3890 would accept any listed one), ``question_clean`` is used when present.
 
 Few-shot (``shots`` > 0): lm-eval draws examples from the task's train split. Here they come from the same set
 as the scored questions (all usable rows, before ``limit``), never the scored question itself, chosen
@@ -120,6 +122,7 @@ class TaskSpec:
     hub_config: str | None = None
     lm_eval_task: str | None = None
     notes: str = ""
+    gated: bool = False  # the hub dataset needs an accepted licence and an authenticated token
 
     @property
     def required_fields(self) -> tuple[str, ...]:
@@ -209,14 +212,18 @@ def _pubmedqa(row: Mapping[str, Any]) -> tuple[str, tuple[str, ...], int]:
 
 
 AFRIMEDQA_OPTIONS = 5
+AFRIMEDQA_PLACEHOLDER = "n/a"  # a fifth option the authors drop (any case): those questions are 4-way
 
 
 def _afrimedqa(row: Mapping[str, Any]) -> tuple[str, tuple[str, ...], int]:
+    """The AfriMed-QA authors' rules (intron-innovation/AfriMed-QA ``src/utils/prepare_data.py``): an "n/a" fifth
+    option is dropped, a multi-answer row (``option1,option3``) is scored with its first answer, and the question
+    is ``question_clean`` when present (``question`` carries trailing blank lines)."""
     if str(row.get("question_type") or "").strip().lower() != "mcq":
         raise RowSkipped("not mcq")
     if str(row.get("tier") or "").strip().lower() != "expert":
         raise RowSkipped("not expert tier")
-    question = _text(row, "question", "missing question")
+    question = str(row.get("question_clean") or "").strip() or _text(row, "question", "missing question").rstrip()
     raw_options = row.get("answer_options")
     try:
         options_field = json.loads(raw_options) if isinstance(raw_options, str) else raw_options
@@ -224,11 +231,11 @@ def _afrimedqa(row: Mapping[str, Any]) -> tuple[str, tuple[str, ...], int]:
         raise RowSkipped("missing option") from None
     if not isinstance(options_field, Mapping):
         raise RowSkipped("missing option")
-    options = tuple(_text(options_field, f"option{i}", "missing option") for i in range(1, AFRIMEDQA_OPTIONS + 1))
-    answers = [part.strip() for part in str(row.get("correct_answer") or "").split(",") if part.strip()]
-    if len(answers) > 1:
-        raise RowSkipped("several correct answers")
     keys = [f"option{i}" for i in range(1, AFRIMEDQA_OPTIONS + 1)]
+    if str(options_field.get(keys[-1]) or "").strip().lower() == AFRIMEDQA_PLACEHOLDER:
+        keys = keys[:-1]
+    options = tuple(_text(options_field, key, "missing option") for key in keys)
+    answers = [part.strip() for part in str(row.get("correct_answer") or "").split(",") if part.strip()]
     if not answers or answers[0] not in keys:
         raise RowSkipped("label out of range")
     return f"Question: {question}\nAnswer:", options, keys.index(answers[0])
@@ -277,7 +284,9 @@ TASKS: dict[str, TaskSpec] = {
             ),
         ),
         chance=1 / 5,
-        notes="expert-tier single-answer 5-option MCQs; choices are the option texts, so acc_norm differs from acc",
+        notes="expert-tier MCQs scored as the authors do: an 'n/a' fifth option dropped, a multi-answer row scored "
+        "with its first answer, question_clean preferred; choices are the option texts, so acc_norm differs from acc",
+        gated=True,
     ),
 }
 
@@ -331,7 +340,13 @@ def _read_hub_rows(spec: TaskSpec) -> list[Any]:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise MexportError(
             f"could not load {spec.name} from the Hugging Face hub ({_hub_source(spec)}): {reason}",
-            hint=f"pass a local copy with --data {spec.name}=FILE (.jsonl/.json/.parquet in the dataset's schema), "
+            hint=(
+                f"{spec.hub_id} is gated: accept its terms on huggingface.co and log in (huggingface-cli login, or "
+                "set HF_TOKEN); or "
+                if spec.gated
+                else ""
+            )
+            + f"pass a local copy with --data {spec.name}=FILE (.jsonl/.json/.parquet in the dataset's schema), "
             f"or --data {spec.name}=sample for the shipped sample",
         ) from exc
     return list(dataset)
