@@ -10,10 +10,12 @@ sliding window) run in fp32 by every tool — HFLM ``dtype=float32``, mexport ``
 
 Each (format, tool) is timed ``--repeats`` times, interleaved (tool order rotates every round) so load from other
 processes hits every tool alike; model load excluded, one warm-up call each. Prints every time, the range, the
-ratios HFLM / mexport (worst .. best round pairing medians), the largest |loglik| difference to HFLM and whether the
-accuracies are identical. Needs the ``lmeval`` extra (``pip install 'mexport[lmeval]'``).
+ratios HFLM / mexport per round (median, range), the largest |loglik| difference to HFLM and the accuracies. HFLM
+runs with eager attention by default: with its default SDPA, transformers skips Gemma2's attention-logit softcap,
+so its log-likelihoods are not Gemma2's (``--hf-attention sdpa`` times that anyway). Needs the ``lmeval`` extra (``pip install 'mexport[lmeval]'``).
 
-    python bench/scoring_vs_lmeval.py [--repeats 3] [--batch-size 8] [--threads N] [--workdir DIR]
+    python bench/scoring_vs_lmeval.py [--repeats 3] [--batch-size 8] [--threads 1] [--hf-attention eager|sdpa]
+                                      [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -59,11 +61,13 @@ def _prepare(workdir: Path) -> tuple[Path, Path]:
     return checkpoint, export
 
 
-def _lmeval_scorer(checkpoint: Path, batch_size: int) -> Callable[[list[MCQItem]], list[list[float]]]:
+def _lmeval_scorer(checkpoint: Path, batch_size: int, attn: str) -> Callable[[list[MCQItem]], list[list[float]]]:
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
 
-    model = HFLM(pretrained=str(checkpoint), dtype="float32", batch_size=batch_size, device="cpu")
+    model = HFLM(
+        pretrained=str(checkpoint), dtype="float32", batch_size=batch_size, device="cpu", attn_implementation=attn
+    )
 
     def score(items: list[MCQItem]) -> list[list[float]]:
         requests = [
@@ -94,7 +98,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=8, help="HFLM's and mexport's batch size")
-    parser.add_argument("--threads", type=int, default=None, help="torch and ONNX Runtime threads (default: all)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch and ONNX Runtime threads (1: fair on a shared host)"
+    )
+    parser.add_argument(
+        "--hf-attention",
+        default="eager",
+        choices=["eager", "sdpa"],
+        help="HFLM's attention: eager (Gemma2's softcap, identical logliks) or sdpa (HFLM's default, skips the softcap)",
+    )
     parser.add_argument("--workdir", type=Path, default=None, help="keep the fixture and export here between runs")
     args = parser.parse_args()
 
@@ -115,7 +127,7 @@ def main() -> None:
             OrtDecoder(export, intra_op_threads=args.threads) as ort_runtime,
         ):
             scorers = {
-                "lm-eval hf": _lmeval_scorer(checkpoint, args.batch_size),
+                "lm-eval hf": _lmeval_scorer(checkpoint, args.batch_size, args.hf_attention),
                 "mexport torch": _mexport_scorer(torch_runtime, tokenizer, args.batch_size),
                 "mexport ort": _mexport_scorer(ort_runtime, tokenizer, args.batch_size),
             }
@@ -133,7 +145,7 @@ def main() -> None:
                         times.setdefault((name, tool), []).append(time.perf_counter() - started)
     print(
         f"model: {FIXTURE} fp32 (vocab 32000, hidden 512, 2 layers), batch {args.batch_size}, threads "
-        f"{args.threads or 'default'}, {args.repeats} interleaved rounds"
+        f"{args.threads or 'default'}, HFLM attention {args.hf_attention}, {args.repeats} interleaved rounds"
     )
     print(
         f"{'format':<13} {'tool':<14} {'n':>4} {'seconds per round':<28} {'vs lm-eval':>16} {'target':>7} "

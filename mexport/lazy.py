@@ -28,6 +28,8 @@ INSTALL_HINTS: dict[str, str] = {
     "matplotlib": "pip install matplotlib",
     "scipy": "pip install scipy",
     "psutil": "pip install psutil",
+    "lm_eval": "pip install 'mexport[lmeval]'",
+    "onnxruntime_genai": "pip install 'mexport[genai]'",
 }
 
 

@@ -152,6 +152,10 @@ def _encode_group(tokenizer, context: str, continuations: Sequence[str]) -> _Gro
     return _Group(tuple(pairs[0][0]), tuple(tuple(cont) for _, cont in pairs))
 
 
+# a continuation's log-likelihood and whether every one of its tokens is the argmax (lm-eval's is_greedy)
+Scored = tuple[float, bool]
+
+
 def _skip_reason(group: _Group, limits: RuntimeLimits) -> str | None:
     """Why ``group`` cannot run on a runtime with ``limits`` (None: it fits)."""
     if limits.max_context is not None and group.tokens_needed > limits.max_context:
@@ -197,7 +201,7 @@ def _prefill_batches(
 
 def _score_single_token_batch(
     runtime: DecoderRuntime, batch: list[tuple[int, _Group]], pad_id: int
-) -> list[list[float]]:
+) -> list[list[Scored]]:
     """Left-padded prefill of several contexts; each choice is one token predicted by the last position."""
     longest = max(len(group.context_ids) for _, group in batch)
     input_ids = np.full((len(batch), longest), pad_id, dtype=np.int64)
@@ -207,10 +211,14 @@ def _score_single_token_batch(
         mask[row, longest - len(group.context_ids) :] = 1
     logits, _ = runtime.forward(input_ids, mask, None, logits_to_keep=1)
     logprobs = _log_softmax(logits[:, -1, :])
-    return [[float(logprobs[row, tokens[0]]) for tokens in group.continuations] for row, (_, group) in enumerate(batch)]
+    best = logprobs.argmax(axis=-1)
+    return [
+        [(float(logprobs[row, tokens[0]]), bool(best[row] == tokens[0])) for tokens in group.continuations]
+        for row, (_, group) in enumerate(batch)
+    ]
 
 
-def _score_shared_context(runtime: DecoderRuntime, group: _Group, pad_id: int, max_rows: int) -> list[float]:
+def _score_shared_context(runtime: DecoderRuntime, group: _Group, pad_id: int, max_rows: int) -> list[Scored]:
     """Prefill the context once, then run the multi-token continuations on repeated copies of its KV cache.
 
     Continuations run ``max_rows`` at a time (a TensorRT engine's profile caps the batch).
@@ -218,7 +226,8 @@ def _score_shared_context(runtime: DecoderRuntime, group: _Group, pad_id: int, m
     context = np.asarray([group.context_ids], dtype=np.int64)
     logits, past = runtime.forward(context, np.ones_like(context), None, logits_to_keep=1)
     first = _log_softmax(logits[0, -1, :])
-    scores = [float(first[tokens[0]]) if tokens else 0.0 for tokens in group.continuations]
+    best = int(first.argmax())
+    scores = [(float(first[tokens[0]]), best == tokens[0]) if tokens else (0.0, True) for tokens in group.continuations]
     longer = [index for index, tokens in enumerate(group.continuations) if len(tokens) > 1]
     for start in range(0, len(longer), max_rows):
         chunk = longer[start : start + max_rows]
@@ -235,7 +244,11 @@ def _score_shared_context(runtime: DecoderRuntime, group: _Group, pad_id: int, m
         for row, index in enumerate(chunk):
             targets = group.continuations[index][1:]
             logprobs = _log_softmax(step_logits[row, : len(targets), :])
-            scores[index] += float(logprobs[np.arange(len(targets)), targets].sum())
+            loglik, greedy = scores[index]
+            scores[index] = (
+                loglik + float(logprobs[np.arange(len(targets)), targets].sum()),
+                greedy and bool((logprobs.argmax(axis=-1) == targets).all()),
+            )
     return scores
 
 
@@ -252,15 +265,15 @@ def _progress(enabled: bool, label: str, total: int) -> Iterator[Callable[[int],
 
 def _score_groups(
     runtime: DecoderRuntime, groups: Sequence[_Group], pad_id: int, batch_size: int, progress: bool, label: str
-) -> list[list[float] | str]:
-    """Log-likelihoods of every continuation of every group, in input order; a skip reason for groups that do not
-    fit the runtime."""
+) -> list[list[Scored] | str]:
+    """(log-likelihood, is_greedy) of every continuation of every group, in input order; a skip reason for groups
+    that do not fit the runtime."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     limits = runtime.limits
     # a runtime may cap its batch (a TensorRT engine's optimisation profile); None means no cap
     batch_size = min(batch_size, limits.max_batch or batch_size)
-    results: list[list[float] | str] = [_skip_reason(group, limits) or [] for group in groups]
+    results: list[list[Scored] | str] = [_skip_reason(group, limits) or [] for group in groups]
     runnable = [(index, group) for index, group in enumerate(groups) if results[index] == []]
     single = sorted(
         ((index, group) for index, group in runnable if group.single_token),
@@ -282,6 +295,36 @@ def _score_groups(
 # ---- public API ---------------------------------------------------------------------------------------------------
 
 
+def score_token_requests(
+    runtime: DecoderRuntime,
+    tokenizer,
+    requests: Sequence[tuple[Sequence[int], Sequence[int]]],
+    *,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> list[Scored]:
+    """lm-eval's ``_loglikelihood_tokens``: (log-likelihood, is_greedy) per (context ids, continuation ids), each
+    distinct context run once.
+
+    Raises MexportError when a context does not fit the runtime (lm-eval has no way to skip a request).
+    """
+    by_context: dict[tuple[int, ...], list[int]] = {}
+    for position, (context_ids, _) in enumerate(requests):
+        by_context.setdefault(tuple(context_ids), []).append(position)
+    groups = []
+    for context_ids, positions in by_context.items():
+        _check_bos(tokenizer, context_ids)
+        groups.append(_Group(context_ids, tuple(tuple(requests[p][1]) for p in positions)))
+    scores = _score_groups(runtime, groups, _pad_id(tokenizer), batch_size, progress, "scoring")
+    flat: list[Scored] = [(0.0, True)] * len(requests)
+    for positions, group_scores in zip(by_context.values(), scores, strict=True):
+        if isinstance(group_scores, str):
+            raise MexportError(f"cannot score a request on {runtime.name}: {group_scores}")
+        for position, score in zip(positions, group_scores, strict=True):
+            flat[position] = score
+    return flat
+
+
 def score_requests(
     runtime: DecoderRuntime,
     tokenizer,
@@ -290,23 +333,10 @@ def score_requests(
     batch_size: int = 8,
     progress: bool = False,
 ) -> list[float]:
-    """lm-eval's ``loglikelihood``: one log-likelihood per (context, continuation); shared contexts run once.
-
-    Raises MexportError when a context does not fit the runtime (lm-eval has no way to skip a request).
-    """
-    by_context: dict[str, list[int]] = {}
-    for position, (context, _) in enumerate(requests):
-        by_context.setdefault(context, []).append(position)
-    contexts = list(by_context)
-    groups = [_encode_group(tokenizer, c, [requests[p][1] for p in by_context[c]]) for c in contexts]
-    scores = _score_groups(runtime, groups, _pad_id(tokenizer), batch_size, progress, "scoring")
-    flat = [0.0] * len(requests)
-    for context, group_scores in zip(contexts, scores, strict=True):
-        if isinstance(group_scores, str):
-            raise MexportError(f"cannot score a request on {runtime.name}: {group_scores}")
-        for position, score in zip(by_context[context], group_scores, strict=True):
-            flat[position] = score
-    return flat
+    """lm-eval's ``loglikelihood`` on (context, continuation) strings: one log-likelihood each."""
+    pairs = [encode_pair(tokenizer, context, continuation) for context, continuation in requests]
+    scored = score_token_requests(runtime, tokenizer, pairs, batch_size=batch_size, progress=progress)
+    return [loglik for loglik, _ in scored]
 
 
 def score_items(
@@ -323,10 +353,12 @@ def score_items(
     label = f"scoring {items[0].task} on {runtime.name}" if items else "scoring"
     scores = _score_groups(runtime, groups, _pad_id(tokenizer), batch_size, progress, label)
     return [
-        SkippedQuestion(item.doc_id, logliks)
-        if isinstance(logliks, str)
-        else QuestionScore.from_logliks(item.doc_id, item.gold, logliks, [len(text) for text in item.choice_texts])
-        for item, logliks in zip(items, scores, strict=True)
+        SkippedQuestion(item.doc_id, scored)
+        if isinstance(scored, str)
+        else QuestionScore.from_logliks(
+            item.doc_id, item.gold, [loglik for loglik, _ in scored], [len(text) for text in item.choice_texts]
+        )
+        for item, scored in zip(items, scores, strict=True)
     ]
 
 
