@@ -15,7 +15,10 @@ def validate_command(
     candidates: list[Path] = typer.Option(
         ..., "--candidate", help="Export, quantize or engine directory to compare (repeatable)."
     ),
-    tasks: str = typer.Option(..., "--tasks", help="Comma-separated tasks: medmcqa, medqa, pubmedqa, afrimedqa."),
+    tasks: str = typer.Option(
+        ..., "--tasks", help="Comma-separated tasks: medmcqa, medqa, pubmedqa, afrimedqa, or lm-eval task names."
+    ),
+    include_path: Path | None = typer.Option(None, "--include-path", help="Directory of extra lm-eval task YAMLs."),
     data: list[str] = typer.Option(
         [], "--data", help="TASK=FILE: read TASK from a local .jsonl/.json/.parquet in its schema ('sample' ships)."
     ),
@@ -53,6 +56,7 @@ def validate_command(
         fail_on=fail_on,
         batch_size=batch_size,
         resume=not no_resume,
+        include_path=include_path,
     )
     if as_json:
         emit_json({**report.summary(), "report_dir": str(Path(output).resolve())})

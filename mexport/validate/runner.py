@@ -69,6 +69,7 @@ def validate(
     fail_on: str = "parity",
     batch_size: int = 8,
     resume: bool = True,
+    include_path: Path | str | None = None,
 ) -> ValidationReport:
     """Score ``reference`` (a PyTorch checkpoint) and each candidate directory on ``tasks``; write the reports.
 
@@ -78,7 +79,7 @@ def validate(
     """
     recipe_margins = dict(recipe_margins or {})
     check_policy(margin, agreement_floor, fail_on, recipe_margins)
-    task_names = _check_tasks(tasks, data or {})
+    task_names = _check_tasks(tasks, data or {}, include_path)
     if not candidates:
         raise MexportError("no candidate to validate", hint="pass --candidate DIR (an export, quantize or engine dir)")
     if batch_size < 1:
@@ -88,7 +89,8 @@ def validate(
     from mexport.validate.tasks import load_task
 
     task_data = {
-        name: load_task(name, (data or {}).get(name), limit=limit, seed=seed, shots=shots) for name in task_names
+        name: load_task(name, (data or {}).get(name), limit=limit, seed=seed, shots=shots, include_path=include_path)
+        for name in task_names
     }
     for name, loaded in task_data.items():
         if not loaded.items:
@@ -122,6 +124,7 @@ def validate(
             "agreement_floor": agreement_floor,
             "fail_on": fail_on,
             "batch_size": batch_size,
+            "include_path": str(include_path) if include_path else None,
         },
         backends=[backend.info for backend in backends],
         tasks=task_infos,
@@ -135,16 +138,19 @@ def validate(
 # ---------------------------------------------------------------------------------------------------- inputs
 
 
-def _check_tasks(tasks: Sequence[str] | str, data: Mapping[str, Any]) -> list[str]:
-    """Known task names in the order given ("a,b" or a list; duplicates dropped); ``data`` names only these."""
-    from mexport.validate.tasks import get_task
+def _check_tasks(
+    tasks: Sequence[str] | str, data: Mapping[str, Any], include_path: Path | str | None = None
+) -> list[str]:
+    """Known task names (built in or lm-eval's) in the order given ("a,b" or a list; duplicates dropped); ``data``
+    names only these."""
+    from mexport.validate.tasks import check_task
 
     requested = tasks.split(",") if isinstance(tasks, str) else tasks
     names = list(dict.fromkeys(name.strip() for name in requested if name.strip()))
     if not names:
         raise MexportError("no task to validate on", hint="pass --tasks medmcqa,pubmedqa (comma-separated)")
     for name in names:
-        get_task(name)
+        check_task(name, include_path)
     for name in data:
         if name not in names:
             raise MexportError(f"--data {name}=...: {name} is not among the requested tasks ({', '.join(names)})")

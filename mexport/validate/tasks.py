@@ -298,6 +298,26 @@ def get_task(name: str) -> TaskSpec:
     return TASKS[name]
 
 
+def check_task(name: str, include_path: str | Path | None = None) -> None:
+    """``name`` is a built-in task or, with lm-eval installed, an lm-eval task (``include_path``: extra YAMLs)."""
+    if name in TASKS:
+        return
+    from mexport.lazy import is_available
+
+    if not is_available("lm_eval"):
+        raise MexportError(
+            f"unknown task {name!r}; valid tasks: {', '.join(TASKS)}",
+            hint="lm-eval task names need lm-eval: pip install 'mexport[lmeval]'",
+        )
+    from mexport.validate.lmeval_tasks import is_lmeval_task
+
+    if not is_lmeval_task(name, include_path):
+        raise MexportError(
+            f"unknown task {name!r}: neither built in ({', '.join(TASKS)}) nor an lm-eval task",
+            hint="`lm_eval ls tasks` lists lm-eval's; local task YAMLs need --include-path DIR",
+        )
+
+
 # ---- reading rows --------------------------------------------------------------------------------------------
 
 
@@ -431,14 +451,29 @@ def _sample_indices(count: int, limit: int | None, seed: int) -> list[int]:
 
 
 def load_task(
-    name: str, data: str | Path | None = None, *, limit: int | None = None, seed: int = 1234, shots: int = 0
+    name: str,
+    data: str | Path | None = None,
+    *,
+    limit: int | None = None,
+    seed: int = 1234,
+    shots: int = 0,
+    include_path: str | Path | None = None,
 ) -> TaskData:
     """Load task ``name`` as scored items.
 
     ``data``: a local .jsonl/.json/.parquet file in the dataset's own schema, "sample" for the shipped sample, or
     None for the Hugging Face hub (needs network). ``limit`` scores a seeded random subset (kept in file order);
-    ``shots`` prepends that many solved examples from the same set (never the question itself).
+    ``shots`` prepends that many solved examples from the same set (never the question itself). A name that is not
+    built in is an lm-eval task (:mod:`mexport.validate.lmeval_tasks`; ``include_path``: extra task YAMLs), whose
+    data and prompts come from its definition.
     """
+    if name not in TASKS:
+        check_task(name, include_path)
+        if data is not None:
+            raise MexportError(f"--data {name}=...: lm-eval task {name!r} reads the data its definition names")
+        from mexport.validate.lmeval_tasks import load_lmeval_task
+
+        return load_lmeval_task(name, include_path, limit=limit, seed=seed, shots=shots)
     spec = get_task(name)
     if shots < 0:
         raise MexportError(f"shots must be >= 0, got {shots}")
