@@ -100,3 +100,38 @@ def test_cli_prints_lm_evals_table_and_refuses_unknown_tasks(fp32_checkpoint: Pa
     result = runner.invoke(app, [*args, "--tasks", "no_such_task"])
     assert result.exit_code == 2
     assert "lm-eval knows no task 'no_such_task'" in result.output
+
+
+def test_lmeval_task_items_are_the_prompts_lm_eval_scores() -> None:
+    from mexport.validate.tasks import load_task
+
+    # the local task renders mexport's medmcqa sample: lm-eval must build the very same items
+    built = load_task("mexport_medmcqa_sample", include_path=TASK_DIR)
+    builtin = load_task("medmcqa", "sample")
+    assert [(i.context, i.choices, i.gold) for i in built.items] == [
+        (i.context, i.choices, i.gold) for i in builtin.items
+    ]
+    assert (built.source, built.total_rows) == ("lm-eval:mexport_medmcqa_sample", len(builtin.items))
+    fewshot = load_task("mexport_afrimedqa_sample", include_path=TASK_DIR, shots=2, limit=5, seed=7)
+    assert len(fewshot.items) == 5
+    assert all(item.context.count("\n\n") >= 2 and item.context.endswith("Answer:") for item in fewshot.items)
+
+
+def test_validate_reports_parity_on_an_lmeval_task(
+    tiny_checkpoint: Path, tiny_export_fp32: Path, tmp_path: Path
+) -> None:
+    from mexport.validate import validate
+
+    report = validate(
+        tiny_checkpoint,
+        [tiny_export_fp32],
+        ["mexport_afrimedqa_sample"],
+        output=tmp_path / "report",
+        include_path=TASK_DIR,
+        limit=8,
+    )
+    [result] = report.results
+    assert result.task == "mexport_afrimedqa_sample"
+    assert report.tasks[0].n_items == 8 and report.tasks[0].source == "lm-eval:mexport_afrimedqa_sample"
+    assert result.verdict.status in ("pass", "inconclusive")
+    assert "mexport_afrimedqa_sample" in (tmp_path / "report" / "report.md").read_text()
