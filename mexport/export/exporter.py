@@ -16,6 +16,7 @@ from typing import Any
 from mexport import console
 from mexport.checkpoint import Checkpoint, TensorLocation, copy_side_files, resolve_checkpoint, side_files_bytes
 from mexport.errors import MexportError, ValidationFailedError
+from mexport.export.genai import write_genai_config
 from mexport.export.graph import (
     StoredTensor,
     TracedGraph,
@@ -165,6 +166,7 @@ def export_onnx(
             )
         timings["weights_s"] = time.perf_counter() - clock
         side_files = copy_side_files(checkpoint, staging)
+        side_files += write_genai_config(staging, traced.model_config, io_signature(traced.model))
         onnx.checker.check_model(str(staging / GRAPH_FILE))
         files = {name: _file_entry(staging / name) for name in (GRAPH_FILE, *side_files)}
         files[DATA_FILE] = {"bytes": written.bytes, "sha256": written.sha256}  # hashed while written

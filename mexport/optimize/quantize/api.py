@@ -12,6 +12,7 @@ import numpy as np
 
 from mexport.console import phase, warn
 from mexport.errors import MexportError, ValidationFailedError
+from mexport.export.genai import write_genai_config
 from mexport.export.graph import io_signature
 from mexport.formats import DATA_FILE, GRAPH_FILE
 from mexport.fsutil import check_free_space, check_output_dir, staged_output_dir
@@ -300,6 +301,7 @@ def quantize(
     with staged_output_dir(output, overwrite) as staging:
         graph.save(staging)
         copy_model_side_files(model_dir, staging, skip=(*MODEL_FILES, MANIFEST_NAME))
+        write_genai_config(staging, parent["model_config"], io_signature(graph.model))
         onnx = require("onnx")
         with phase("checking the graph (onnx.checker)"):
             onnx.checker.check_model(str(staging / GRAPH_FILE), full_check=True)
