@@ -22,6 +22,7 @@ from mexport.validate.scoring import (
     loglikelihood_naive,
     score_items,
     score_requests,
+    score_token_requests,
 )
 from mexport.validate.tasks import MCQItem, load_task
 
@@ -68,6 +69,7 @@ class HistoryRuntime(DecoderRuntime):
         self.current = rng.normal(size=(VOCAB, VOCAB))
         self.context = rng.normal(size=(VOCAB, VOCAB))
         self.calls: list[tuple[int, ...]] = []
+        self.prefill_kept: list[int] = []  # logits_to_keep of each call without a past
         self.max_batch: int | None = None
         self.max_context: int | None = None
         self.max_input_len: int | None = None
@@ -86,6 +88,8 @@ class HistoryRuntime(DecoderRuntime):
         tokens = np.concatenate([history, input_ids], axis=1)
         assert attention_mask.shape == tokens.shape
         self.calls.append(input_ids.shape)
+        if past is None:
+            self.prefill_kept.append(logits_to_keep)
         logits = np.zeros((batch, new, VOCAB), dtype=np.float32)
         # a left-pad position sees no token: its logits are NaN, so reading one would poison the scores
         with np.errstate(invalid="ignore"), warnings.catch_warnings(action="ignore", category=RuntimeWarning):
@@ -190,6 +194,23 @@ def test_fast_path_runs_each_context_once_and_batches_single_token_questions() -
     # the other three each run their context once (batch 1), then their multi-token choices as one batch
     # ("words": 1 such choice, "long": 2, "trailing": 1)
     assert [batch for batch, _ in runtime.calls] == [2, 1, 1, 1, 2, 1, 1]
+
+
+def test_prefills_ask_for_the_last_position_only() -> None:
+    runtime = HistoryRuntime()
+    score_items(runtime, WordTokenizer(), MIXED_ITEMS, batch_size=8, progress=False)
+    assert runtime.prefill_kept == [1, 1, 1, 1]  # one lettered batch + three shared contexts
+
+
+def test_token_requests_report_lm_evals_is_greedy() -> None:
+    """The successor model's argmax after t is t+1: " 5 6" after "3 4" is greedy, " 6 7" and " 5 7" are not."""
+    tokenizer = NumberTokenizer()
+    pairs = [encode_pair(tokenizer, "3 4", cont) for cont in (" 5 6", " 6 7", " 5 7", " 5")]
+    scored = score_token_requests(SuccessorRuntime(), tokenizer, pairs)
+    assert [greedy for _, greedy in scored] == [True, False, False, True]
+    assert [loglik for loglik, _ in scored] == pytest.approx(
+        score_requests(SuccessorRuntime(), tokenizer, [("3 4", cont) for cont in (" 5 6", " 6 7", " 5 7", " 5")])
+    )
 
 
 def test_runtime_batch_cap_is_honoured() -> None:
