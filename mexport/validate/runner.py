@@ -260,9 +260,6 @@ def _backend_identity(path: Path, kind: str, device: str) -> str:
 # ---------------------------------------------------------------------------------------------------- scoring
 
 
-SCORE_CHUNK_BATCHES = 8
-
-
 def item_key(item: Any) -> str:
     """Content hash of a question as scored (id, full prompt incl. few-shot prefix, choices, gold)."""
     payload = json.dumps([item.doc_id, item.context, list(item.choices), item.gold], ensure_ascii=False)
@@ -350,11 +347,8 @@ def _score_in_batches(
 ) -> None:
     from mexport.validate.scoring import score_items
 
-    # several batches per call, so the scorer can group prompts of similar length (fewer padded tokens); the cache
-    # is written after each call
-    chunk = batch_size * SCORE_CHUNK_BATCHES
-    for start in range(0, len(items), chunk):
-        batch = items[start : start + chunk]
+    for start in range(0, len(items), batch_size):
+        batch = items[start : start + batch_size]
         batch_scores = score_items(backend.runtime, backend.tokenizer, batch, batch_size=batch_size, progress=False)
         cache.append([item_key(item) for item in batch], batch_scores)
         advance(len(batch))
