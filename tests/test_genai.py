@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -44,34 +45,46 @@ def runtime_eos(model_dir: Path) -> int:
 
 
 @pytest.fixture(scope="module")
-def quantized_dir(tiny_export_fp32: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from mexport.optimize.quantize import quantize
+def genai_export(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An fp32 export GenAI can run: with every position's logits (GenAI cannot feed a lean graph's
+    logits_indices input; ``full_logits`` exists once the lean-logits export has landed)."""
+    from mexport.export import export_onnx
 
-    out = tmp_path_factory.mktemp("genai") / "int8-wo"
-    quantize(tiny_export_fp32, out, "int8-wo", check_prompts=1)
+    options = {"full_logits": True} if "full_logits" in inspect.signature(export_onnx).parameters else {}
+    out = tmp_path_factory.mktemp("genai") / "fp32"
+    export_onnx(tiny_checkpoint, out, dtype="fp32", validate=False, **options)
     return out
 
 
-def test_config_names_the_decoder_io_without_sliding_window(tiny_export_fp32: Path) -> None:
-    config = json.loads((tiny_export_fp32 / GENAI_CONFIG).read_text())
+@pytest.fixture(scope="module")
+def quantized_dir(genai_export: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from mexport.optimize.quantize import quantize
+
+    out = tmp_path_factory.mktemp("genai") / "int8-wo"
+    quantize(genai_export, out, "int8-wo", check_prompts=1)
+    return out
+
+
+def test_config_names_the_decoder_io_without_sliding_window(genai_export: Path) -> None:
+    config = json.loads((genai_export / GENAI_CONFIG).read_text())
     decoder = config["model"]["decoder"]
     assert decoder["inputs"]["position_ids"] == "position_ids"
     assert decoder["inputs"]["past_key_names"] == "past_key_values.%d.key"
     assert decoder["outputs"]["present_value_names"] == "present.%d.value"
     assert "sliding_window" not in decoder
     assert config["search"]["past_present_share_buffer"] is False
-    hf_config = json.loads((tiny_export_fp32 / "config.json").read_text())
+    hf_config = json.loads((genai_export / "config.json").read_text())
     assert (config["model"]["bos_token_id"], config["model"]["eos_token_id"], config["model"]["context_length"]) == (
         hf_config["bos_token_id"],
         hf_config["eos_token_id"],
         hf_config["max_position_embeddings"],
     )
-    manifest = json.loads((tiny_export_fp32 / "mexport.json").read_text())
+    manifest = json.loads((genai_export / "mexport.json").read_text())
     assert GENAI_CONFIG in manifest["files"]  # hashed like every other file of the artifact
 
 
-def test_no_config_for_a_graph_with_inputs_genai_cannot_feed(tiny_export_fp32: Path) -> None:
-    manifest = json.loads((tiny_export_fp32 / "mexport.json").read_text())
+def test_no_config_for_a_graph_with_inputs_genai_cannot_feed(genai_export: Path) -> None:
+    manifest = json.loads((genai_export / "mexport.json").read_text())
     io = manifest["io"]
     lean = {**io, "inputs": [*io["inputs"], {"name": "logits_indices", "dtype": "int64", "shape": ["logits_length"]}]}
     assert genai_config(manifest["model_config"], io, {}) is not None
@@ -80,12 +93,10 @@ def test_no_config_for_a_graph_with_inputs_genai_cannot_feed(tiny_export_fp32: P
 
 @pytest.mark.skipif(not is_available("onnxruntime_genai"), reason="onnxruntime-genai not installed (mexport[genai])")
 @pytest.mark.parametrize("which", ["export", "quantized"])
-def test_genai_generates_the_same_greedy_tokens(
-    which: str, tiny_export_fp32: Path, request: pytest.FixtureRequest
-) -> None:
+def test_genai_generates_the_same_greedy_tokens(which: str, genai_export: Path, request: pytest.FixtureRequest) -> None:
     from mexport.validate.backends import load_tokenizer
 
-    model_dir = tiny_export_fp32 if which == "export" else request.getfixturevalue("quantized_dir")
+    model_dir = genai_export if which == "export" else request.getfixturevalue("quantized_dir")
     assert (model_dir / GENAI_CONFIG).is_file()
     prompt_ids = list(load_tokenizer(model_dir)(PROMPT)["input_ids"])
     expected = _mexport_greedy(model_dir, prompt_ids)

@@ -7,7 +7,7 @@ would apply a second one); ``position_ids`` is listed as an input; the KV cache 
 present (``past_present_share_buffer: false``: the graph's present is past + new, not a fixed-size buffer).
 
 A graph with inputs GenAI cannot feed (the lean-logits ``logits_indices`` input) gets no config: GenAI only feeds
-the inputs it knows. Export with full logits for GenAI.
+the inputs it knows, and pre-allocates ``logits`` as [batch, sequence, vocab]. Export with full logits for GenAI.
 """
 
 from __future__ import annotations
