@@ -25,7 +25,7 @@ from mexport.optimize.engine.builder import engine_manifest, require_tensorrt
 from mexport.optimize.engine.gpus import GPU_TARGETS, parse_nvidia_smi, require_cuda_gpu
 from mexport.optimize.engine.precision import select_build_mode
 from mexport.optimize.engine.profiles import EngineLimits, derive_profiles
-from mexport.optimize.engine.trt_runtime import TrtDecoder, check_engine_compatibility
+from mexport.runtime.trt import TrtDecoder, check_engine_compatibility
 from mexport.runtime.base import RuntimeLimits
 
 runner = CliRunner()
@@ -44,8 +44,8 @@ TINY = {
 NUMPY_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
-def decoder_io(config: dict[str, Any], dtype: str) -> dict[str, list[dict[str, Any]]]:
-    """The io signature of an mexport export of ``config`` in ``dtype``."""
+def decoder_io(config: dict[str, Any], dtype: str, lean: bool = False) -> dict[str, list[dict[str, Any]]]:
+    """The io signature of an mexport export of ``config`` in ``dtype`` (``lean``: with logits_indices)."""
     float_dtype = NUMPY_DTYPES[dtype]
     tokens = ["batch_size", "sequence_length"]
     kv = ["batch_size", config["num_key_value_heads"], "past_sequence_length", config["head_dim"]]
@@ -58,9 +58,11 @@ def decoder_io(config: dict[str, Any], dtype: str) -> dict[str, list[dict[str, A
             {"name": "attention_mask", "dtype": "int64", "shape": ["batch_size", total]},
             {"name": "position_ids", "dtype": "int64", "shape": tokens},
             *({"name": f"past_key_values.{i}.{kind}", "dtype": float_dtype, "shape": kv} for i, kind in cache),
+            *([{"name": "logits_indices", "dtype": "int64", "shape": ["logits_length"]}] if lean else []),
         ],
         "outputs": [
-            {"name": "logits", "dtype": float_dtype, "shape": [*tokens, config["vocab_size"]]},
+            {"name": "logits", "dtype": float_dtype,
+             "shape": ["batch_size", "logits_length" if lean else "sequence_length", config["vocab_size"]]},
             *({"name": f"present.{i}.{kind}", "dtype": float_dtype, "shape": present} for i, kind in cache),
         ],
     }
@@ -68,16 +70,16 @@ def decoder_io(config: dict[str, Any], dtype: str) -> dict[str, list[dict[str, A
 
 def model_dir(
     tmp_path: Path, config: dict[str, Any] = GEMMA2_9B, dtype: str = "bf16", recipe: str | None = None,
-    files: dict[str, Any] | None = None, opset: int = 18,
+    files: dict[str, Any] | None = None, opset: int = 18, lean: bool = False,
 ) -> Path:
     """A model directory holding only the manifest (planning never opens the ONNX files)."""
     kind = "quantize" if recipe else "export"
     extra: dict[str, Any] = {"recipe": {"name": recipe}} if recipe else {}
     manifest = new_manifest(
-        kind, status="passed", dtype=dtype, opset=opset, model_config=config, io=decoder_io(config, dtype),
+        kind, status="passed", dtype=dtype, opset=opset, model_config=config, io=decoder_io(config, dtype, lean),
         files=files or {}, **extra,
     )
-    directory = tmp_path / f"{kind}-{dtype}-{recipe}"
+    directory = tmp_path / f"{kind}-{dtype}-{recipe}-{'lean' if lean else 'full'}"
     directory.mkdir()
     write_manifest(directory, manifest)
     return directory
@@ -86,11 +88,11 @@ def model_dir(
 # -- profiles ------------------------------------------------------------------------------------------------
 
 
-def test_tiny_profiles_cover_prefill_and_decode_consistently() -> None:
+def test_tiny_profiles_cover_prefill_decode_and_chunks_consistently() -> None:
     io = decoder_io(TINY, "fp32")
-    prefill, decode = derive_profiles(io["inputs"], EngineLimits(max_batch=4, max_input_len=128, max_context=256,
-                                                                 opt_batch=2))
-    assert (prefill.index, prefill.name, decode.index, decode.name) == (0, "prefill", 1, "decode")
+    prefill, decode, chunk = derive_profiles(io["inputs"], EngineLimits(max_batch=4, max_input_len=128,
+                                                                        max_context=256, opt_batch=2))
+    assert [(p.index, p.name) for p in (prefill, decode, chunk)] == [(0, "prefill"), (1, "decode"), (2, "chunk")]
     ids, mask, past = (prefill.shapes[name] for name in ("input_ids", "attention_mask", "past_key_values.0.key"))
     assert (ids.min, ids.opt, ids.max) == ((1, 1), (2, 64), (4, 128))
     assert (mask.min, mask.opt, mask.max) == ((1, 1), (2, 64), (4, 128))  # past 0 + new tokens
@@ -99,14 +101,27 @@ def test_tiny_profiles_cover_prefill_and_decode_consistently() -> None:
     assert (ids.min, ids.opt, ids.max) == ((1, 1), (2, 1), (4, 1))
     assert (mask.min, mask.opt, mask.max) == ((1, 1), (2, 129), (4, 256))  # past + 1, up to the whole context
     assert (past.min, past.opt, past.max) == ((1, 2, 0, 16), (2, 2, 128, 16), (4, 2, 255, 16))
-    for profile in (prefill, decode):
+    ids, mask, past = (chunk.shapes[name] for name in ("input_ids", "attention_mask", "past_key_values.0.key"))
+    assert (ids.min, ids.opt, ids.max) == ((1, 1), (2, 64), (4, 128))  # new tokens after a past
+    assert (past.min, past.opt, past.max) == ((1, 2, 1, 16), (2, 2, 128, 16), (4, 2, 255, 16))
+    assert (mask.min, mask.opt, mask.max) == ((1, 2), (2, 192), (4, 383))
+    assert "logits_length" not in chunk.symbols  # full-logits graph: no logits_indices input
+    for profile in (prefill, decode, chunk):
         assert list(profile.shapes) == [entry["name"] for entry in io["inputs"]]
         for shape in profile.shapes.values():  # TensorRT's rule: min <= opt <= max on every axis
             assert all(lo <= mid <= hi for lo, mid, hi in zip(shape.min, shape.opt, shape.max, strict=True))
 
 
+def test_lean_profiles_bound_logits_indices() -> None:
+    limits = EngineLimits(max_batch=2, max_input_len=128, max_context=256, prefill_chunk=32, max_logits=16)
+    prefill, decode, chunk = derive_profiles(decoder_io(TINY, "fp32", lean=True)["inputs"], limits)
+    assert prefill.shapes["logits_indices"].max == chunk.shapes["logits_indices"].max == (16,)
+    assert decode.shapes["logits_indices"].max == (1,) and prefill.shapes["input_ids"].max == (2, 32)
+    assert chunk.symbols["logits_length"] == (1, 1, 16)
+
+
 def test_9b_profiles_have_every_kv_input() -> None:
-    prefill, decode = derive_profiles(decoder_io(GEMMA2_9B, "bf16")["inputs"], EngineLimits(1, 2048, 8192))
+    prefill, decode, _ = derive_profiles(decoder_io(GEMMA2_9B, "bf16")["inputs"], EngineLimits(1, 2048, 8192))
     assert len(decode.shapes) == 3 + 2 * 42
     assert decode.shapes["past_key_values.41.value"].max == (1, 8, 8191, 256)
     assert prefill.shapes["past_key_values.41.value"].max == (1, 8, 0, 256)
@@ -207,9 +222,10 @@ def test_impossible_build_modes_are_refused(graph: str, precision: str, recipe: 
 # 9B in bf16: weights 9_241_705_984 x 2; KV 2 x 42 layers x 8 heads x 256 x 2 bytes = 344_064 bytes per token
 WEIGHTS_BF16 = 18_483_411_968
 KV_PER_TOKEN = 344_064
-# prefill at batch 1, 2048 tokens: logits 2048 x 256000 x 2 + one layer 2048 x (2 x 14336 + 4 x 3584) x 2
-# + fp32 scores and probabilities 2 x 16 heads x 2048 x 2048 x 4
-ACTIVATIONS_B1_L2048 = 2048 * 256000 * 2 + 2048 * 43008 * 2 + 2 * 16 * 2048 * 2048 * 4
+# batch 1, context 8192, default prefill chunk 256: the chunk profile (256 new tokens after up to 8191 cached) peaks:
+# logits 256 x 256000 x 2 + one layer 256 x (2 x 14336 + 4 x 3584) x 2 + fp32 scores and probabilities
+# 2 x 16 heads x 256 x min(8191 + 256, 8192) x 4
+ACTIVATIONS_B1_L2048 = 256 * 256000 * 2 + 256 * 43008 * 2 + 2 * 16 * 256 * 8192 * 4
 RESERVES = 4_000_000_000 + 1_000_000_000  # default --workspace 4 GB + CUDA reserve
 
 
@@ -220,10 +236,42 @@ def test_9b_bf16_fits_h100_at_batch_1_context_8192(tmp_path: Path) -> None:
     assert memory.weights_bytes == WEIGHTS_BF16
     assert memory.kv_bytes_per_token == KV_PER_TOKEN
     assert memory.kv_cache_bytes == KV_PER_TOKEN * 8192 == 2_818_572_288
-    assert memory.activation_bytes == ACTIVATIONS_B1_L2048 == 1_761_607_680
-    assert memory.total_bytes == WEIGHTS_BF16 + 2 * 2_818_572_288 + 1_761_607_680 + RESERVES == 30_882_164_224
+    assert memory.activation_bytes == ACTIVATIONS_B1_L2048 == 421_527_552
+    assert memory.total_bytes == WEIGHTS_BF16 + 2 * 2_818_572_288 + 421_527_552 + RESERVES == 29_542_084_096
     assert plan.fits is True and plan.gpu == GPU_TARGETS["h100-80gb"]
     assert (plan.mode.precision, plan.mode.strongly_typed, plan.min_tensorrt) == ("bf16", True, "10.0")
+
+
+def test_9b_lean_plan_at_h100_defaults_keeps_activations_small(tmp_path: Path) -> None:
+    """Issue 12: batch 8, input 2048, context 4096 planned 14.09 GB of activations (full logits, 2048-token prefill)."""
+    before = plan_engine(model_dir(tmp_path), EngineSettings(prefill_chunk=2048, target="h100-80gb"))
+    plan = plan_engine(model_dir(tmp_path, lean=True), EngineSettings(target="h100-80gb"))
+    limits = plan.settings.limits
+    assert (limits.max_batch, limits.max_input_len, limits.max_context, limits.chunk) == (8, 2048, 4096, 256)
+    # chunk profile: logits 8 x 64 x 256000 x 2 + layer 8 x 256 x 43008 x 2 + scores 2 x 8 x 16 x 256 x 4096 x 4
+    assert plan.memory.activation_bytes == 262_144_000 + 176_160_768 + 1_073_741_824 == 1_512_046_592 <= 2.5e9
+    assert before.memory.activation_bytes > 14e9
+    assert [profile.name for profile in plan.profiles] == ["prefill", "decode", "chunk"]
+    assert plan.profiles[2].shapes["logits_indices"].max == (64,)
+    assert plan.profiles[2].shapes["attention_mask"].max == (8, 4095 + 256)  # chunks reach the whole context
+
+
+def test_chunked_prefill_reaches_8192_with_a_short_prefill_profile(tmp_path: Path) -> None:
+    plan = plan_engine(model_dir(tmp_path, lean=True), EngineSettings(max_batch=1, max_input_len=8192,
+                                                                      max_context=8192, target="h100-80gb"))
+    prefill, _, chunk = plan.profiles
+    assert prefill.shapes["input_ids"].max == (1, 256) < (1, 8192)
+    assert chunk.shapes["past_key_values.0.key"].max == (1, 8, 8191, 256)
+    assert plan.fits is True
+
+
+def test_limits_adapt_to_a_small_context(tmp_path: Path) -> None:
+    plan = plan_engine(model_dir(tmp_path, config=TINY), EngineSettings(max_context=256))
+    assert (plan.settings.limits.max_input_len, plan.settings.limits.chunk) == (256, 256)
+    small = plan_engine(model_dir(tmp_path, config=TINY, lean=True), EngineSettings(max_context=100, max_logits=8))
+    assert small.settings.limits.max_input_len == 100 and small.profiles[0].shapes["logits_indices"].max == (8,)
+    with pytest.raises(MexportError, match="--prefill-chunk 300 is larger than --max-input-len 256"):
+        plan_engine(model_dir(tmp_path, config=TINY, dtype="fp32"), EngineSettings(max_context=256, prefill_chunk=300))
 
 
 def test_9b_bf16_is_refused_on_l4_with_the_numbers(tmp_path: Path) -> None:
@@ -231,7 +279,7 @@ def test_9b_bf16_is_refused_on_l4_with_the_numbers(tmp_path: Path) -> None:
         plan_engine(model_dir(tmp_path), EngineSettings(max_batch=1, max_context=8192, target="l4-24gb"))
     message = error.value.message
     assert "does not fit on NVIDIA L4 24GB (24.15 GB)" in message
-    assert "needs about 30.88 GB = weights 18.48 GB + KV cache 2 x 2.82 GB + activations 1.76 GB" in message
+    assert "needs about 29.54 GB = weights 18.48 GB + KV cache 2 x 2.82 GB + activations 421.53 MB" in message
     assert "int4-wo" in (error.value.hint or "")
 
 
@@ -241,7 +289,7 @@ def test_9b_int4_weight_only_is_smaller_and_fits_l4(tmp_path: Path) -> None:
     embedding = 256000 * 3584  # kept in bf16 by weight-only recipes
     assert plan.memory.weights_bytes == (9_241_705_984 - embedding) // 2 + embedding * 2 == 5_997_108_992
     assert plan.memory.weights_bytes < WEIGHTS_BF16 / 3
-    assert plan.memory.total_bytes == 5_997_108_992 + 2 * 2_818_572_288 + 1_761_607_680 + RESERVES
+    assert plan.memory.total_bytes == 5_997_108_992 + 2 * 2_818_572_288 + ACTIVATIONS_B1_L2048 + RESERVES
     assert plan.fits is True
     assert plan.mode.strongly_typed and plan.mode.builder_flags == ()
 
@@ -302,7 +350,7 @@ def test_plan_dict_records_every_decision(tmp_path: Path) -> None:
     assert record["build"]["recipe"] == "fp8" and record["build"]["strongly_typed"] is True
     assert record["build"]["builder_flags"] == [] and record["build"]["min_compute_capability"] == "8.9"
     assert record["tensorrt_min"] == "10.0" and record["hardware_compatibility"] == "none"
-    assert [profile["name"] for profile in record["profiles"]] == ["prefill", "decode"]
+    assert [profile["name"] for profile in record["profiles"]] == ["prefill", "decode", "chunk"]
     decode_mask = record["profiles"][1]["inputs"]["attention_mask"]
     assert decode_mask == {"min": [1, 1], "opt": [1, 2049], "max": [2, 4096]}
     assert record["gpu"]["compute_capability"] == "9.0" and record["fits"] is True
@@ -415,9 +463,10 @@ def test_engine_manifest_carries_what_the_runtime_needs(tmp_path: Path) -> None:
     assert (engine["tensorrt_version"], engine["compute_capability"], engine["gpu"]) == (
         "10.13.0.35", "9.0", "NVIDIA H100 80GB HBM3"
     )
-    assert engine["limits"] == {"max_batch": 2, "max_input_len": 64, "max_context": 128, "opt_batch": 1}
+    assert engine["limits"] == {"max_batch": 2, "max_input_len": 64, "max_context": 128, "opt_batch": 1,
+                                "prefill_chunk": 64, "max_logits": 64}
     assert engine["builder_flags"] == ["BF16"] and engine["strongly_typed"] is False
-    assert [profile["name"] for profile in engine["profiles"]] == ["prefill", "decode"]
+    assert [profile["name"] for profile in engine["profiles"]] == ["prefill", "decode", "chunk"]
     assert (engine["engine_bytes"], engine["build_seconds"], engine["hardware_compatibility"]) == (123, 12.3, "none")
 
 
@@ -459,8 +508,8 @@ def test_trt_decoder_errors_before_touching_the_gpu(tmp_path: Path, no_tensorrt:
     with pytest.raises(MexportError, match="CUDA devices only, not 'cpu'"):
         TrtDecoder(directory, device="cpu")
     decoder = TrtDecoder(directory)
-    assert decoder.spec.num_layers == 4 and decoder.engine_limits == EngineLimits(2, 64, 128, 1)
-    assert decoder.limits == RuntimeLimits(max_batch=2, max_context=128)
+    assert decoder.spec.num_layers == 4 and decoder.engine_limits == EngineLimits(2, 64, 128, 1, 64)
+    assert decoder.limits == RuntimeLimits(max_batch=2, max_context=128, max_input_len=64)
     assert decoder.precision == "bf16 (TensorRT 10.13.0.35, weakly typed)"
     with pytest.raises(MissingDependencyError, match="TensorRT is missing"):
         decoder.activate()

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from mexport.errors import MexportError
-from mexport.optimize.engine import EngineSettings, TrtDecoder, build_engine
+from mexport.optimize.engine import EngineSettings, build_engine
+from mexport.runtime.trt import TrtDecoder
 from mexport.runtime.base import DecoderRuntime
 
 LIMITS = {"max_batch": 4, "max_input_len": 32, "max_context": 64, "opt_batch": 2}

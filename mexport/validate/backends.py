@@ -88,7 +88,7 @@ def _trt_runtime(path: Path) -> DecoderRuntime:
         if check.status == MISSING:
             raise BackendUnavailable(f"TensorRT engine cannot run here: {check.name} {check.detail}", hint=check.fix)
     try:
-        from mexport.optimize.engine import TrtDecoder
+        from mexport.runtime.trt import TrtDecoder
     except ImportError as exc:
         raise BackendUnavailable(f"TensorRT runtime unavailable: {exc}") from exc
     return TrtDecoder(path)

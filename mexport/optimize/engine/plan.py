@@ -11,8 +11,9 @@ Memory at run time is estimated as the sum of:
   embedding (which weight-only recipes keep in the float dtype);
 - KV cache at max shapes, ``2 (K and V) x layers x kv_heads x head_dim x bytes x max_batch x max_context``, counted
   twice: the runtime binds the past as inputs and the present (past + new token) as separate outputs;
-- activations at the largest profile shape: the logits output ``B x S x vocab``, one layer's MLP / attention
-  intermediates and the fp32 attention scores and probabilities ``2 x B x heads x S x (past + S) x 4``;
+- activations at the largest profile shape: the logits output ``B x L x vocab`` (L = ``logits_length`` in a
+  lean-logits graph, else every new token S), one layer's MLP / attention intermediates and the fp32 attention
+  scores and probabilities ``2 x B x heads x S x min(past + S, max_context) x 4``;
 - the builder's workspace pool (``--workspace``), which tactics may use at run time too;
 - a fixed reserve for the CUDA context and TensorRT's own kernels.
 """
@@ -39,6 +40,10 @@ from mexport.optimize.engine.precision import (
 )
 from mexport.optimize.engine.profiles import (
     BATCH,
+    DEFAULT_MAX_INPUT_LEN,
+    DEFAULT_MAX_LOGITS,
+    DEFAULT_PREFILL_CHUNK,
+    LOGITS,
     PAST,
     SEQUENCE,
     EngineLimits,
@@ -60,9 +65,11 @@ class EngineSettings:
 
     precision: str = "bf16"
     max_batch: int = 8
-    max_input_len: int = 2048
+    max_input_len: int | None = None  # None: min(2048, max_context)
     max_context: int = 4096
     opt_batch: int = 1
+    prefill_chunk: int | None = None  # None: min(256, max_input_len)
+    max_logits: int = DEFAULT_MAX_LOGITS
     workspace_gb: float = 4.0
     timing_cache: Path | None = None
     hw_compat: str = "none"
@@ -71,7 +78,12 @@ class EngineSettings:
 
     @property
     def limits(self) -> EngineLimits:
-        return EngineLimits(self.max_batch, self.max_input_len, self.max_context, self.opt_batch)
+        """The limits with unset ones adapted to those given (``--max-context 256`` alone is a valid request)."""
+        max_input_len = self.max_input_len
+        if max_input_len is None:
+            max_input_len = min(DEFAULT_MAX_INPUT_LEN, self.max_context)
+        chunk = self.prefill_chunk if self.prefill_chunk is not None else min(DEFAULT_PREFILL_CHUNK, max_input_len)
+        return EngineLimits(self.max_batch, max_input_len, self.max_context, self.opt_batch, chunk, self.max_logits)
 
     @property
     def workspace_bytes(self) -> int:
@@ -224,8 +236,14 @@ def estimate_weights(manifest: dict[str, Any], mode: BuildMode) -> tuple[int, st
     )
 
 
-def estimate_activations(manifest: dict[str, Any], profiles: list[OptimizationProfile], act_bytes: int) -> int:
-    """Peak activation bytes over the profiles' max shapes (see the module docstring)."""
+def estimate_activations(
+    manifest: dict[str, Any], profiles: list[OptimizationProfile], act_bytes: int, max_context: int
+) -> int:
+    """Peak activation bytes over the profiles' max shapes (see the module docstring).
+
+    A lean-logits graph computes logits for ``logits_length`` positions per row, not every new token; the runtime
+    never runs more than ``max_context`` cached + new tokens, so attention rows are capped there.
+    """
     config = manifest["model_config"]
     logits_bytes = BYTES_PER_ELEMENT[_io_dtype(manifest, "outputs", "logits")]
     hidden, intermediate = int(config["hidden_size"]), int(config["intermediate_size"])
@@ -233,10 +251,11 @@ def estimate_activations(manifest: dict[str, Any], profiles: list[OptimizationPr
     peak = 0
     for profile in profiles:
         batch, new, past = (profile.symbols[symbol][2] for symbol in (BATCH, SEQUENCE, PAST))
+        positions = profile.symbols[LOGITS][2] if LOGITS in profile.symbols else new
         tokens = batch * new
-        logits = tokens * vocab * logits_bytes
+        logits = batch * positions * vocab * logits_bytes
         layer = tokens * (2 * intermediate + 4 * hidden) * act_bytes
-        scores = 2 * batch * heads * new * (past + new) * 4
+        scores = 2 * batch * heads * new * min(past + new, max_context) * 4
         peak = max(peak, logits + layer + scores)
     return peak
 
@@ -254,7 +273,9 @@ def estimate_memory(
         weights_source=source,
         kv_bytes_per_token=per_token,
         kv_cache_bytes=per_token * settings.max_batch * settings.max_context,
-        activation_bytes=estimate_activations(manifest, profiles, BYTES_PER_ELEMENT[mode.precision]),
+        activation_bytes=estimate_activations(
+            manifest, profiles, BYTES_PER_ELEMENT[mode.precision], settings.max_context
+        ),
         workspace_bytes=settings.workspace_bytes,
     )
 
