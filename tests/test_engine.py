@@ -79,7 +79,7 @@ def model_dir(
         kind, status="passed", dtype=dtype, opset=opset, model_config=config, io=decoder_io(config, dtype, lean),
         files=files or {}, **extra,
     )
-    directory = tmp_path / f"{kind}-{dtype}-{recipe}-{'lean' if lean else 'full'}"
+    directory = tmp_path / f"{kind}-{dtype}-{recipe}-{opset}-{'lean' if lean else 'full'}"
     directory.mkdir()
     write_manifest(directory, manifest)
     return directory
@@ -170,7 +170,7 @@ def test_build_mode_selection(
     graph: str, precision: str, recipe: str | None, strongly_typed: bool, flags: tuple[str, ...], effective: str,
     capability: tuple[int, int],
 ) -> None:
-    mode = select_build_mode(graph, precision, recipe)
+    mode = select_build_mode(graph, precision, recipe, "10.11")  # weak typing exists (and warns from 10.12)
     assert (mode.strongly_typed, mode.builder_flags, mode.precision, mode.recipe) == (
         strongly_typed, flags, effective, recipe
     )
@@ -179,15 +179,63 @@ def test_build_mode_selection(
     assert mode.notes  # every choice is explained in the plan
 
 
-def test_recipes_match_the_quantizer() -> None:
-    from mexport.optimize.engine.precision import RECIPES
-    from mexport.optimize.quantize import RECIPES as QUANTIZER_RECIPES
+def test_engine_and_quantizer_share_one_recipe_registry() -> None:
+    from mexport.optimize.engine import precision
+    from mexport.optimize.quantize import RECIPES
 
-    assert set(RECIPES) == set(QUANTIZER_RECIPES)
-    for name, recipe in RECIPES.items():
-        weights = QUANTIZER_RECIPES[name].weights
-        assert recipe.weight_bits == {"fp8": 8, "int8": 8, "int4": 4}[weights]
-        assert recipe.quantizes_activations == (QUANTIZER_RECIPES[name].activations is not None)
+    assert precision.RECIPES is RECIPES  # no second table to drift
+    assert {name: (r.weight_bits, r.min_capability, r.build_mode) for name, r in RECIPES.items()} == {
+        "fp8": (8, (8, 9), "strongly typed"), "int8-sq": (8, (7, 5), "strongly typed"),
+        "int8-wo": (8, (7, 5), "strongly typed"), "int4-wo": (4, (8, 0), "strongly typed"),
+    }
+
+
+def test_tensorrt_11_never_proposes_weak_typing_or_flags() -> None:
+    with pytest.raises(MexportError, match="TensorRT 11 removed weak typing and the BF16 builder flag") as error:
+        select_build_mode("fp32", "bf16", None, "11.4")
+    assert "mexport onnx --dtype bf16" in (error.value.hint or "")
+    for graph, precision, recipe in [("bf16", "bf16", None), ("fp32", "fp32", None), ("bf16", "bf16", "int4-wo")]:
+        mode = select_build_mode(graph, precision, recipe, "11.0")
+        assert mode.strongly_typed and mode.builder_flags == () and mode.warnings == ()
+
+
+def test_weak_typing_warns_from_tensorrt_10_12() -> None:
+    assert select_build_mode("fp32", "bf16", None, "10.11").warnings == ()
+    (warning,) = select_build_mode("fp32", "bf16", None, "10.12").warnings
+    assert "deprecated in TensorRT 10.12 and removed in 11.0" in warning
+
+
+def test_plan_states_the_tensorrt_version_it_targets(tmp_path: Path) -> None:
+    from mexport.optimize.engine.precision import NEWEST_TENSORRT
+
+    directory = model_dir(tmp_path)
+    default = plan_engine(directory, EngineSettings()).to_dict()["tensorrt"]
+    assert default["version"] == NEWEST_TENSORRT and "newest release the [gpu] extra allows" in default["source"]
+    assert default["strongly_typed_only"] is True
+    pinned = plan_engine(directory, EngineSettings(tensorrt_version="10.13")).tensorrt
+    assert (pinned.version, pinned.source, pinned.strongly_typed_only) == ("10.13", "--tensorrt-version", False)
+    with pytest.raises(MexportError, match=r"TensorRT 9.2 \(--tensorrt-version\) is outside the range"):
+        plan_engine(directory, EngineSettings(tensorrt_version="9.2"))
+    with pytest.raises(MexportError, match="not of the form X.Y"):
+        plan_engine(directory, EngineSettings(tensorrt_version="eleven"))
+    with pytest.raises(MexportError, match=r"needs TensorRT >= 10.15 \(ONNX opset 21\); the plan targets TensorRT 10.13"):
+        plan_engine(model_dir(tmp_path, opset=21), EngineSettings(tensorrt_version="10.13"))
+
+
+def test_gpu_extra_pins_the_supported_range() -> None:
+    import tomllib
+
+    from mexport.optimize.engine.precision import NEWEST_TENSORRT, SUPPORTED_TENSORRT, version_tuple
+
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    extra = pyproject["project"]["optional-dependencies"]["gpu"]
+    assert f"tensorrt>={SUPPORTED_TENSORRT[0]},<{SUPPORTED_TENSORRT[1]}" in extra
+    assert version_tuple(SUPPORTED_TENSORRT[0]) <= version_tuple(NEWEST_TENSORRT) < version_tuple(SUPPORTED_TENSORRT[1])
+
+
+def test_default_precision_is_the_graph_dtype(tmp_path: Path) -> None:
+    plan = plan_engine(model_dir(tmp_path, config=TINY, dtype="fp32"), EngineSettings(max_context=256))
+    assert (plan.mode.precision, plan.mode.strongly_typed, plan.mode.builder_flags) == ("fp32", True, ())
 
 
 def test_quantized_build_explains_strong_typing_and_ignored_precision() -> None:
@@ -199,8 +247,8 @@ def test_quantized_build_explains_strong_typing_and_ignored_precision() -> None:
 
 
 def test_fp16_warns_about_gemma2_overflow() -> None:
-    assert "overflows" in select_build_mode("fp32", "fp16", None).warnings[0]
-    assert select_build_mode("fp32", "bf16", None).warnings == ()
+    assert "overflows" in select_build_mode("fp32", "fp16", None, "10.11").warnings[0]
+    assert select_build_mode("fp32", "bf16", None, "10.11").warnings == ()
 
 
 @pytest.mark.parametrize(
@@ -329,15 +377,15 @@ def test_gpu_memory_budget_and_unchecked_plans(tmp_path: Path) -> None:
 
 def test_opset_sets_the_minimum_tensorrt(tmp_path: Path) -> None:
     assert plan_engine(model_dir(tmp_path, opset=21), EngineSettings()).min_tensorrt == "10.15"
-    assert plan_engine(model_dir(tmp_path, dtype="fp16", opset=25), EngineSettings(precision="fp16")).min_tensorrt == (
-        "11.5"
-    )
+    fp16 = EngineSettings(precision="fp16", tensorrt_version="11.5")
+    assert plan_engine(model_dir(tmp_path, dtype="fp16", opset=25), fp16).min_tensorrt == "11.5"
     with pytest.raises(MexportError, match="ONNX opset 26 is newer than any TensorRT parser"):
         plan_engine(model_dir(tmp_path, dtype="fp32", opset=26), EngineSettings())
 
 
 def test_fp32_export_built_at_bf16_keeps_fp32_io_for_the_kv_cache(tmp_path: Path) -> None:
-    plan = plan_engine(model_dir(tmp_path, dtype="fp32"), EngineSettings(max_batch=1, max_context=8192))
+    settings = EngineSettings(precision="bf16", max_batch=1, max_context=8192, tensorrt_version="10.11")
+    plan = plan_engine(model_dir(tmp_path, dtype="fp32"), settings)
     assert plan.mode.builder_flags == ("BF16",) and not plan.mode.strongly_typed
     assert plan.memory.weights_bytes == WEIGHTS_BF16  # weights are converted to bf16 ...
     assert plan.memory.kv_bytes_per_token == 2 * KV_PER_TOKEN  # ... but the cache IO stays fp32
@@ -386,8 +434,8 @@ def no_tensorrt(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_stubs_only_tensorrt_is_reported_with_the_install_hint(no_tensorrt: None) -> None:
-    with pytest.raises(MissingDependencyError, match="TensorRT is missing: the 'tensorrt' module found has no "
-                                                     "Builder") as error:
+    with pytest.raises(MissingDependencyError, match=r"TensorRT not installed \(only type stubs\): the 'tensorrt' "
+                                                     "module found has no Builder") as error:
         require_tensorrt()
     hint = error.value.hint or ""
     assert "pip install 'mexport[gpu]' on a host with an NVIDIA GPU and CUDA" in hint
@@ -436,7 +484,7 @@ def test_build_checks_tensorrt_then_gpu_and_writes_nothing(
     with pytest.raises(MexportError, match="no model.onnx"):
         build_engine(source, out, settings)
     (source / "model.onnx").write_bytes(b"graph placeholder: never parsed, the build stops before")
-    with pytest.raises(MissingDependencyError, match="TensorRT is missing"):
+    with pytest.raises(MissingDependencyError, match="TensorRT not installed"):
         build_engine(source, out, settings)
     monkeypatch.setattr(builder, "require_tensorrt", lambda: "10.13.0.35")
     monkeypatch.setattr(gpus, "detect_gpus", list)
@@ -458,14 +506,14 @@ def test_engine_manifest_carries_what_the_runtime_needs(tmp_path: Path) -> None:
     manifest = engine_manifest(plan, source, H100, "10.13.0.35", 12.34, files, tmp_path / "timing.cache")
     assert manifest["kind"] == "engine" and manifest["status"] == "not_validated"
     assert manifest["parent"] == source
-    assert (manifest["io"], manifest["model_config"], manifest["dtype"]) == (source["io"], TINY, "bf16")
+    assert (manifest["io"], manifest["model_config"], manifest["dtype"]) == (source["io"], TINY, "fp32")
     engine = manifest["engine"]
     assert (engine["tensorrt_version"], engine["compute_capability"], engine["gpu"]) == (
         "10.13.0.35", "9.0", "NVIDIA H100 80GB HBM3"
     )
     assert engine["limits"] == {"max_batch": 2, "max_input_len": 64, "max_context": 128, "opt_batch": 1,
                                 "prefill_chunk": 64, "max_logits": 64}
-    assert engine["builder_flags"] == ["BF16"] and engine["strongly_typed"] is False
+    assert engine["builder_flags"] == [] and engine["strongly_typed"] is True  # default precision: the graph's
     assert [profile["name"] for profile in engine["profiles"]] == ["prefill", "decode", "chunk"]
     assert (engine["engine_bytes"], engine["build_seconds"], engine["hardware_compatibility"]) == (123, 12.3, "none")
 
@@ -510,8 +558,8 @@ def test_trt_decoder_errors_before_touching_the_gpu(tmp_path: Path, no_tensorrt:
     decoder = TrtDecoder(directory)
     assert decoder.spec.num_layers == 4 and decoder.engine_limits == EngineLimits(2, 64, 128, 1, 64)
     assert decoder.limits == RuntimeLimits(max_batch=2, max_context=128, max_input_len=64)
-    assert decoder.precision == "bf16 (TensorRT 10.13.0.35, weakly typed)"
-    with pytest.raises(MissingDependencyError, match="TensorRT is missing"):
+    assert decoder.precision == "fp32 (TensorRT 10.13.0.35, strongly typed)"
+    with pytest.raises(MissingDependencyError, match="TensorRT not installed"):
         decoder.activate()
     with pytest.raises(RuntimeError, match="outside its context"):
         decoder.forward(*([[2, 5]],) * 2)
@@ -535,7 +583,8 @@ def test_cli_plan_prints_and_writes_plan_json(tmp_path: Path) -> None:
     assert "optimization profiles" in result.output and "GPU memory estimate" in result.output
     plan = json.loads((out / "plan.json").read_text())
     assert plan["profiles"][1]["inputs"]["past_key_values.0.key"]["max"] == [4, 2, 127, 16]
-    assert plan["build"]["builder_flags"] == ["BF16"] and plan["fits"] is True
+    assert plan["build"]["builder_flags"] == [] and plan["fits"] is True
+    assert plan["tensorrt"]["version"] == "11.4"
     again = runner.invoke(app, args)
     assert again.exit_code == 2 and "already exists" in again.output
 
@@ -564,7 +613,7 @@ def test_cli_build_without_tensorrt_says_how_to_get_it(tmp_path: Path, no_tensor
     result = runner.invoke(app, ["engine", str(source), "-o", str(tmp_path / "e"), "--max-context", "256",
                                  "--max-input-len", "128"])
     assert result.exit_code == 3  # environment: a missing dependency
-    assert "error: TensorRT is missing" in result.output
+    assert "error: TensorRT not installed (only type stubs)" in result.output
     assert "hint: pip install 'mexport" in result.output and "--plan` works without TensorRT" in result.output
 
 
@@ -579,7 +628,7 @@ def test_cli_plan_on_the_tiny_export(tiny_export_fp32: Path, tmp_path: Path) -> 
     for profile in plan["profiles"]:  # every graph input gets a shape in both profiles
         assert sorted(profile["inputs"]) == sorted(names)
     assert plan["profiles"][1]["inputs"]["attention_mask"]["max"] == [2, 64]
-    assert plan["build"]["precision"] == "bf16" and plan["build"]["builder_flags"] == ["BF16"]
+    assert plan["build"]["precision"] == "fp32" and plan["build"]["builder_flags"] == []
     kv = manifest["model_config"]
     assert plan["memory"]["kv_bytes_per_token"] == 2 * kv["num_hidden_layers"] * kv["num_key_value_heads"] * kv[
         "head_dim"] * 4

@@ -82,10 +82,10 @@ def _ort_runtime(path: Path, device: str) -> DecoderRuntime:
 
 
 def _trt_runtime(path: Path) -> DecoderRuntime:
-    from mexport.doctor import MISSING, check_cuda_devices, check_tensorrt
+    from mexport.doctor import OK, check_cuda_devices, check_tensorrt
 
     for check in [*check_tensorrt()[:1], *check_cuda_devices()[:1]]:
-        if check.status == MISSING:
+        if check.status != OK:
             raise BackendUnavailable(f"TensorRT engine cannot run here: {check.name} {check.detail}", hint=check.fix)
     try:
         from mexport.runtime.trt import TrtDecoder

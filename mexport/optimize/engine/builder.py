@@ -18,9 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from mexport import console
-from mexport.errors import MexportError, MissingDependencyError
+from mexport.errors import MexportError
+from mexport.formats import ENGINE_FILE
+from mexport.formats import GRAPH_FILE as ONNX_FILE
 from mexport.fsutil import check_free_space, staged_output_dir
-from mexport.lazy import INSTALL_HINTS, require
+from mexport.lazy import require
 from mexport.manifest import MANIFEST_NAME, file_records, new_manifest, write_manifest
 from mexport.optimize.engine.gpus import GpuInfo, require_cuda_gpu
 from mexport.optimize.engine.plan import (
@@ -31,37 +33,10 @@ from mexport.optimize.engine.plan import (
     read_source_manifest,
     write_plan,
 )
+from mexport.optimize.engine.precision import require_tensorrt
 
-ENGINE_FILE = "model.engine"
 TIMING_CACHE_FILE = "timing.cache"
-ONNX_FILE = "model.onnx"
 NOT_COPIED_SUFFIXES = (".onnx", ".data")  # the graph and its weights live in the engine now
-TENSORRT_MISSING_HINT = (
-    f"{INSTALL_HINTS['tensorrt']}; see https://docs.nvidia.com/deeplearning/tensorrt/latest/installing-tensorrt/"
-    "installing.html. `mexport engine MODEL_DIR -o OUT --plan` works without TensorRT"
-)
-
-
-def require_tensorrt() -> str:
-    """TensorRT's version, or a clear error when its Python module is missing or cannot load its libraries.
-
-    A module without ``Builder`` counts as missing: that is what the type-stub package or the bindings without
-    their shared libraries look like.
-    """
-    try:
-        import tensorrt
-    except Exception as exc:  # a missing libnvinfer raises OSError / ImportError / RuntimeError
-        raise MissingDependencyError(
-            f"TensorRT is missing: the 'tensorrt' Python module does not import ({exc})", hint=TENSORRT_MISSING_HINT
-        ) from exc
-    if not hasattr(tensorrt, "Builder") or not hasattr(tensorrt, "__version__"):
-        raise MissingDependencyError(
-            "TensorRT is missing: the 'tensorrt' module found has no Builder (only type stubs or a broken install)",
-            hint=TENSORRT_MISSING_HINT,
-        )
-    return str(tensorrt.__version__)
-
-
 @dataclass(frozen=True)
 class EngineResult:
     """A finished engine directory."""
@@ -192,6 +167,12 @@ def build_engine(model_dir: Path, out: Path, settings: EngineSettings, overwrite
     if not onnx_path.is_file():
         raise MexportError(f"{model_dir}: no {ONNX_FILE}", hint="export the model first with `mexport onnx`")
     tensorrt_version = require_tensorrt()
+    if settings.tensorrt_version is not None and settings.tensorrt_version != tensorrt_version:
+        raise MexportError(
+            f"--tensorrt-version {settings.tensorrt_version} is for planning: this build uses the installed "
+            f"TensorRT {tensorrt_version}",
+            hint="drop --tensorrt-version, or install that TensorRT release",
+        )
     gpu = require_cuda_gpu()
     plan = plan_engine(model_dir, settings, local_gpu=gpu)
     for warning in plan.warnings:

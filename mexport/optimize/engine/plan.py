@@ -33,8 +33,11 @@ from mexport.optimize.engine.precision import (
     BYTES_PER_ELEMENT,
     RECIPES,
     BuildMode,
+    TensorRTTarget,
     check_capability,
+    installed_tensorrt,
     opset_min_tensorrt,
+    resolve_tensorrt_target,
     select_build_mode,
     version_tuple,
 )
@@ -63,7 +66,7 @@ ONNX_WEIGHT_SUFFIXES = (".onnx", ".onnx.data")
 class EngineSettings:
     """What ``mexport engine`` was asked for; defaults suit MCQ validation (5 options share one prompt)."""
 
-    precision: str = "bf16"
+    precision: str | None = None  # None: the graph's own dtype (strongly typed, on every TensorRT)
     max_batch: int = 8
     max_input_len: int | None = None  # None: min(2048, max_context)
     max_context: int = 4096
@@ -75,6 +78,7 @@ class EngineSettings:
     hw_compat: str = "none"
     gpu_memory_gb: float | None = None
     target: str | None = None
+    tensorrt_version: str | None = None  # plan for this TensorRT (X.Y); None: the installed one, else the newest
 
     @property
     def limits(self) -> EngineLimits:
@@ -98,6 +102,7 @@ class EngineSettings:
             "hw_compat": self.hw_compat,
             "gpu_memory_gb": self.gpu_memory_gb,
             "target": self.target,
+            "tensorrt_version": self.tensorrt_version,
         }
 
 
@@ -157,6 +162,7 @@ class EnginePlan:
     gpu: GpuInfo | None
     min_tensorrt: str
     opset: int
+    tensorrt: TensorRTTarget
 
     @property
     def warnings(self) -> list[str]:
@@ -181,6 +187,7 @@ class EnginePlan:
             "build": self.mode.to_dict(),
             "hardware_compatibility": self.settings.hw_compat,
             "tensorrt_min": self.min_tensorrt,
+            "tensorrt": self.tensorrt.to_dict(),
             "opset": self.opset,
             "profiles": [profile.to_dict() for profile in self.profiles],
             "memory": self.memory.to_dict(),
@@ -299,13 +306,26 @@ def plan_engine(model_dir: Path, settings: EngineSettings, local_gpu: GpuInfo | 
     config = manifest["model_config"]
     limits = settings.limits
     limits.validate(config.get("max_position_embeddings"))
-    mode = select_build_mode(manifest["dtype"], settings.precision, recipe_name(manifest))
+    tensorrt = resolve_tensorrt_target(settings.tensorrt_version, installed_tensorrt())
+    mode = select_build_mode(
+        manifest["dtype"], settings.precision or manifest["dtype"], recipe_name(manifest), tensorrt.version
+    )
     profiles = derive_profiles(manifest["io"]["inputs"], limits)
     memory = estimate_memory(manifest, mode, profiles, settings)
     gpu = gpu_budget(settings.target, settings.gpu_memory_gb) or local_gpu
     opset = int(manifest["opset"])
     min_tensorrt = max(mode.min_tensorrt, opset_min_tensorrt(opset), key=version_tuple)
-    plan = EnginePlan(model_dir, manifest["kind"], settings, mode, profiles, memory, gpu, min_tensorrt, opset)
+    if version_tuple(tensorrt.version) < version_tuple(min_tensorrt):
+        raise MexportError(
+            f"this graph needs TensorRT >= {min_tensorrt} (ONNX opset {opset}"
+            f"{', recipe ' + mode.recipe if mode.recipe else ''}); the plan targets TensorRT {tensorrt.version} "
+            f"({tensorrt.source})",
+            hint=f"install or plan for TensorRT {min_tensorrt} or newer (--tensorrt-version), or export with an "
+            "older --opset",
+        )
+    plan = EnginePlan(
+        model_dir, manifest["kind"], settings, mode, profiles, memory, gpu, min_tensorrt, opset, tensorrt
+    )
     if gpu is not None:
         check_capability(mode, gpu.name, gpu.compute_capability)
         if not plan.fits:
