@@ -177,6 +177,11 @@ class _Piece:
     shapes: dict[str, tuple[int, ...]]
 
 
+def _dims(dims: trt.Dims) -> tuple[int, ...]:
+    """A TensorRT ``Dims`` as a tuple (it supports len() and indexing, not iteration, in the stubs)."""
+    return tuple(dims[axis] for axis in range(len(dims)))
+
+
 def _torch_dtype(dtype: trt.DataType) -> torch.dtype:
     import tensorrt as trt
     import torch
@@ -275,7 +280,7 @@ class TrtDecoder(DecoderRuntime):
     @staticmethod
     def _profile_bounds(engine: trt.ICudaEngine, name: str, index: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         low, _, high = engine.get_tensor_profile_shape(name, index)
-        return tuple(low), tuple(high)
+        return _dims(low), _dims(high)
 
     def deactivate(self) -> None:
         session, self._session = self._session, None
@@ -392,8 +397,7 @@ class TrtDecoder(DecoderRuntime):
                 context.set_tensor_address(name, address)
             outputs: dict[str, torch.Tensor] = {}
             for name in self.output_names:
-                dims = context.get_tensor_shape(name)
-                shape = tuple(dims[axis] for axis in range(len(dims)))
+                shape = _dims(context.get_tensor_shape(name))
                 if any(dim < 0 for dim in shape):
                     raise MexportError(f"TensorRT could not infer the shape of output {name}: {shape}")
                 outputs[name] = torch.empty(shape, dtype=dtypes[name], device=placement.device)
