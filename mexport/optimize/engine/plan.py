@@ -26,8 +26,10 @@ from pathlib import Path
 from typing import Any
 
 from mexport.errors import MexportError
+from mexport.formats import GRAPH_FILE
 from mexport.fsutil import format_bytes
 from mexport.manifest import read_manifest
+from mexport.optimize.engine.compat import require_compatible
 from mexport.optimize.engine.gpus import GB, GpuInfo, gpu_budget
 from mexport.optimize.engine.precision import (
     BYTES_PER_ELEMENT,
@@ -163,6 +165,7 @@ class EnginePlan:
     min_tensorrt: str
     opset: int
     tensorrt: TensorRTTarget
+    compatibility: dict[str, Any]
 
     @property
     def warnings(self) -> list[str]:
@@ -188,6 +191,7 @@ class EnginePlan:
             "hardware_compatibility": self.settings.hw_compat,
             "tensorrt_min": self.min_tensorrt,
             "tensorrt": self.tensorrt.to_dict(),
+            "compatibility": self.compatibility,
             "opset": self.opset,
             "profiles": [profile.to_dict() for profile in self.profiles],
             "memory": self.memory.to_dict(),
@@ -323,8 +327,14 @@ def plan_engine(model_dir: Path, settings: EngineSettings, local_gpu: GpuInfo | 
             hint=f"install or plan for TensorRT {min_tensorrt} or newer (--tensorrt-version), or export with an "
             "older --opset",
         )
+    if (model_dir / GRAPH_FILE).is_file():
+        rules = require_compatible(model_dir, tensorrt.version)
+        compatibility: dict[str, Any] = {"checked": True, "rules": rules, "tensorrt": tensorrt.version}
+    else:
+        compatibility = {"checked": False, "reason": f"no {GRAPH_FILE} (only the manifest was planned from)"}
     plan = EnginePlan(
-        model_dir, manifest["kind"], settings, mode, profiles, memory, gpu, min_tensorrt, opset, tensorrt
+        model_dir, manifest["kind"], settings, mode, profiles, memory, gpu, min_tensorrt, opset, tensorrt,
+        compatibility,
     )
     if gpu is not None:
         check_capability(mode, gpu.name, gpu.compute_capability)

@@ -24,6 +24,8 @@ from typing import Any
 
 from mexport.errors import MexportError, MissingDependencyError
 from mexport.lazy import INSTALL_HINTS
+from mexport.optimize.engine.compat import OPSETS, version_tuple
+from mexport.optimize.engine.compat import opset_min_tensorrt as first_tensorrt_for_opset
 from mexport.optimize.engine.gpus import architecture_name
 from mexport.optimize.quantize.recipes import RECIPES
 
@@ -38,14 +40,6 @@ BYTES_PER_ELEMENT = {"fp32": 4, "bf16": 2, "fp16": 2, "float32": 4, "bfloat16": 
 BASE_TENSORRT = "10.0"  # name-based IO, INT64 IO, BF16 and strongly typed networks
 # compute capability each float precision needs (TensorRT 10 supports Turing and newer)
 PRECISION_MIN_CAPABILITY = {"fp32": (7, 5), "fp16": (7, 5), "bf16": (8, 0)}
-# highest ONNX opset documented for a TensorRT release's parser (ONNX-TensorRT operators.md, release notes); an
-# opset between two entries needs the later release as far as mexport knows
-OPSET_TENSORRT = ((20, "10.0"), (24, "10.15"), (25, "11.5"))
-
-
-def version_tuple(version: str) -> tuple[int, ...]:
-    """'10.13.0.35' -> (10, 13, 0, 35); compares release numbers correctly ('10.15' > '10.8')."""
-    return tuple(int(part) for part in version.split(".") if part.isdigit())
 
 
 TENSORRT_STUBS_ONLY = "TensorRT not installed (only type stubs): the 'tensorrt' module found has no Builder"
@@ -117,14 +111,14 @@ def resolve_tensorrt_target(requested: str | None, installed: str | None) -> Ten
 
 
 def opset_min_tensorrt(opset: int) -> str:
-    for highest, version in OPSET_TENSORRT:
-        if opset <= highest:
-            return version
-    raise MexportError(
-        f"ONNX opset {opset} is newer than any TensorRT parser mexport knows (opset {OPSET_TENSORRT[-1][0]} in "
-        f"TensorRT {OPSET_TENSORRT[-1][1]})",
-        hint="export with an older --opset",
-    )
+    version = first_tensorrt_for_opset(opset)
+    if version is None:
+        raise MexportError(
+            f"ONNX opset {opset} is outside what any TensorRT parser mexport knows documents (9 to {OPSETS[-1][0]}, "
+            f"opset {OPSETS[-1][0]} in TensorRT {OPSETS[-1][1]})",
+            hint="export with another --opset",
+        )
+    return version
 
 
 @dataclass(frozen=True)
