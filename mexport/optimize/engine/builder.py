@@ -76,16 +76,17 @@ def _polygraphy_build(onnx_path: Path, plan: EnginePlan, timing_cache: Path) -> 
         for name, shapes in profile.shapes.items():
             trt_profile.add(name, min=shapes.min, opt=shapes.opt, max=shapes.max)
         profiles.append(trt_profile)
-    flags = set(plan.mode.builder_flags)
+    # precision flags only when the plan asks (TensorRT 10 weak typing): 11.x has no BF16 / FP16 flags, and
+    # Polygraphy refuses bf16= / fp16= there as "unavailable"
+    precision_flags = {flag.lower(): True for flag in plan.mode.builder_flags}
     compat = plan.settings.hw_compat == "ampere+"
     config = CreateConfig(
         tf32=False,
-        bf16="BF16" in flags,
-        fp16="FP16" in flags,
         profiles=profiles,
         load_timing_cache=str(timing_cache) if timing_cache.is_file() else None,
         memory_pool_limits={trt.MemoryPoolType.WORKSPACE: plan.settings.workspace_bytes},
         hardware_compatibility_level=trt.HardwareCompatibilityLevel.AMPERE_PLUS if compat else None,
+        **precision_flags,
     )
     network = NetworkFromOnnxPath(str(onnx_path), strongly_typed=plan.mode.strongly_typed)
     build = EngineBytesFromNetwork(network, config=config, save_timing_cache=str(timing_cache))
