@@ -43,7 +43,7 @@ class PipelineConfig:
     calib: str | None = None
     calib_size: int = 64
     engine: str = "auto"
-    engine_precision: str = "bf16"
+    engine_precision: str | None = None  # None: the export's dtype (the only choice TensorRT 11 builds)
     max_batch: int = 8
     max_input_len: int = 2048
     max_context: int = 4096
