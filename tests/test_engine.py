@@ -210,7 +210,8 @@ def test_plan_states_the_tensorrt_version_it_targets(tmp_path: Path) -> None:
 
     directory = model_dir(tmp_path)
     default = plan_engine(directory, EngineSettings()).to_dict()["tensorrt"]
-    assert default["version"] == NEWEST_TENSORRT and "newest release the [gpu] extra allows" in default["source"]
+    assert default["version"] == NEWEST_TENSORRT
+    assert "the newest release the [gpu] extra" in default["source"]
     assert default["strongly_typed_only"] is True
     pinned = plan_engine(directory, EngineSettings(tensorrt_version="10.13")).tensorrt
     assert (pinned.version, pinned.source, pinned.strongly_typed_only) == ("10.13", "--tensorrt-version", False)
@@ -218,7 +219,7 @@ def test_plan_states_the_tensorrt_version_it_targets(tmp_path: Path) -> None:
         plan_engine(directory, EngineSettings(tensorrt_version="9.2"))
     with pytest.raises(MexportError, match="not of the form X.Y"):
         plan_engine(directory, EngineSettings(tensorrt_version="eleven"))
-    with pytest.raises(MexportError, match=r"needs TensorRT >= 10.15 \(ONNX opset 21\); the plan targets TensorRT 10.13"):
+    with pytest.raises(MexportError, match=r"needs TensorRT >= 10.15 \(ONNX opset 21\); the plan targets TensorRT 10.1"):
         plan_engine(model_dir(tmp_path, opset=21), EngineSettings(tensorrt_version="10.13"))
 
 
@@ -633,3 +634,30 @@ def test_cli_plan_on_the_tiny_export(tiny_export_fp32: Path, tmp_path: Path) -> 
     kv = manifest["model_config"]
     assert plan["memory"]["kv_bytes_per_token"] == 2 * kv["num_hidden_layers"] * kv["num_key_value_heads"] * kv[
         "head_dim"] * 4
+
+
+def test_cli_plan_with_only_a_context_shows_version_profiles_and_lean_memory(tmp_path: Path) -> None:
+    source = model_dir(tmp_path, config=TINY, lean=True)
+    result = runner.invoke(app, ["engine", str(source), "-o", str(tmp_path / "e"), "--plan", "--max-context", "256",
+                                 "--max-logits", "8"])
+    assert result.exit_code == 0, result.output
+    output = " ".join(result.output.replace("│", " ").split())  # rich wraps table cells
+    assert "11.4 (the newest release the [gpu] extra, tensorrt>=10.8,<12, allows)" in output
+    assert "2 chunk" in output and "logits_indices" in output
+    assert "logits for <= 8 positions" in output and "prefill chunk 256" in output
+    plan = json.loads((tmp_path / "e" / "plan.json").read_text())
+    assert plan["settings"]["max_input_len"] == 256 and plan["tensorrt"]["version"] == "11.4"
+    assert plan["compatibility"]["checked"] is False  # a manifest-only directory: nothing to hold to the rules
+
+
+def test_cli_plans_for_another_tensorrt_version(tmp_path: Path) -> None:
+    source = model_dir(tmp_path, config=TINY, dtype="fp32")
+    args = ["engine", str(source), "-o", str(tmp_path / "e"), "--plan", "--json", "--max-context", "256",
+            "--precision", "bf16"]
+    on_11 = runner.invoke(app, args)
+    assert on_11.exit_code == 2 and "TensorRT 11 removed weak typing" in on_11.output
+    on_10 = runner.invoke(app, [*args, "--tensorrt-version", "10.13"])
+    assert on_10.exit_code == 0, on_10.output
+    plan = json.loads(on_10.stdout)
+    assert plan["build"]["builder_flags"] == ["BF16"] and plan["tensorrt"]["source"] == "--tensorrt-version"
+    assert "weak typing is deprecated in TensorRT 10.13" in on_10.output

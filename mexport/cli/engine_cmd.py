@@ -22,6 +22,7 @@ TARGET_HELP = (
 
 
 def _plan_tables(plan: EnginePlan) -> list[Table]:
+    from rich.markup import escape
     from rich.table import Table
 
     from mexport.fsutil import format_bytes
@@ -49,7 +50,10 @@ def _plan_tables(plan: EnginePlan) -> list[Table]:
     build.add_row("builder flags", ", ".join(mode.builder_flags) or "none (TF32 off)")
     build.add_row("hardware compatibility", plan.settings.hw_compat)
     tensorrt = plan.tensorrt
-    build.add_row("TensorRT", f"{tensorrt.version} ({tensorrt.source}); the graph needs >= {plan.min_tensorrt}")
+    build.add_row("TensorRT", escape(f"{tensorrt.version} ({tensorrt.source}); the graph needs >= {plan.min_tensorrt}"))
+    compatibility = plan.compatibility
+    checked = compatibility["reason"] if not compatibility["checked"] else f"passes {compatibility['rules']} rules"
+    build.add_row("compatibility", escape(checked))
     build.add_row("GPU", f"compute capability >= {mode.min_capability[0]}.{mode.min_capability[1]}")
     for note in mode.notes:
         build.add_row("why", note)

@@ -96,7 +96,7 @@ def resolve_tensorrt_target(requested: str | None, installed: str | None) -> Ten
     elif installed is not None:
         target = TensorRTTarget(installed, "installed")
     else:
-        target = TensorRTTarget(NEWEST_TENSORRT, "newest release the [gpu] extra allows (tensorrt>=10.8,<12)")
+        target = TensorRTTarget(NEWEST_TENSORRT, "the newest release the [gpu] extra, tensorrt>=10.8,<12, allows")
     parts = target.version.split(".")
     if len(parts) < 2 or not all(part.isdigit() for part in parts):
         raise MexportError(f"TensorRT version {target.version!r} is not of the form X.Y (e.g. 10.13 or 11.4)")
