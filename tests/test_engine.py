@@ -219,7 +219,7 @@ def test_plan_states_the_tensorrt_version_it_targets(tmp_path: Path) -> None:
         plan_engine(directory, EngineSettings(tensorrt_version="9.2"))
     with pytest.raises(MexportError, match="not of the form X.Y"):
         plan_engine(directory, EngineSettings(tensorrt_version="eleven"))
-    with pytest.raises(MexportError, match=r"needs TensorRT >= 10.15 \(ONNX opset 21\); the plan targets TensorRT 10.1"):
+    with pytest.raises(MexportError, match=r"needs TensorRT >= 10.15 \(ONNX opset 21\); the plan targets TensorRT"):
         plan_engine(model_dir(tmp_path, opset=21), EngineSettings(tensorrt_version="10.13"))
 
 
