@@ -98,8 +98,8 @@ def resolve_tensorrt_target(requested: str | None, installed: str | None) -> Ten
     else:
         target = TensorRTTarget(NEWEST_TENSORRT, "the newest release the [gpu] extra, tensorrt>=10.8,<12, allows")
     parts = target.version.split(".")
-    if len(parts) < 2 or not all(part.isdigit() for part in parts):
-        raise MexportError(f"TensorRT version {target.version!r} is not of the form X.Y (e.g. 10.13 or 11.4)")
+    if requested is not None and (len(parts) < 2 or not all(part.isdigit() for part in parts)):
+        raise MexportError(f"--tensorrt-version {requested!r} is not of the form X.Y (e.g. 10.13 or 11.4)")
     low, high = (version_tuple(bound) for bound in SUPPORTED_TENSORRT)
     if not low <= version_tuple(target.version) < high:
         raise MexportError(
