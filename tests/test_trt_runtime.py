@@ -217,3 +217,19 @@ def test_whole_validate_run_on_a_batch_1_short_input_engine(
                       batch_size=8, limit=16)
     result = next(result for result in report.to_dict()["results"] if result["candidate"] == "engine")
     assert result["verdict"] != "skipped"
+
+
+def test_engine_without_a_prefill_profile_is_refused(fake_trt: None, tiny_export_fp32: Path, tmp_path: Path) -> None:
+    out = _build(tiny_export_fp32, tmp_path / "engine")
+    spec = json.loads((out / "model.engine").read_text())
+    spec["profiles"] = spec["profiles"][1:]  # decode and chunk only
+    (out / "model.engine").write_text(json.dumps(spec))
+    with pytest.raises(MexportError, match="no profile runs a prompt without a past"):
+        TrtDecoder(out).activate()
+
+
+def test_doctor_reports_the_bindings_version(fake_trt: None) -> None:
+    from mexport.doctor import check_tensorrt
+
+    tensorrt = next(check for check in check_tensorrt() if check.name == "tensorrt")
+    assert (tensorrt.status, tensorrt.detail) == ("ok", fake_tensorrt.__version__)
