@@ -133,6 +133,7 @@ def open_backend(path: Path | str, kind: str | None = None, device: str = "cpu")
     else:
         location = Path(path)
         runtime = _ort_runtime(location, device) if kind == "ort" else _trt_runtime(location)
+        read_manifest(location, verify=True)  # every file as recorded, before any is read
     return runtime, kind, load_tokenizer(location)
 
 

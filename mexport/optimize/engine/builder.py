@@ -21,7 +21,7 @@ from mexport import console
 from mexport.errors import MexportError, MissingDependencyError
 from mexport.fsutil import check_free_space, staged_output_dir
 from mexport.lazy import INSTALL_HINTS, require
-from mexport.manifest import MANIFEST_NAME, file_records, new_manifest, write_manifest
+from mexport.manifest import MANIFEST_NAME, file_records, new_manifest, verified_input, write_manifest
 from mexport.optimize.engine.gpus import GpuInfo, require_cuda_gpu
 from mexport.optimize.engine.plan import (
     PLAN_FILE,
@@ -226,5 +226,6 @@ def build_engine(model_dir: Path, out: Path, settings: EngineSettings, overwrite
         with console.phase("hashing the engine"):
             files = file_records(stage)
         manifest = engine_manifest(plan, source, gpu, tensorrt_version, build_seconds, files, recorded_cache)
+        manifest["verified_inputs"] = [verified_input(model_dir, source)]
         write_manifest(stage, manifest)
     return EngineResult(out.resolve(), files[ENGINE_FILE]["bytes"], build_seconds, gpu, tensorrt_version, plan)

@@ -26,7 +26,7 @@ from typing import Any
 
 from mexport.errors import MexportError
 from mexport.fsutil import format_bytes
-from mexport.manifest import read_manifest
+from mexport.manifest import read_manifest, verify_files
 from mexport.optimize.engine.gpus import GB, GpuInfo, gpu_budget
 from mexport.optimize.engine.precision import (
     BYTES_PER_ELEMENT,
@@ -187,6 +187,7 @@ def read_source_manifest(model_dir: Path) -> dict[str, Any]:
             raise MexportError(f"{model_dir}: manifest has no {key!r} (written by an incompatible mexport?)")
     if manifest["kind"] == "quantize" and not isinstance(manifest.get("recipe"), dict):
         raise MexportError(f"{model_dir}: quantize manifest has no recipe")
+    verify_files(model_dir, manifest)
     return manifest
 
 

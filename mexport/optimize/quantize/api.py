@@ -16,7 +16,16 @@ from mexport.export.graph import io_signature
 from mexport.formats import DATA_FILE, GRAPH_FILE
 from mexport.fsutil import check_free_space, check_output_dir, staged_output_dir
 from mexport.lazy import require
-from mexport.manifest import MANIFEST_NAME, file_records, new_manifest, read_manifest, settings_hash, write_manifest
+from mexport.manifest import (
+    MANIFEST_NAME,
+    STAMP_NAME,
+    file_records,
+    new_manifest,
+    read_manifest,
+    settings_hash,
+    verified_input,
+    write_manifest,
+)
 from mexport.optimize.quantize.calibration import (
     MAX_CALIBRATION_TOKENS,
     ActivationStats,
@@ -72,7 +81,7 @@ def read_export(model_dir: Path) -> dict[str, Any]:
             f"{model_dir}: has {GRAPH_FILE} but no {MANIFEST_NAME} (an Optimum export, or not made by mexport)",
             hint="export it with `mexport onnx MODEL -o DIR`; quantize reads the export manifest, it never guesses",
         )
-    manifest = read_manifest(model_dir, expected_kind=("export",))
+    manifest = read_manifest(model_dir, expected_kind=("export",), verify=True)
     if not (model_dir / GRAPH_FILE).is_file():
         raise MexportError(f"{model_dir}: no {GRAPH_FILE}", hint="re-run the export into a fresh directory")
     missing = [key for key in ("dtype", "io", "model_config", "opset") if key not in manifest]
@@ -259,6 +268,7 @@ def quantize(
     exclude = tuple(exclude)
     _check_options(spec, block_size, awq, calib_size)
     parent = read_export(model_dir)
+    verified = verified_input(model_dir, parent)
     if parent.get("status") == "failed":
         warn(f"{model_dir}: the export failed its own logit check (status 'failed'); quantizing it anyway")
     if output.resolve() == model_dir.resolve():
@@ -299,7 +309,7 @@ def quantize(
         params["smoothquant_alpha"] = DEFAULT_SMOOTHQUANT_ALPHA
     with staged_output_dir(output, overwrite) as staging:
         graph.save(staging)
-        copy_model_side_files(model_dir, staging, skip=(*MODEL_FILES, MANIFEST_NAME))
+        copy_model_side_files(model_dir, staging, skip=(*MODEL_FILES, MANIFEST_NAME, STAMP_NAME))
         onnx = require("onnx")
         with phase("checking the graph (onnx.checker)"):
             onnx.checker.check_model(str(staging / GRAPH_FILE), full_check=True)
@@ -320,6 +330,7 @@ def quantize(
             quantized=records,
             excluded=excluded,
             source={"export_dir": str(model_dir.resolve())},
+            verified_inputs=[verified],
             parent=parent,
         )
         write_manifest(staging, manifest)  # the numeric check reads it through OrtDecoder
