@@ -36,7 +36,8 @@ def output_lock(out_dir: Path) -> Iterator[None]:
     out_dir = Path(out_dir).resolve()
     lock_path = out_dir.parent / f".{out_dir.name}.lock"
     try:
-        with FileLock(lock_path, timeout=0, thread_local=False):
+        # a singleton per path: this process may nest locks on one output (a stage inside the pipeline's run)
+        with FileLock(lock_path, timeout=0, thread_local=False, is_singleton=True):
             yield
     except Timeout:
         raise EnvironmentFailure(
@@ -115,6 +116,23 @@ def staged_output_dir(out_dir: Path, overwrite: bool = False) -> Iterator[Path]:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         _commit(staging, out_dir)
+
+
+def replace_files_as_set(out_dir: Path, files: dict[str, bytes]) -> dict[str, Path]:
+    """Write ``files`` into ``out_dir`` so that readers see either the previous set or the new one, never a mix.
+
+    The new set is written into a staging directory, whatever else ``out_dir`` holds (e.g. a score cache) is moved
+    over, and the staging directory replaces ``out_dir`` in one rename. Returns name -> final path.
+    """
+    out_dir = Path(out_dir).resolve()
+    with staged_output_dir(out_dir, overwrite=True) as staging:
+        for name, data in files.items():
+            (staging / name).write_bytes(data)
+        if out_dir.is_dir():
+            for entry in out_dir.iterdir():
+                if entry.name not in files:
+                    os.replace(entry, staging / entry.name)
+    return {name: out_dir / name for name in files}
 
 
 def _holds_artifact(out_dir: Path) -> bool:
