@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from mexport.checkpoint import load_tokenizer
 from mexport.errors import MexportError
 from mexport.lazy import require
 from mexport.manifest import MANIFEST_NAME, read_manifest
@@ -102,16 +103,6 @@ def _torch_runtime(path: Path, device: str) -> DecoderRuntime:
     from mexport.runtime.torch_runtime import TorchDecoder
 
     return TorchDecoder(path, device=device)
-
-
-def load_tokenizer(path: Path) -> Any:
-    """The model's own tokenizer (never remote code)."""
-    transformers = require("transformers", "loading the tokenizer")
-    try:
-        return transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=False, local_files_only=True)
-    except (OSError, ValueError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise MexportError(f"{path}: could not load its tokenizer: {first_line}") from exc
 
 
 def open_backend(path: Path | str, kind: str | None = None, device: str = "cpu") -> tuple[DecoderRuntime, str, Any]:

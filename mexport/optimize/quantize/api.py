@@ -209,13 +209,35 @@ def apply_recipe(
 # ---- the stage -------------------------------------------------------------------------------------------------
 
 
-def _check_options(recipe: Recipe, block_size: int, awq: bool, calib_size: int) -> None:
+def _check_options(recipe: Recipe, block_size: int | None, awq: bool, calib_size: int) -> int:
+    """The block size to use (refused or warned about, never silently changed)."""
     if awq and not recipe.blocked:
         raise MexportError(f"--awq applies to int4-wo only, not {recipe.name}")
-    if block_size < 2:
-        raise MexportError(f"--block-size must be at least 2, got {block_size}")
     if calib_size < 1:
         raise MexportError(f"--calib-size must be at least 1, got {calib_size}")
+    if block_size is None:
+        return DEFAULT_BLOCK_SIZE
+    if block_size < 2:
+        raise MexportError(f"--block-size must be at least 2, got {block_size}")
+    if not recipe.blocked:
+        warn(f"--block-size ignored: {recipe.name} quantizes weights per channel, not in blocks")
+    return block_size
+
+
+def _check_block_size(layers: list[Linear], block_size: int) -> None:
+    """Each blocked layer needs whole blocks: ``block_size`` divides its input width, or the width is narrower and
+    divides it (one block per row). Any other size would quietly become a smaller block, so it is refused."""
+    widths = sorted(
+        {layer.in_features for layer in layers if effective_block_size(layer.in_features, block_size)
+         not in (block_size, layer.in_features)}
+    )
+    if widths:
+        common = int(np.gcd.reduce([layer.in_features for layer in layers]))
+        raise MexportError(
+            f"--block-size {block_size} does not fit the input width of {', '.join(map(str, widths))}: "
+            "it must divide each layer's width (or be a multiple of a narrower one)",
+            hint=f"use a power of two that divides {common}",
+        )
 
 
 def _check_prompts(model_dir: Path, count: int, seed: int, max_position_embeddings: int) -> list[np.ndarray]:
@@ -249,7 +271,7 @@ def quantize(
     calib_size: int = 64,
     seed: int = 0,
     exclude: tuple[str, ...] | list[str] = (),
-    block_size: int = DEFAULT_BLOCK_SIZE,
+    block_size: int | None = None,
     awq: bool = False,
     include_lm_head: bool = False,
     overwrite: bool = False,
@@ -266,7 +288,7 @@ def quantize(
     model_dir, output = Path(model_dir), Path(output)
     spec = get_recipe(recipe)
     exclude = tuple(exclude)
-    _check_options(spec, block_size, awq, calib_size)
+    block_size = _check_options(spec, block_size, awq, calib_size)
     parent = read_export(model_dir)
     verified = verified_input(model_dir, parent)
     if parent.get("status") == "failed":
@@ -279,6 +301,8 @@ def quantize(
     layers, excluded = select_layers(graph.linears(), exclude, include_lm_head)
     if not layers:
         raise MexportError("nothing to quantize: every linear layer is excluded")
+    if spec.blocked:
+        _check_block_size(layers, block_size)
 
     calibration: CalibrationSet | None = None
     stats: dict[str, ActivationStats] = {}
@@ -289,6 +313,7 @@ def quantize(
         inputs = {layer.input: layer.in_features for layer in layers}
         stats = collect_activation_stats(graph, parent, inputs, token_ids, keep_rows=awq, seed=seed)
     elif calib is not None:
+        load_calibration(calib, calib_size, seed)  # a --calib that names nothing is an error even when unused
         warn(f"--calib ignored: {spec.name} needs no calibration")
 
     with phase(f"applying {spec.name}"):
