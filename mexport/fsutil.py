@@ -18,8 +18,18 @@ UNFINISHED_DIR = re.compile(r"^\.(?P<name>.+)\.(?P<state>partial|old)-(?P<pid>\d
 FAILED_SUFFIX = ".failed"
 
 
+def check_output_location(out_dir: Path) -> None:
+    """An output beneath a file can never be created: an I/O failure (exit 3), said before any work is done."""
+    blocker = next((parent for parent in Path(out_dir).resolve().parents if parent.is_file()), None)
+    if blocker is not None:
+        raise EnvironmentFailure(
+            f"{out_dir}: cannot be created, {blocker} is a file", hint="write the output to a directory path"
+        )
+
+
 def check_output_dir(out_dir: Path, overwrite: bool) -> None:
     """Refuse to touch an existing non-empty directory (or a file) unless ``overwrite``."""
+    check_output_location(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise MexportError(f"{out_dir}: exists and is not a directory")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:

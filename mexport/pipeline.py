@@ -23,7 +23,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from mexport import console
 from mexport.errors import EXIT_CHECK_FAILED, EXIT_OK, EnvironmentFailure, IntegrityError, MexportError
 from mexport.fixtures import FIXTURE_NAMES
-from mexport.fsutil import output_lock, write_atomic
+from mexport.fsutil import check_output_location, output_lock, write_atomic
 from mexport.manifest import MANIFEST_NAME, file_records, read_manifest, settings_hash, utc_now, verify_files
 
 STATE_FILE = "pipeline-state.json"
@@ -438,6 +438,7 @@ def run_pipeline(config: PipelineConfig, force: bool = False) -> PipelineResult:
 
     Holds the output's lock throughout: a second pipeline into the same output fails at once."""
     out = config.output.resolve()
+    check_output_location(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with output_lock(out):
         return _run_steps(_Runner(config, force), config)

@@ -57,6 +57,8 @@ def _local_checkpoint(path: Path | str) -> Path:
     location = Path(path)
     if location.exists():
         return location
+    if not HUB_ID.match(str(path)):
+        raise MexportError(f"{path}: no such checkpoint directory (and not a hub id like org/name)")
     hub = require("huggingface_hub", f"fetching {path} from the Hugging Face hub")
     try:
         return Path(hub.snapshot_download(str(path), allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
