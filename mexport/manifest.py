@@ -176,7 +176,7 @@ def verify_files(directory: Path, manifest: dict[str, Any]) -> None:
             raise IntegrityError(f"{directory / MANIFEST_NAME}: malformed files entry {name!r}")
         if not path.is_file():
             raise IntegrityError(
-                f"{path}: missing (recorded in {MANIFEST_NAME}); the artifact is incomplete",
+                f"{directory}: no {name} (recorded in {MANIFEST_NAME}); the artifact is incomplete",
                 hint="re-run the stage that wrote it",
             )
         key = _stat_key(path)

@@ -123,7 +123,7 @@ def test_truncated_data_file_exits_3(tmp_path: Path, tiny_export_fp32: Path) -> 
     export = Path(shutil.copytree(tiny_export_fp32, tmp_path / "export"))
     with open(export / "model.onnx.data", "r+b") as handle:
         handle.truncate(1000)
-    result = runner.invoke(app, ["engine", str(export), "-o", str(tmp_path / "e"), "--plan", "--json"])
+    result = runner.invoke(app, ["quantize", str(export), "-o", str(tmp_path / "q"), "-r", "int8-wo", "--json"])
     assert result.exit_code == 3
     error = json.loads(result.stdout)["error"]
     assert error["kind"] == "integrity" and "model.onnx.data: 1000 bytes" in error["message"]

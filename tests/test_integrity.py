@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from mexport import manifest as manifest_module
 from mexport.cli import app
-from mexport.errors import EnvironmentFailure, IntegrityError, ValidationFailedError
+from mexport.errors import EnvironmentFailure, IntegrityError, MexportError, ValidationFailedError
 from mexport.fsutil import output_lock, remove_stale_staging, replace_files_as_set, staged_output_dir
 from mexport.manifest import STAMP_NAME, read_manifest, verify_artifact, write_manifest
 
@@ -47,7 +47,7 @@ def test_flipped_truncated_or_missing_files_are_named(export_copy: Path) -> None
     _flip_byte(data)
     verify_artifact(export_copy)
     (export_copy / "tokenizer.json").unlink()
-    with pytest.raises(IntegrityError, match=r"tokenizer\.json: missing"):
+    with pytest.raises(IntegrityError, match=r"export: no tokenizer\.json \(recorded in mexport.json\)"):
         verify_artifact(export_copy)
     with open(data, "r+b") as handle:
         handle.truncate(stat.st_size - 1)
@@ -218,3 +218,26 @@ def test_generate_caps_new_tokens_by_the_context(tiny_export_fp32: Path) -> None
     context = json.loads((tiny_export_fp32 / "mexport.json").read_text())["model_config"]["max_position_embeddings"]
     result = generate_text(tiny_export_fp32, "Hello", max_new_tokens=100_000)
     assert result.prompt_tokens + result.new_tokens <= context
+
+
+# ---- inputs bounded by the model ----------------------------------------------------------------------------------
+
+
+def test_int4_block_size_that_does_not_fit_is_refused(tmp_path: Path, tiny_export_fp32: Path) -> None:
+    from mexport.optimize import quantize
+
+    with pytest.raises(MexportError, match=r"--block-size 7 does not fit the input width of 64, 128"):
+        quantize(tiny_export_fp32, tmp_path / "q", "int4-wo", block_size=7)
+    assert not (tmp_path / "q").exists()
+
+
+def test_ignored_options_warn_and_a_missing_calib_file_is_an_error(tmp_path: Path, tiny_export_fp32: Path) -> None:
+    args = ["quantize", str(tiny_export_fp32), "-o", str(tmp_path / "q"), "-r", "int8-wo"]
+    missing = runner.invoke(app, [*args, "--calib", str(tmp_path / "missing.jsonl")])
+    assert missing.exit_code == 2 and "missing.jsonl: no such file" in missing.stderr
+    (tmp_path / "calib.txt").write_text("some calibration text\n")
+    ignored = runner.invoke(app, [*args, "--calib", str(tmp_path / "calib.txt"), "--block-size", "64",
+                                  "--check-prompts", "0"])
+    assert ignored.exit_code == 0, ignored.output
+    assert "--calib ignored: int8-wo needs no calibration" in ignored.stderr
+    assert "--block-size ignored: int8-wo quantizes weights per channel" in ignored.stderr

@@ -187,7 +187,7 @@ def _holds_only_plan(out: Path) -> bool:
 def build_engine(model_dir: Path, out: Path, settings: EngineSettings, overwrite: bool = False) -> EngineResult:
     """Build a TensorRT engine directory ``out`` from the export / quantize directory ``model_dir``."""
     model_dir, out = Path(model_dir), Path(out)
-    source = read_source_manifest(model_dir)
+    source = read_source_manifest(model_dir, verify=True)
     onnx_path = model_dir / ONNX_FILE
     if not onnx_path.is_file():
         raise MexportError(f"{model_dir}: no {ONNX_FILE}", hint="export the model first with `mexport onnx`")
