@@ -241,3 +241,35 @@ def test_ignored_options_warn_and_a_missing_calib_file_is_an_error(tmp_path: Pat
     assert ignored.exit_code == 0, ignored.output
     assert "--calib ignored: int8-wo needs no calibration" in ignored.stderr
     assert "--block-size ignored: int8-wo quantizes weights per channel" in ignored.stderr
+
+
+def test_data_files_with_a_utf8_bom_keep_their_first_question(tmp_path: Path) -> None:
+    from mexport.validate.tasks import load_task
+
+    sample = Path(__file__).resolve().parents[1] / "mexport" / "validate" / "data" / "medmcqa_sample.jsonl"
+    rows = sample.read_text(encoding="utf-8").splitlines()[:3]
+    data = tmp_path / "medmcqa.jsonl"
+    data.write_bytes(b"\xef\xbb\xbf" + "\n".join(rows).encode())
+    loaded = load_task("medmcqa", data)
+    assert len(loaded.items) == 3 and loaded.skipped == 0
+
+
+def test_validate_prints_dropped_rows_by_reason(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import mexport.validate
+    from mexport.validate.reports import TaskInfo
+
+    task = TaskInfo(name="medmcqa", source="f.jsonl", source_sha256="0", items_sha256="0", n_items=40,
+                    total_rows=43, skipped={"label": 1, "missing option": 2}, metrics=("acc",))
+
+    class Report:
+        tasks = (task,)
+        exit_code = 0
+
+        def summary(self) -> dict[str, object]:
+            return {"tasks": {"medmcqa": {"skipped": task.skipped}}}
+
+    monkeypatch.setattr(mexport.validate, "validate", lambda *args, **kwargs: Report())
+    result = runner.invoke(app, ["-q", "validate", "--reference", "r", "--candidate", "c", "--tasks", "medmcqa",
+                                 "-o", str(tmp_path / "report"), "--json"])
+    assert result.exit_code == 0, result.output
+    assert "medmcqa: dropped 3 of 43 rows (1 label, 2 missing option)" in result.stderr
