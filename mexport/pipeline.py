@@ -36,10 +36,10 @@ def _one_or_many(value: Any) -> Any:
     return [value] if isinstance(value, str) else value
 
 
-def _checked(check: Callable[[], Any]) -> None:
+def _checked(check: Callable[..., Any], *args: Any) -> None:
     """Run one of the library's own checks inside a validator, so pydantic collects its message with the rest."""
     try:
-        check()
+        check(*args)
     except MexportError as exc:
         raise ValueError(exc.message) from None
 
@@ -122,7 +122,7 @@ class PipelineConfig(BaseModel):
         from mexport.optimize.quantize.recipes import get_recipe
 
         for recipe in recipes:
-            _checked(lambda recipe=recipe: get_recipe(recipe))
+            _checked(get_recipe, recipe)
         if len(set(recipes)) != len(recipes):
             raise ValueError(f"a recipe is listed twice: {recipes}")
         return recipes
@@ -133,7 +133,7 @@ class PipelineConfig(BaseModel):
         from mexport.validate.tasks import get_task
 
         for task in tasks:
-            _checked(lambda task=task: get_task(task))
+            _checked(get_task, task)
         return tasks
 
     @field_validator("data")
@@ -142,7 +142,7 @@ class PipelineConfig(BaseModel):
         from mexport.validate.tasks import get_task
 
         for task, source in data.items():
-            _checked(lambda task=task: get_task(task))
+            _checked(get_task, task)
             if source != "sample" and not Path(source).is_file():
                 raise ValueError(f"data file for {task} not found: {source}")
         return data
@@ -178,7 +178,7 @@ class PipelineConfig(BaseModel):
         from mexport.optimize.quantize.recipes import get_recipe
 
         for recipe in margins:
-            _checked(lambda recipe=recipe: get_recipe(recipe))
+            _checked(get_recipe, recipe)
         return margins
 
     @field_validator("fail_on")
@@ -195,8 +195,8 @@ class PipelineConfig(BaseModel):
         from mexport.optimize.engine.gpus import gpu_budget
         from mexport.optimize.engine.profiles import EngineLimits
 
-        _checked(lambda: EngineLimits(self.max_batch, self.max_input_len, self.max_context).validate())
-        _checked(lambda: gpu_budget(self.target, self.gpu_memory_gb))
+        _checked(EngineLimits(self.max_batch, self.max_input_len, self.max_context).validate)
+        _checked(gpu_budget, self.target, self.gpu_memory_gb)
         return self
 
 
