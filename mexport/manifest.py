@@ -159,8 +159,9 @@ def _read_stamp(directory: Path) -> dict[str, Any]:
     return stamp if isinstance(stamp, dict) else {}
 
 
-def verify_files(directory: Path, manifest: dict[str, Any]) -> None:
-    """Check ``manifest["files"]`` against ``directory`` (see :func:`verify_artifact`)."""
+def verify_files(directory: Path, manifest: dict[str, Any], remember: bool = True) -> None:
+    """Check ``manifest["files"]`` against ``directory`` (see :func:`verify_artifact`); ``remember=False`` never
+    writes the stamp (a directory that is not an artifact, e.g. a checkpoint, stays as it is)."""
     directory = Path(directory)
     files = manifest.get("files")
     if not isinstance(files, dict):
@@ -195,7 +196,7 @@ def verify_files(directory: Path, manifest: dict[str, Any]) -> None:
                 hint="re-run the stage that wrote it",
             )
         verified[name] = {"stat": key, "sha256": record["sha256"]}  # stat from before hashing: a change since misses
-    if verified != stamp:
+    if remember and verified != stamp:
         try:
             write_atomic(directory / STAMP_NAME, json.dumps(verified, sort_keys=True).encode())
         except OSError:

@@ -419,7 +419,7 @@ def _verified_outputs(
     elif not (target / marker).is_file():
         raise IntegrityError(f"{target / marker}: missing")
     elif verify:
-        verify_files(target, {"files": files})
+        verify_files(target, {"files": files}, remember=False)
     if not isinstance(files, dict):
         raise IntegrityError(f"{target}: no recorded file hashes")
     return {name: record["sha256"] for name, record in files.items()}
@@ -430,7 +430,11 @@ def _checkpoint_fingerprint(model: str) -> dict[str, Any]:
     path = Path(model)
     if not path.is_dir():
         return {"hub_id": model}
-    return {p.name: [p.stat().st_size, int(p.stat().st_mtime)] for p in sorted(path.iterdir()) if p.is_file()}
+    return {
+        p.name: [p.stat().st_size, int(p.stat().st_mtime)]
+        for p in sorted(path.iterdir())
+        if p.is_file() and not p.name.startswith(".")  # hidden: bookkeeping (stamps, locks), not the model
+    }
 
 
 def run_pipeline(config: PipelineConfig, force: bool = False) -> PipelineResult:
