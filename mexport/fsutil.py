@@ -39,21 +39,28 @@ def check_output_dir(out_dir: Path, overwrite: bool) -> None:
 
 
 @contextlib.contextmanager
-def output_lock(out_dir: Path) -> Iterator[None]:
-    """Hold ``.NAME.lock`` beside ``out_dir``: a second writer to the same output fails at once instead of racing."""
+def output_lock(out_dir: Path, wait: bool = False) -> Iterator[None]:
+    """Hold ``.NAME.lock`` beside ``out_dir``: a second writer to the same output fails at once instead of racing.
+
+    ``wait``: block until the other writer is done instead (a shared cache that the other one is filling).
+    """
     from filelock import FileLock, Timeout
 
     out_dir = Path(out_dir).resolve()
     lock_path = out_dir.parent / f".{out_dir.name}.lock"
+    # a singleton per path: this process may nest locks on one output (a stage inside the pipeline's run)
+    lock = FileLock(lock_path, thread_local=False, is_singleton=True)
     try:
-        # a singleton per path: this process may nest locks on one output (a stage inside the pipeline's run)
-        with FileLock(lock_path, timeout=0, thread_local=False, is_singleton=True):
-            yield
+        lock.acquire(timeout=-1 if wait else 0)
     except Timeout:
         raise EnvironmentFailure(
             f"{out_dir}: another mexport run is writing this output (it holds {lock_path})",
             hint="wait for that run to finish, or write to another output",
         ) from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _process_alive(pid: int) -> bool:
