@@ -115,6 +115,12 @@ def test_pipeline_end_to_end_then_resume_after_failure(tmp_path: Path, monkeypat
     assert {s.status for s in again.steps if s.name != "engine:onnx-fp32" and s.name != "engine:quant-int8-wo"} == {
         "resumed"
     }
+    # a damaged output is never trusted from its marker: the step runs again
+    (out / "quant-int8-wo" / "model.onnx").unlink()
+    with open(out / "onnx-fp32" / "model.onnx.data", "r+b") as handle:
+        handle.truncate(100)
+    repaired = {s.name: s.status for s in run_pipeline(_small(out)).steps}
+    assert repaired["export"] == "done" and repaired["quantize:int8-wo"] == "done"
     changed = {s.name: s.status for s in run_pipeline(_small(out, limit=8)).steps}
     assert changed["export"] == "resumed" and changed["quantize:int8-wo"] == "resumed"
     assert changed["validate"] == "done"
