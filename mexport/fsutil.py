@@ -94,10 +94,6 @@ def remove_stale_staging(out_dir: Path) -> list[Path]:
     return removed
 
 
-def glob_escape(name: str) -> str:
-    return re.sub(r"([*?\[])", r"[\1]", name)
-
-
 @contextlib.contextmanager
 def staged_output_dir(out_dir: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling directory that replaces ``out_dir`` only when the block finishes.
