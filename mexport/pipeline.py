@@ -245,7 +245,7 @@ def load_config(path: Path, overrides: dict[str, Any] | None = None) -> Pipeline
             values["model"] = str(local.resolve())
     if isinstance(values.get("data"), dict):
         values["data"] = {
-            task: source if source == "sample" else str((path.parent / source).resolve())
+            task: str((path.parent / source).resolve()) if isinstance(source, str) and source != "sample" else source
             for task, source in values["data"].items()
         }
     return config_from(values, overrides)
