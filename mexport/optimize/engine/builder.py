@@ -21,7 +21,14 @@ from mexport import console
 from mexport.errors import MexportError, MissingDependencyError
 from mexport.fsutil import check_free_space, staged_output_dir
 from mexport.lazy import INSTALL_HINTS, require
-from mexport.manifest import MANIFEST_NAME, file_records, new_manifest, verified_input, write_manifest
+from mexport.manifest import (
+    MANIFEST_NAME,
+    STAMP_NAME,
+    file_records,
+    new_manifest,
+    verified_input,
+    write_manifest,
+)
 from mexport.optimize.engine.gpus import GpuInfo, require_cuda_gpu
 from mexport.optimize.engine.plan import (
     PLAN_FILE,
@@ -131,7 +138,7 @@ def _side_files(model_dir: Path) -> list[Path]:
         path
         for path in model_dir.iterdir()
         if path.is_file()
-        and path.name not in (MANIFEST_NAME, PLAN_FILE)
+        and path.name not in (MANIFEST_NAME, PLAN_FILE, STAMP_NAME)
         and not path.name.endswith(NOT_COPIED_SUFFIXES)
     )
 
