@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from mexport.checkpoint import load_tokenizer
 from mexport.errors import MexportError
 from mexport.lazy import require
 from mexport.manifest import MANIFEST_NAME, read_manifest
@@ -56,6 +57,8 @@ def _local_checkpoint(path: Path | str) -> Path:
     location = Path(path)
     if location.exists():
         return location
+    if not HUB_ID.match(str(path)):
+        raise MexportError(f"{path}: no such checkpoint directory (and not a hub id like org/name)")
     hub = require("huggingface_hub", f"fetching {path} from the Hugging Face hub")
     try:
         return Path(hub.snapshot_download(str(path), allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
@@ -104,16 +107,6 @@ def _torch_runtime(path: Path, device: str) -> DecoderRuntime:
     return TorchDecoder(path, device=device)
 
 
-def load_tokenizer(path: Path) -> Any:
-    """The model's own tokenizer (never remote code)."""
-    transformers = require("transformers", "loading the tokenizer")
-    try:
-        return transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=False, local_files_only=True)
-    except (OSError, ValueError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise MexportError(f"{path}: could not load its tokenizer: {first_line}") from exc
-
-
 def open_backend(path: Path | str, kind: str | None = None, device: str = "cpu") -> tuple[DecoderRuntime, str, Any]:
     """(runtime, kind, tokenizer) for a checkpoint, export, quantized model or engine; ``kind`` auto-detected.
 
@@ -133,6 +126,7 @@ def open_backend(path: Path | str, kind: str | None = None, device: str = "cpu")
     else:
         location = Path(path)
         runtime = _ort_runtime(location, device) if kind == "ort" else _trt_runtime(location)
+        read_manifest(location, verify=True)  # every file as recorded, before any is read
     return runtime, kind, load_tokenizer(location)
 
 

@@ -23,7 +23,14 @@ from mexport.formats import ENGINE_FILE
 from mexport.formats import GRAPH_FILE as ONNX_FILE
 from mexport.fsutil import check_free_space, staged_output_dir
 from mexport.lazy import require
-from mexport.manifest import MANIFEST_NAME, file_records, new_manifest, write_manifest
+from mexport.manifest import (
+    MANIFEST_NAME,
+    STAMP_NAME,
+    file_records,
+    new_manifest,
+    verified_input,
+    write_manifest,
+)
 from mexport.optimize.engine.gpus import GpuInfo, require_cuda_gpu
 from mexport.optimize.engine.plan import (
     PLAN_FILE,
@@ -107,7 +114,7 @@ def _side_files(model_dir: Path) -> list[Path]:
         path
         for path in model_dir.iterdir()
         if path.is_file()
-        and path.name not in (MANIFEST_NAME, PLAN_FILE)
+        and path.name not in (MANIFEST_NAME, PLAN_FILE, STAMP_NAME)
         and not path.name.endswith(NOT_COPIED_SUFFIXES)
     )
 
@@ -163,7 +170,7 @@ def _holds_only_plan(out: Path) -> bool:
 def build_engine(model_dir: Path, out: Path, settings: EngineSettings, overwrite: bool = False) -> EngineResult:
     """Build a TensorRT engine directory ``out`` from the export / quantize directory ``model_dir``."""
     model_dir, out = Path(model_dir), Path(out)
-    source = read_source_manifest(model_dir)
+    source = read_source_manifest(model_dir, verify=True)
     onnx_path = model_dir / ONNX_FILE
     if not onnx_path.is_file():
         raise MexportError(f"{model_dir}: no {ONNX_FILE}", hint="export the model first with `mexport onnx`")
@@ -208,5 +215,6 @@ def build_engine(model_dir: Path, out: Path, settings: EngineSettings, overwrite
         with console.phase("hashing the engine"):
             files = file_records(stage)
         manifest = engine_manifest(plan, source, gpu, tensorrt_version, build_seconds, files, recorded_cache)
+        manifest["verified_inputs"] = [verified_input(model_dir, source)]
         write_manifest(stage, manifest)
     return EngineResult(out.resolve(), files[ENGINE_FILE]["bytes"], build_seconds, gpu, tensorrt_version, plan)

@@ -28,7 +28,7 @@ from typing import Any
 from mexport.errors import MexportError
 from mexport.formats import GRAPH_FILE
 from mexport.fsutil import format_bytes
-from mexport.manifest import read_manifest
+from mexport.manifest import read_manifest, verify_files
 from mexport.optimize.engine.compat import require_compatible
 from mexport.optimize.engine.gpus import GB, GpuInfo, gpu_budget
 from mexport.optimize.engine.precision import (
@@ -202,14 +202,17 @@ class EnginePlan:
         }
 
 
-def read_source_manifest(model_dir: Path) -> dict[str, Any]:
-    """The export / quantize manifest, with the keys engines rely on checked."""
+def read_source_manifest(model_dir: Path, verify: bool = False) -> dict[str, Any]:
+    """The export / quantize manifest, with the keys engines rely on checked; ``verify`` (a build, which reads
+    the files; a plan reads only the manifest): every recorded file matches its hash."""
     manifest = read_manifest(model_dir, expected_kind=SOURCE_KINDS)
     for key in ("io", "model_config", "dtype", "opset"):
         if key not in manifest:
             raise MexportError(f"{model_dir}: manifest has no {key!r} (written by an incompatible mexport?)")
     if manifest["kind"] == "quantize" and not isinstance(manifest.get("recipe"), dict):
         raise MexportError(f"{model_dir}: quantize manifest has no recipe")
+    if verify:
+        verify_files(model_dir, manifest)
     return manifest
 
 
