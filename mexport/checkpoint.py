@@ -32,6 +32,8 @@ SIDE_FILES = (
     "chat_template.jinja",
 )
 HUB_PATTERNS = ["*.safetensors", "model.safetensors.index.json", *SIDE_FILES]
+# either one makes a loadable tokenizer (the fast JSON or the SentencePiece model)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 # a header larger than this is not a safetensors header (the format caps it at 100 MB)
 MAX_HEADER_BYTES = 100 << 20
 
@@ -209,6 +211,25 @@ def copy_side_files(checkpoint: Checkpoint, out_dir: Path) -> list[str]:
             shutil.copyfile(source, out_dir / name)
             copied.append(name)
     return copied
+
+
+def has_tokenizer(directory: Path) -> bool:
+    return any((Path(directory) / name).is_file() for name in TOKENIZER_FILES)
+
+
+def load_tokenizer(path: Path) -> Any:
+    """The model's own tokenizer (never remote code), with a clear error when its files are missing."""
+    if Path(path).is_dir() and not has_tokenizer(path):
+        raise MexportError(
+            f"{path}: no tokenizer files ({' or '.join(TOKENIZER_FILES)}); the checkpoint it came from had none",
+            hint="add the tokenizer files to the checkpoint and export again",
+        )
+    transformers = require("transformers", "loading the tokenizer")
+    try:
+        return transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=False, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise MexportError(f"{path}: could not load its tokenizer: {first_line}") from exc
 
 
 def side_files_bytes(checkpoint: Checkpoint) -> int:

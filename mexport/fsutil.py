@@ -3,16 +3,33 @@
 from __future__ import annotations
 
 import contextlib
+import glob
+import json
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-from mexport.errors import MexportError, ValidationFailedError
+from mexport.errors import EnvironmentFailure, MexportError, ValidationFailedError
+
+# staging and retired directories of staged_output_dir: ``.NAME.partial-PID`` / ``.NAME.old-PID``
+UNFINISHED_DIR = re.compile(r"^\.(?P<name>.+)\.(?P<state>partial|old)-(?P<pid>\d+)$")
+FAILED_SUFFIX = ".failed"
+
+
+def check_output_location(out_dir: Path) -> None:
+    """An output beneath a file can never be created: an I/O failure (exit 3), said before any work is done."""
+    blocker = next((parent for parent in Path(out_dir).resolve().parents if parent.is_file()), None)
+    if blocker is not None:
+        raise EnvironmentFailure(
+            f"{out_dir}: cannot be created, {blocker} is a file", hint="write the output to a directory path"
+        )
 
 
 def check_output_dir(out_dir: Path, overwrite: bool) -> None:
     """Refuse to touch an existing non-empty directory (or a file) unless ``overwrite``."""
+    check_output_location(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise MexportError(f"{out_dir}: exists and is not a directory")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
@@ -22,29 +39,122 @@ def check_output_dir(out_dir: Path, overwrite: bool) -> None:
 
 
 @contextlib.contextmanager
+def output_lock(out_dir: Path, wait: bool = False) -> Iterator[None]:
+    """Hold ``.NAME.lock`` beside ``out_dir``: a second writer to the same output fails at once instead of racing.
+
+    ``wait``: block until the other writer is done instead (a shared cache that the other one is filling).
+    """
+    from filelock import FileLock, Timeout
+
+    out_dir = Path(out_dir).resolve()
+    lock_path = out_dir.parent / f".{out_dir.name}.lock"
+    # a singleton per path: this process may nest locks on one output (a stage inside the pipeline's run)
+    lock = FileLock(lock_path, thread_local=False, is_singleton=True)
+    try:
+        lock.acquire(timeout=-1 if wait else 0)
+    except Timeout:
+        raise EnvironmentFailure(
+            f"{out_dir}: another mexport run is writing this output (it holds {lock_path})",
+            hint="wait for that run to finish, or write to another output",
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_staging(out_dir: Path) -> list[Path]:
+    """Delete ``.NAME.partial-PID`` / ``.NAME.old-PID`` siblings of ``out_dir`` whose process is gone.
+
+    Called under :func:`output_lock`, so no live mexport run is writing them; a live PID (possibly reused by an
+    unrelated process) is left alone, which errs on the side of keeping data. A run killed between the two
+    renames of a commit leaves the previous artifact as ``.NAME.old-PID`` and no ``NAME``: that one is restored.
+    """
+    out_dir = Path(out_dir).resolve()
+    removed = []
+    for path in sorted(out_dir.parent.glob(f".{glob.escape(out_dir.name)}.*-*")):
+        match = UNFINISHED_DIR.match(path.name)
+        if not (match and match["name"] == out_dir.name and path.is_dir()) or _process_alive(int(match["pid"])):
+            continue
+        if match["state"] == "old" and not out_dir.exists():
+            os.replace(path, out_dir)
+        else:
+            shutil.rmtree(path)
+            removed.append(path)
+    return removed
+
+
+@contextlib.contextmanager
 def staged_output_dir(out_dir: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling directory that replaces ``out_dir`` only when the block finishes.
 
-    On success (or on a :class:`ValidationFailedError`, whose files are kept for inspection and marked failed in
-    their manifest) the temp directory is renamed into place; on any other error it is deleted, so an interrupted
-    run never leaves something that looks like a finished artifact.
+    Holds the output's lock throughout (a concurrent writer fails fast) and first removes staging directories
+    left by killed runs. On success the temp directory is renamed into place; on any other error it is deleted,
+    so an interrupted run never leaves something that looks like a finished artifact. On a
+    :class:`ValidationFailedError` the files are kept for inspection (marked failed in their manifest): as
+    ``out_dir`` when there was nothing there, else as ``OUT.failed`` beside it, so a failed run never replaces a
+    previous good artifact.
     """
     out_dir = Path(out_dir).resolve()
     check_output_dir(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir()
-    try:
-        yield staging
-    except ValidationFailedError:
+    with output_lock(out_dir):
+        remove_stale_staging(out_dir)
+        check_output_dir(out_dir, overwrite)  # again under the lock: a run that just finished may have written it
+        staging = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
+        if staging.exists():
+            shutil.rmtree(staging)
+        staging.mkdir()
+        try:
+            yield staging
+        except ValidationFailedError as exc:
+            if _holds_artifact(out_dir):
+                failed = out_dir.with_name(out_dir.name + FAILED_SUFFIX)
+                _commit(staging, failed)
+                exc.message = f"{exc.message} (kept as {failed}; the previous {out_dir.name} is unchanged)"
+            else:
+                _commit(staging, out_dir)
+            raise
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         _commit(staging, out_dir)
-        raise
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    _commit(staging, out_dir)
+
+
+def replace_files_as_set(out_dir: Path, files: dict[str, bytes]) -> dict[str, Path]:
+    """Write ``files`` into ``out_dir`` so that readers see either the previous set or the new one, never a mix.
+
+    The new set is written into a staging directory, whatever else ``out_dir`` holds (e.g. a score cache) is moved
+    over, and the staging directory replaces ``out_dir`` in one rename. Returns name -> final path.
+    """
+    out_dir = Path(out_dir).resolve()
+    with staged_output_dir(out_dir, overwrite=True) as staging:
+        for name, data in files.items():
+            (staging / name).write_bytes(data)
+        if out_dir.is_dir():
+            for entry in out_dir.iterdir():
+                if entry.name not in files:
+                    os.replace(entry, staging / entry.name)
+    return {name: out_dir / name for name in files}
+
+
+def _holds_artifact(out_dir: Path) -> bool:
+    """Whether ``out_dir`` holds a finished artifact that did not fail its own checks."""
+    try:
+        manifest = json.loads((out_dir / "mexport.json").read_text())  # manifest.MANIFEST_NAME (a layer above)
+    except (OSError, ValueError):
+        return out_dir.is_dir() and any(out_dir.iterdir())
+    return not (isinstance(manifest, dict) and manifest.get("status") == "failed")
 
 
 def _commit(staging: Path, out_dir: Path) -> None:

@@ -16,10 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from mexport import __version__
-from mexport.errors import MexportError
+from mexport.errors import IntegrityError, MexportError
+from mexport.fsutil import UNFINISHED_DIR, write_atomic
 
 MANIFEST_NAME = "mexport.json"
 SCHEMA_VERSION = 1
+# beside the manifest: which files were fully hashed, keyed by their stat (see verify_artifact); never recorded
+STAMP_NAME = ".mexport-verified.json"
 
 TRACKED_PACKAGES = (
     "torch",
@@ -63,7 +66,7 @@ def file_records(directory: Path) -> dict[str, dict[str, Any]]:
     return {
         path.name: {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
         for path in sorted(Path(directory).iterdir())
-        if path.is_file() and path.name != MANIFEST_NAME
+        if path.is_file() and path.name not in (MANIFEST_NAME, STAMP_NAME)
     }
 
 
@@ -92,9 +95,16 @@ def write_manifest(directory: Path, manifest: dict[str, Any]) -> Path:
     return target
 
 
-def read_manifest(directory: Path, expected_kind: tuple[str, ...] | None = None) -> dict[str, Any]:
-    """Read a stage's manifest, with a clear error when the directory is not an mexport artifact."""
+def read_manifest(
+    directory: Path, expected_kind: tuple[str, ...] | None = None, *, verify: bool = False
+) -> dict[str, Any]:
+    """Read a stage's manifest, with a clear error when the directory is not an mexport artifact.
+
+    ``verify``: also check every recorded file against its hash (:func:`verify_artifact`); every stage that
+    reads an artifact's files passes it.
+    """
     directory = Path(directory)
+    refuse_unfinished(directory)
     path = directory / MANIFEST_NAME
     if not directory.is_dir():
         raise MexportError(f"{directory}: not a directory")
@@ -111,7 +121,97 @@ def read_manifest(directory: Path, expected_kind: tuple[str, ...] | None = None)
         raise MexportError(
             f"{directory}: manifest kind is {manifest.get('kind')!r}, expected one of {', '.join(expected_kind)}"
         )
+    if verify:
+        verify_files(directory, manifest)
     return manifest
+
+
+def verify_artifact(directory: Path, expected_kind: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """The manifest of an artifact whose every recorded file is present, of its recorded size and sha256.
+
+    Raises :class:`IntegrityError` naming the first file that is missing, truncated or modified. A full hash is
+    remembered in ``STAMP_NAME`` keyed by the file's (size, mtime_ns, inode, ctime_ns), so verifying the same
+    unchanged file again costs a ``stat``; see docs/architecture.md for what that trusts.
+    """
+    return read_manifest(directory, expected_kind, verify=True)
+
+
+def refuse_unfinished(directory: Path) -> None:
+    """A staging directory of another process (still being written, or left by a killed run) is never an input."""
+    match = UNFINISHED_DIR.match(Path(directory).resolve().name)
+    if match and int(match["pid"]) != os.getpid():  # this process may read back its own staging directory
+        raise IntegrityError(
+            f"{directory}: an unfinished output (being written by process {match['pid']}, or left by a killed run)",
+            hint=f"use the finished directory {match['name']}; the next run writing it removes stale leftovers",
+        )
+
+
+def _stat_key(path: Path) -> list[int]:
+    stat = path.stat()
+    return [stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_ctime_ns]
+
+
+def _read_stamp(directory: Path) -> dict[str, Any]:
+    try:
+        stamp = json.loads((directory / STAMP_NAME).read_text())
+    except (OSError, ValueError):
+        return {}
+    return stamp if isinstance(stamp, dict) else {}
+
+
+def verify_files(directory: Path, manifest: dict[str, Any], remember: bool = True) -> None:
+    """Check ``manifest["files"]`` against ``directory`` (see :func:`verify_artifact`); ``remember=False`` never
+    writes the stamp (a directory that is not an artifact, e.g. a checkpoint, stays as it is)."""
+    directory = Path(directory)
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise IntegrityError(
+            f"{directory}: {MANIFEST_NAME} records no file hashes, so its files cannot be verified",
+            hint="re-create the artifact with this mexport version",
+        )
+    stamp = _read_stamp(directory)
+    verified: dict[str, Any] = {}
+    for name, record in sorted(files.items()):
+        path = directory / name
+        if Path(name).name != name or not isinstance(record, dict) or "sha256" not in record:
+            raise IntegrityError(f"{directory / MANIFEST_NAME}: malformed files entry {name!r}")
+        if not path.is_file():
+            raise IntegrityError(
+                f"{directory}: no {name} (recorded in {MANIFEST_NAME}); the artifact is incomplete",
+                hint="re-run the stage that wrote it",
+            )
+        key = _stat_key(path)
+        if key[0] != record.get("bytes"):
+            raise IntegrityError(
+                f"{path}: {key[0]} bytes, but {MANIFEST_NAME} records {record.get('bytes')} (truncated or replaced)",
+                hint="re-run the stage that wrote it",
+            )
+        known = stamp.get(name)
+        if known == {"stat": key, "sha256": record["sha256"]}:
+            verified[name] = known
+            continue
+        if sha256_file(path) != record["sha256"]:
+            raise IntegrityError(
+                f"{path}: sha256 does not match {MANIFEST_NAME} (the file is corrupt or was modified)",
+                hint="re-run the stage that wrote it",
+            )
+        verified[name] = {"stat": key, "sha256": record["sha256"]}  # stat from before hashing: a change since misses
+    if remember and verified != stamp:
+        try:
+            write_atomic(directory / STAMP_NAME, json.dumps(verified, sort_keys=True).encode())
+        except OSError:
+            pass  # a read-only artifact: verification still holds, it just is not remembered
+
+
+def verified_input(directory: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """What a derived manifest records about an input it verified: where, which files with which hashes, when."""
+    return {
+        "path": str(Path(directory).resolve()),
+        "kind": manifest.get("kind"),
+        "manifest_sha256": sha256_file(Path(directory) / MANIFEST_NAME),
+        "files": {name: record["sha256"] for name, record in sorted(manifest["files"].items())},
+        "verified_at": utc_now(),
+    }
 
 
 def settings_hash(settings: dict[str, Any]) -> str:

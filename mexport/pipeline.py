@@ -13,71 +13,191 @@ import json
 import time
 import tomllib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 from xml.etree import ElementTree
 
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+
 from mexport import console
-from mexport.errors import EXIT_CHECK_FAILED, EXIT_OK, MexportError
+from mexport.errors import EXIT_CHECK_FAILED, EXIT_OK, EnvironmentFailure, IntegrityError, MexportError
 from mexport.fixtures import FIXTURE_NAMES
-from mexport.fsutil import write_atomic
-from mexport.manifest import MANIFEST_NAME, settings_hash, utc_now
+from mexport.fsutil import check_output_location, output_lock, write_atomic
+from mexport.manifest import MANIFEST_NAME, file_records, read_manifest, settings_hash, utc_now, verify_files
 
 STATE_FILE = "pipeline-state.json"
 FIXTURE_PREFIX = "fixture:"
 ENGINE_MODES = ("auto", "build", "plan", "off")
 
 
-@dataclass
-class PipelineConfig:
-    """Everything a pipeline run needs; the TOML file's tables map onto these fields (see examples/)."""
+def _one_or_many(value: Any) -> Any:
+    """``recipes = "int8-wo"`` means one recipe (a bare string is never split into characters)."""
+    return [value] if isinstance(value, str) else value
 
-    model: str
+
+def _checked(check: Callable[..., Any], *args: Any) -> None:
+    """Run one of the library's own checks inside a validator, so pydantic collects its message with the rest."""
+    try:
+        check(*args)
+    except MexportError as exc:
+        raise ValueError(exc.message) from None
+
+
+class PipelineConfig(BaseModel):
+    """Everything a pipeline run needs, typed and range-checked; the TOML file's tables map onto these fields
+    (see examples/) and every CLI flag of ``mexport pipeline`` sets one. Creating one validates every field and
+    reports every problem at once, before any step runs. Name checks reuse the library's own (recipes, tasks,
+    engine limits, GPU targets, verdict policy), so a field is defined once."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(min_length=1)
     output: Path
     revision: str | None = None
     dtype: str = "bf16"
-    opset: int = 18
-    export_device: str = "cpu"
-    recipes: list[str] = field(default_factory=list)
+    opset: int = Field(18, strict=True)
+    export_device: Literal["cpu", "cuda"] = "cpu"
+    recipes: Annotated[list[str], BeforeValidator(_one_or_many)] = Field(default_factory=list)
     calib: str | None = None
-    calib_size: int = 64
+    calib_size: int = Field(64, ge=1, strict=True)
     engine: str = "auto"
-    engine_precision: str = "bf16"
-    max_batch: int = 8
-    max_input_len: int = 2048
-    max_context: int = 4096
+    engine_precision: str | None = None  # None: the export's dtype (the only choice TensorRT 11 builds)
+    max_batch: int = Field(8, ge=1, strict=True)
+    max_input_len: int = Field(2048, ge=1, strict=True)
+    max_context: int = Field(4096, ge=1, strict=True)
     target: str | None = None
-    gpu_memory_gb: float | None = None
-    tasks: list[str] = field(default_factory=lambda: ["medmcqa", "medqa", "pubmedqa", "afrimedqa"])
-    data: dict[str, str] = field(default_factory=dict)
-    limit: int | None = None
-    seed: int = 1234
-    device: str = "cpu"
-    margin: float = 1.0
-    recipe_margins: dict[str, float] = field(default_factory=dict)
-    agreement_floor: float | None = None
+    gpu_memory_gb: float | None = Field(None, gt=0, allow_inf_nan=False)
+    tasks: Annotated[list[str], BeforeValidator(_one_or_many)] = Field(
+        default_factory=lambda: ["medmcqa", "medqa", "pubmedqa", "afrimedqa"], min_length=1
+    )
+    data: dict[str, str] = Field(default_factory=dict)
+    limit: int | None = Field(None, ge=1, strict=True)
+    seed: int = Field(1234, strict=True)
+    device: Literal["cpu", "cuda"] = "cpu"
+    margin: float = Field(1.0, gt=0, allow_inf_nan=False)
+    recipe_margins: dict[str, Annotated[float, Field(gt=0, allow_inf_nan=False)]] = Field(default_factory=dict)
+    agreement_floor: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)
     fail_on: str = "parity"
 
-    def check(self) -> None:
-        """Refuse bad names before any step runs, so a typo never costs a finished export."""
+    @field_validator("model")
+    @classmethod
+    def _model_exists(cls, model: str) -> str:
+        if model.startswith(FIXTURE_PREFIX):
+            if model[len(FIXTURE_PREFIX):] not in FIXTURE_NAMES:
+                raise ValueError(
+                    f"unknown fixture {model!r}; available: {', '.join(FIXTURE_PREFIX + n for n in FIXTURE_NAMES)}"
+                )
+            return model
+        from mexport.validate.backends import HUB_ID
+
+        path = Path(model)
+        if path.exists() and not (path / "config.json").is_file():
+            raise ValueError(f"{model}: not a checkpoint directory (no config.json)")
+        if not path.exists() and not HUB_ID.match(model):
+            raise ValueError(f"{model}: no such checkpoint directory (and not a hub id like org/name)")
+        return model
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype_known(cls, dtype: str) -> str:
         from mexport.formats import EXPORT_DTYPES
+
+        if dtype not in EXPORT_DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; expected one of {', '.join(EXPORT_DTYPES)}")
+        return dtype
+
+    @field_validator("opset")
+    @classmethod
+    def _opset_supported(cls, opset: int) -> int:
+        from mexport.export.exporter import MIN_OPSET
+
+        if opset < MIN_OPSET:
+            raise ValueError(f"opset {opset} not supported; use {MIN_OPSET} or newer")
+        return opset
+
+    @field_validator("recipes")
+    @classmethod
+    def _recipes_known(cls, recipes: list[str]) -> list[str]:
         from mexport.optimize.quantize.recipes import get_recipe
+
+        for recipe in recipes:
+            _checked(get_recipe, recipe)
+        if len(set(recipes)) != len(recipes):
+            raise ValueError(f"a recipe is listed twice: {recipes}")
+        return recipes
+
+    @field_validator("tasks")
+    @classmethod
+    def _tasks_known(cls, tasks: list[str]) -> list[str]:
         from mexport.validate.tasks import get_task
 
-        if self.dtype not in EXPORT_DTYPES:
-            raise MexportError(f"unknown dtype {self.dtype!r}; expected one of {', '.join(EXPORT_DTYPES)}")
-        for recipe in self.recipes:
-            get_recipe(recipe)
-        for task in self.tasks:
-            get_task(task)
-        if self.engine not in ENGINE_MODES:
-            raise MexportError(f"engine mode {self.engine!r} is not one of {', '.join(ENGINE_MODES)}")
-        if self.model.startswith(FIXTURE_PREFIX) and self.model[len(FIXTURE_PREFIX):] not in FIXTURE_NAMES:
-            raise MexportError(
-                f"unknown fixture {self.model!r}; available: "
-                + ", ".join(FIXTURE_PREFIX + name for name in FIXTURE_NAMES)
-            )
+        for task in tasks:
+            _checked(get_task, task)
+        return tasks
+
+    @field_validator("data")
+    @classmethod
+    def _data_files_exist(cls, data: dict[str, str]) -> dict[str, str]:
+        from mexport.validate.tasks import get_task
+
+        for task, source in data.items():
+            _checked(get_task, task)
+            if source != "sample" and not Path(source).is_file():
+                raise ValueError(f"data file for {task} not found: {source}")
+        return data
+
+    @field_validator("calib")
+    @classmethod
+    def _calib_exists(cls, calib: str | None) -> str | None:
+        from mexport.validate.tasks import TASKS
+
+        if calib is not None and calib not in TASKS and not Path(calib).is_file():
+            raise ValueError(f"calibration file not found: {calib} (nor is it a task name: {', '.join(TASKS)})")
+        return calib
+
+    @field_validator("engine")
+    @classmethod
+    def _engine_mode(cls, engine: str) -> str:
+        if engine not in ENGINE_MODES:
+            raise ValueError(f"engine mode {engine!r} is not one of {', '.join(ENGINE_MODES)}")
+        return engine
+
+    @field_validator("engine_precision")
+    @classmethod
+    def _precision_known(cls, precision: str | None) -> str | None:
+        from mexport.optimize.engine.precision import PRECISIONS
+
+        if precision is not None and precision not in PRECISIONS:
+            raise ValueError(f"unknown engine precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+        return precision
+
+    @field_validator("recipe_margins")
+    @classmethod
+    def _margin_recipes_known(cls, margins: dict[str, float]) -> dict[str, float]:
+        from mexport.optimize.quantize.recipes import get_recipe
+
+        for recipe in margins:
+            _checked(get_recipe, recipe)
+        return margins
+
+    @field_validator("fail_on")
+    @classmethod
+    def _fail_on_known(cls, fail_on: str) -> str:
+        from mexport.validate.verdict import FAIL_ON_CHOICES
+
+        if fail_on not in FAIL_ON_CHOICES:
+            raise ValueError(f"fail_on {fail_on!r}: expected one of {', '.join(FAIL_ON_CHOICES)}")
+        return fail_on
+
+    @model_validator(mode="after")
+    def _engine_fits_together(self) -> PipelineConfig:
+        from mexport.optimize.engine.gpus import gpu_budget
+        from mexport.optimize.engine.profiles import EngineLimits
+
+        _checked(EngineLimits(self.max_batch, self.max_input_len, self.max_context).validate)
+        _checked(gpu_budget, self.target, self.gpu_memory_gb)
+        return self
 
 
 # TOML table.key -> PipelineConfig field
@@ -105,36 +225,59 @@ def load_config(path: Path, overrides: dict[str, Any] | None = None) -> Pipeline
     except tomllib.TOMLDecodeError as exc:
         raise MexportError(f"{path}: invalid TOML ({exc})") from exc
     values: dict[str, Any] = {}
-    known = set(_TOML_FIELDS)
+    unknown = []
     for key, value in _flatten(document):
-        if key not in known:
-            raise MexportError(f"{path}: unknown setting {'.'.join(key)!r}", hint="see examples/pipeline-tiny.toml")
-        values[_TOML_FIELDS[key]] = value
-    for name in ("output",):
-        if name in values:
-            values[name] = (path.parent / values[name]).resolve()
+        if key in _TOML_FIELDS:
+            values[_TOML_FIELDS[key]] = value
+        else:
+            unknown.append(".".join(key))
+    if unknown:
+        raise MexportError(
+            f"{path}: unknown setting {', '.join(map(repr, unknown))}", hint="see examples/pipeline-tiny.toml"
+        )
+    if isinstance(values.get("output"), str):
+        values["output"] = (path.parent / values["output"]).resolve()
+    if isinstance(values.get("calib"), str) and (path.parent / values["calib"]).is_file():
+        values["calib"] = str((path.parent / values["calib"]).resolve())
     if isinstance(values.get("model"), str) and not values["model"].startswith(FIXTURE_PREFIX):
         local = path.parent / values["model"]
         if local.exists():
             values["model"] = str(local.resolve())
     if isinstance(values.get("data"), dict):
         values["data"] = {
-            task: source if source == "sample" else str((path.parent / source).resolve())
+            task: str((path.parent / source).resolve()) if isinstance(source, str) and source != "sample" else source
             for task, source in values["data"].items()
         }
     return config_from(values, overrides)
 
 
 def config_from(values: dict[str, Any], overrides: dict[str, Any] | None = None) -> PipelineConfig:
-    """A config from field values (file first, then non-None CLI overrides)."""
+    """A config from field values (file first, then non-None CLI overrides), with every problem in one error."""
     merged = {**values, **{k: v for k, v in (overrides or {}).items() if v is not None}}
     missing = [name for name in ("model", "output") if name not in merged]
     if missing:
         raise MexportError(f"pipeline needs {' and '.join(missing)} (in the config file or as options)")
-    merged["output"] = Path(merged["output"])
-    config = PipelineConfig(**merged)
-    config.check()
-    return config
+    try:
+        return PipelineConfig(**merged)
+    except ValidationError as exc:
+        raise MexportError(config_problems(exc), hint="see examples/pipeline-tiny.toml") from None
+
+
+_SETTING_NAMES = {field_name: ".".join(key) for key, field_name in _TOML_FIELDS.items()}
+
+
+def config_problems(error: ValidationError) -> str:
+    """Every problem of a config, one line each, named as in the TOML file (``engine.max_batch``)."""
+    lines = []
+    for problem in error.errors():
+        name = _SETTING_NAMES.get(str(problem["loc"][0]), str(problem["loc"][0])) if problem["loc"] else "config"
+        where = ".".join([name, *(str(part) for part in problem["loc"][1:])])
+        message = problem["msg"].removeprefix("Value error, ")
+        given = problem.get("input")
+        shown = "" if problem["type"].startswith("value_error") or isinstance(given, dict) else f" (got {given!r})"
+        lines.append(f"{where}: {message}{shown}")
+    count = f"{len(lines)} problems" if len(lines) > 1 else "1 problem"
+    return f"pipeline config has {count}:\n  " + "\n  ".join(lines)
 
 
 def _flatten(table: dict[str, Any], prefix: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], Any]]:
@@ -192,7 +335,16 @@ class _Runner:
 
     def _load_state(self) -> dict[str, Any]:
         if self.state_path.is_file():
-            return json.loads(self.state_path.read_text())
+            try:
+                state = json.loads(self.state_path.read_text())
+            except (ValueError, UnicodeDecodeError) as exc:
+                state = exc
+            if not isinstance(state, dict) or not isinstance(state.get("steps"), dict):
+                raise EnvironmentFailure(
+                    f"{self.state_path}: corrupt pipeline state ({state if isinstance(state, Exception) else 'no steps'})",
+                    hint="delete it and re-run with --force to redo every step",
+                )
+            return state
         if self.out.is_dir() and any(self.out.iterdir()):
             raise MexportError(
                 f"{self.out}: exists, is not empty and holds no {STATE_FILE} (not a pipeline output)",
@@ -209,22 +361,24 @@ class _Runner:
     ) -> str:
         """Run ``action`` (which writes ``target`` and returns a short detail) unless it is already up to date.
 
-        Up to date: the same settings hash as the last successful run and ``target / marker`` still there.
+        Up to date: the same settings hash as the last successful run, and its output verified: every file an
+        artifact's manifest records matches its hash (other outputs: the file hashes the state recorded). A step
+        whose output is missing, truncated or modified runs again.
 
-        Returns the step's settings hash, which downstream steps fold into theirs.
+        Returns the step's hash (its settings and its output's file hashes), which downstream steps fold into
+        theirs: a step that ran again with a different result invalidates what depends on it.
         """
         digest = settings_hash(settings)
         previous = self.state["steps"].get(name, {})
-        up_to_date = (
-            not self.force
-            and previous.get("hash") == digest
-            and previous.get("status") == "done"
-            and (target / marker).is_file()
-        )
-        if up_to_date:
-            console.info(f"[dim]{name}: up to date, skipped (resume)[/dim]")
-            self.steps.append(StepRecord(name, "resumed", str(target), 0.0, previous.get("detail", "")))
-            return digest
+        if not self.force and previous.get("hash") == digest and previous.get("status") == "done":
+            try:
+                outputs = _verified_outputs(target, marker, previous.get("files"))
+            except MexportError as exc:
+                console.warn(f"{name}: its earlier output cannot be trusted ({exc.message}); running it again")
+            else:
+                console.info(f"[dim]{name}: up to date, verified, skipped (resume)[/dim]")
+                self.steps.append(StepRecord(name, "resumed", str(target), 0.0, previous.get("detail", "")))
+                return settings_hash({"settings": digest, "outputs": outputs})
         console.info(f"[bold]{name}[/bold] → {target}")
         started = time.perf_counter()
         self.state["steps"][name] = {"hash": digest, "status": "running", "output": str(target)}
@@ -234,18 +388,41 @@ class _Runner:
         except MexportError as exc:
             self._record(name, digest, target, "failed", started, exc.message)
             raise
-        self._record(name, digest, target, "done", started, detail)
-        return digest
+        files = None if marker == MANIFEST_NAME else file_records(target)
+        self._record(name, digest, target, "done", started, detail, files)
+        return settings_hash({"settings": digest, "outputs": _verified_outputs(target, marker, files, verify=False)})
 
     def skip(self, name: str, reason: str) -> None:
         console.info(f"[yellow]{name}: skipped[/yellow] ({reason})")
         self.steps.append(StepRecord(name, "skipped", None, 0.0, reason))
 
-    def _record(self, name: str, digest: str, target: Path, status: str, started: float, detail: str) -> None:
+    def _record(
+        self, name: str, digest: str, target: Path, status: str, started: float, detail: str,
+        files: dict[str, Any] | None = None,
+    ) -> None:
         seconds = round(time.perf_counter() - started, 2)
-        self.state["steps"][name] = {"hash": digest, "status": status, "output": str(target), "detail": detail}
+        self.state["steps"][name] = {
+            "hash": digest, "status": status, "output": str(target), "detail": detail, "files": files
+        }
         self._save_state()
         self.steps.append(StepRecord(name, status, str(target), seconds, detail))
+
+
+def _verified_outputs(
+    target: Path, marker: str, files: dict[str, Any] | None, verify: bool = True
+) -> dict[str, str]:
+    """Name -> sha256 of a step's output files: an artifact's per its manifest (checked by :func:`verify_artifact`),
+    anything else (fixture checkpoint, engine plan, report) per the hashes the state recorded when it was written.
+    ``verify=False`` right after the step wrote them (hashing the 9B's weights twice in a row proves nothing)."""
+    if marker == MANIFEST_NAME:
+        files = read_manifest(target, verify=verify).get("files")
+    elif not (target / marker).is_file():
+        raise IntegrityError(f"{target / marker}: missing")
+    elif verify:
+        verify_files(target, {"files": files}, remember=False)
+    if not isinstance(files, dict):
+        raise IntegrityError(f"{target}: no recorded file hashes")
+    return {name: record["sha256"] for name, record in files.items()}
 
 
 def _checkpoint_fingerprint(model: str) -> dict[str, Any]:
@@ -253,13 +430,25 @@ def _checkpoint_fingerprint(model: str) -> dict[str, Any]:
     path = Path(model)
     if not path.is_dir():
         return {"hub_id": model}
-    return {p.name: [p.stat().st_size, int(p.stat().st_mtime)] for p in sorted(path.iterdir()) if p.is_file()}
+    return {
+        p.name: [p.stat().st_size, int(p.stat().st_mtime)]
+        for p in sorted(path.iterdir())
+        if p.is_file() and not p.name.startswith(".")  # hidden: bookkeeping (stamps, locks), not the model
+    }
 
 
 def run_pipeline(config: PipelineConfig, force: bool = False) -> PipelineResult:
-    """Run every step of ``config``; raises on a step error, returns the result (with ``failed``) otherwise."""
-    config.check()
-    runner = _Runner(config, force)
+    """Run every step of ``config``; raises on a step error, returns the result (with ``failed``) otherwise.
+
+    Holds the output's lock throughout: a second pipeline into the same output fails at once."""
+    out = config.output.resolve()
+    check_output_location(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with output_lock(out):
+        return _run_steps(_Runner(config, force), config)
+
+
+def _run_steps(runner: _Runner, config: PipelineConfig) -> PipelineResult:
     out = runner.out
 
     checkpoint, upstream = _checkpoint_step(runner, config)

@@ -73,12 +73,12 @@ def test_doctor_without_gpu_says_what_still_works(monkeypatch) -> None:
     ]
 
 
-def test_doctor_treats_stub_only_tensorrt_as_missing(monkeypatch) -> None:
+def test_doctor_reports_stub_only_tensorrt_as_not_installed(monkeypatch) -> None:
     import types
 
     stub = types.ModuleType("tensorrt")  # like the namespace package tensorrt-stubs leaves behind: no __file__
     monkeypatch.setitem(sys.modules, "tensorrt", stub)
     trt = next(c for c in check_tensorrt() if c.name == "tensorrt")
-    assert trt.status == "missing"
-    assert "only type stubs" in trt.detail
+    assert trt.status == "info"  # not a fault: CI installs the stubs for mypy
+    assert trt.detail == "TensorRT not installed (only type stubs)"
     assert "mexport[gpu]" in trt.fix

@@ -25,8 +25,8 @@ from mexport.optimize.engine.builder import engine_manifest, require_tensorrt
 from mexport.optimize.engine.gpus import GPU_TARGETS, parse_nvidia_smi, require_cuda_gpu
 from mexport.optimize.engine.precision import select_build_mode
 from mexport.optimize.engine.profiles import EngineLimits, derive_profiles
-from mexport.optimize.engine.trt_runtime import TrtDecoder, check_engine_compatibility
 from mexport.runtime.base import RuntimeLimits
+from mexport.runtime.trt import TrtDecoder, check_engine_compatibility
 
 runner = CliRunner()
 
@@ -44,8 +44,8 @@ TINY = {
 NUMPY_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
-def decoder_io(config: dict[str, Any], dtype: str) -> dict[str, list[dict[str, Any]]]:
-    """The io signature of an mexport export of ``config`` in ``dtype``."""
+def decoder_io(config: dict[str, Any], dtype: str, lean: bool = False) -> dict[str, list[dict[str, Any]]]:
+    """The io signature of an mexport export of ``config`` in ``dtype`` (``lean``: with logits_indices)."""
     float_dtype = NUMPY_DTYPES[dtype]
     tokens = ["batch_size", "sequence_length"]
     kv = ["batch_size", config["num_key_value_heads"], "past_sequence_length", config["head_dim"]]
@@ -58,9 +58,11 @@ def decoder_io(config: dict[str, Any], dtype: str) -> dict[str, list[dict[str, A
             {"name": "attention_mask", "dtype": "int64", "shape": ["batch_size", total]},
             {"name": "position_ids", "dtype": "int64", "shape": tokens},
             *({"name": f"past_key_values.{i}.{kind}", "dtype": float_dtype, "shape": kv} for i, kind in cache),
+            *([{"name": "logits_indices", "dtype": "int64", "shape": ["logits_length"]}] if lean else []),
         ],
         "outputs": [
-            {"name": "logits", "dtype": float_dtype, "shape": [*tokens, config["vocab_size"]]},
+            {"name": "logits", "dtype": float_dtype,
+             "shape": ["batch_size", "logits_length" if lean else "sequence_length", config["vocab_size"]]},
             *({"name": f"present.{i}.{kind}", "dtype": float_dtype, "shape": present} for i, kind in cache),
         ],
     }
@@ -68,16 +70,16 @@ def decoder_io(config: dict[str, Any], dtype: str) -> dict[str, list[dict[str, A
 
 def model_dir(
     tmp_path: Path, config: dict[str, Any] = GEMMA2_9B, dtype: str = "bf16", recipe: str | None = None,
-    files: dict[str, Any] | None = None, opset: int = 18,
+    files: dict[str, Any] | None = None, opset: int = 18, lean: bool = False,
 ) -> Path:
     """A model directory holding only the manifest (planning never opens the ONNX files)."""
     kind = "quantize" if recipe else "export"
     extra: dict[str, Any] = {"recipe": {"name": recipe}} if recipe else {}
     manifest = new_manifest(
-        kind, status="passed", dtype=dtype, opset=opset, model_config=config, io=decoder_io(config, dtype),
+        kind, status="passed", dtype=dtype, opset=opset, model_config=config, io=decoder_io(config, dtype, lean),
         files=files or {}, **extra,
     )
-    directory = tmp_path / f"{kind}-{dtype}-{recipe}"
+    directory = tmp_path / f"{kind}-{dtype}-{recipe}-{opset}-{'lean' if lean else 'full'}"
     directory.mkdir()
     write_manifest(directory, manifest)
     return directory
@@ -86,11 +88,11 @@ def model_dir(
 # -- profiles ------------------------------------------------------------------------------------------------
 
 
-def test_tiny_profiles_cover_prefill_and_decode_consistently() -> None:
+def test_tiny_profiles_cover_prefill_decode_and_chunks_consistently() -> None:
     io = decoder_io(TINY, "fp32")
-    prefill, decode = derive_profiles(io["inputs"], EngineLimits(max_batch=4, max_input_len=128, max_context=256,
-                                                                 opt_batch=2))
-    assert (prefill.index, prefill.name, decode.index, decode.name) == (0, "prefill", 1, "decode")
+    prefill, decode, chunk = derive_profiles(io["inputs"], EngineLimits(max_batch=4, max_input_len=128,
+                                                                        max_context=256, opt_batch=2))
+    assert [(p.index, p.name) for p in (prefill, decode, chunk)] == [(0, "prefill"), (1, "decode"), (2, "chunk")]
     ids, mask, past = (prefill.shapes[name] for name in ("input_ids", "attention_mask", "past_key_values.0.key"))
     assert (ids.min, ids.opt, ids.max) == ((1, 1), (2, 64), (4, 128))
     assert (mask.min, mask.opt, mask.max) == ((1, 1), (2, 64), (4, 128))  # past 0 + new tokens
@@ -99,14 +101,27 @@ def test_tiny_profiles_cover_prefill_and_decode_consistently() -> None:
     assert (ids.min, ids.opt, ids.max) == ((1, 1), (2, 1), (4, 1))
     assert (mask.min, mask.opt, mask.max) == ((1, 1), (2, 129), (4, 256))  # past + 1, up to the whole context
     assert (past.min, past.opt, past.max) == ((1, 2, 0, 16), (2, 2, 128, 16), (4, 2, 255, 16))
-    for profile in (prefill, decode):
+    ids, mask, past = (chunk.shapes[name] for name in ("input_ids", "attention_mask", "past_key_values.0.key"))
+    assert (ids.min, ids.opt, ids.max) == ((1, 1), (2, 64), (4, 128))  # new tokens after a past
+    assert (past.min, past.opt, past.max) == ((1, 2, 1, 16), (2, 2, 128, 16), (4, 2, 255, 16))
+    assert (mask.min, mask.opt, mask.max) == ((1, 2), (2, 192), (4, 383))
+    assert "logits_length" not in chunk.symbols  # full-logits graph: no logits_indices input
+    for profile in (prefill, decode, chunk):
         assert list(profile.shapes) == [entry["name"] for entry in io["inputs"]]
         for shape in profile.shapes.values():  # TensorRT's rule: min <= opt <= max on every axis
             assert all(lo <= mid <= hi for lo, mid, hi in zip(shape.min, shape.opt, shape.max, strict=True))
 
 
+def test_lean_profiles_bound_logits_indices() -> None:
+    limits = EngineLimits(max_batch=2, max_input_len=128, max_context=256, prefill_chunk=32, max_logits=16)
+    prefill, decode, chunk = derive_profiles(decoder_io(TINY, "fp32", lean=True)["inputs"], limits)
+    assert prefill.shapes["logits_indices"].max == chunk.shapes["logits_indices"].max == (16,)
+    assert decode.shapes["logits_indices"].max == (1,) and prefill.shapes["input_ids"].max == (2, 32)
+    assert chunk.symbols["logits_length"] == (1, 1, 16)
+
+
 def test_9b_profiles_have_every_kv_input() -> None:
-    prefill, decode = derive_profiles(decoder_io(GEMMA2_9B, "bf16")["inputs"], EngineLimits(1, 2048, 8192))
+    prefill, decode, _ = derive_profiles(decoder_io(GEMMA2_9B, "bf16")["inputs"], EngineLimits(1, 2048, 8192))
     assert len(decode.shapes) == 3 + 2 * 42
     assert decode.shapes["past_key_values.41.value"].max == (1, 8, 8191, 256)
     assert prefill.shapes["past_key_values.41.value"].max == (1, 8, 0, 256)
@@ -155,7 +170,7 @@ def test_build_mode_selection(
     graph: str, precision: str, recipe: str | None, strongly_typed: bool, flags: tuple[str, ...], effective: str,
     capability: tuple[int, int],
 ) -> None:
-    mode = select_build_mode(graph, precision, recipe)
+    mode = select_build_mode(graph, precision, recipe, "10.11")  # weak typing exists (and warns from 10.12)
     assert (mode.strongly_typed, mode.builder_flags, mode.precision, mode.recipe) == (
         strongly_typed, flags, effective, recipe
     )
@@ -164,15 +179,64 @@ def test_build_mode_selection(
     assert mode.notes  # every choice is explained in the plan
 
 
-def test_recipes_match_the_quantizer() -> None:
-    from mexport.optimize.engine.precision import RECIPES
-    from mexport.optimize.quantize import RECIPES as QUANTIZER_RECIPES
+def test_engine_and_quantizer_share_one_recipe_registry() -> None:
+    from mexport.optimize.engine import precision
+    from mexport.optimize.quantize import RECIPES
 
-    assert set(RECIPES) == set(QUANTIZER_RECIPES)
-    for name, recipe in RECIPES.items():
-        weights = QUANTIZER_RECIPES[name].weights
-        assert recipe.weight_bits == {"fp8": 8, "int8": 8, "int4": 4}[weights]
-        assert recipe.quantizes_activations == (QUANTIZER_RECIPES[name].activations is not None)
+    assert precision.RECIPES is RECIPES  # no second table to drift
+    assert {name: (r.weight_bits, r.min_capability, r.build_mode) for name, r in RECIPES.items()} == {
+        "fp8": (8, (8, 9), "strongly typed"), "int8-sq": (8, (7, 5), "strongly typed"),
+        "int8-wo": (8, (7, 5), "strongly typed"), "int4-wo": (4, (8, 0), "strongly typed"),
+    }
+
+
+def test_tensorrt_11_never_proposes_weak_typing_or_flags() -> None:
+    with pytest.raises(MexportError, match="TensorRT 11 removed weak typing and the BF16 builder flag") as error:
+        select_build_mode("fp32", "bf16", None, "11.4")
+    assert "mexport onnx --dtype bf16" in (error.value.hint or "")
+    for graph, precision, recipe in [("bf16", "bf16", None), ("fp32", "fp32", None), ("bf16", "bf16", "int4-wo")]:
+        mode = select_build_mode(graph, precision, recipe, "11.0")
+        assert mode.strongly_typed and mode.builder_flags == () and mode.warnings == ()
+
+
+def test_weak_typing_warns_from_tensorrt_10_12() -> None:
+    assert select_build_mode("fp32", "bf16", None, "10.11").warnings == ()
+    (warning,) = select_build_mode("fp32", "bf16", None, "10.12").warnings
+    assert "deprecated in TensorRT 10.12 and removed in 11.0" in warning
+
+
+def test_plan_states_the_tensorrt_version_it_targets(tmp_path: Path) -> None:
+    from mexport.optimize.engine.precision import NEWEST_TENSORRT
+
+    directory = model_dir(tmp_path)
+    default = plan_engine(directory, EngineSettings()).to_dict()["tensorrt"]
+    assert default["version"] == NEWEST_TENSORRT
+    assert "the newest release the [gpu] extra" in default["source"]
+    assert default["strongly_typed_only"] is True
+    pinned = plan_engine(directory, EngineSettings(tensorrt_version="10.13")).tensorrt
+    assert (pinned.version, pinned.source, pinned.strongly_typed_only) == ("10.13", "--tensorrt-version", False)
+    with pytest.raises(MexportError, match=r"TensorRT 9.2 \(--tensorrt-version\) is outside the range"):
+        plan_engine(directory, EngineSettings(tensorrt_version="9.2"))
+    with pytest.raises(MexportError, match="not of the form X.Y"):
+        plan_engine(directory, EngineSettings(tensorrt_version="eleven"))
+    with pytest.raises(MexportError, match=r"needs TensorRT >= 10.15 \(ONNX opset 21\); the plan targets TensorRT"):
+        plan_engine(model_dir(tmp_path, opset=21), EngineSettings(tensorrt_version="10.13"))
+
+
+def test_gpu_extra_pins_the_supported_range() -> None:
+    import tomllib
+
+    from mexport.optimize.engine.precision import NEWEST_TENSORRT, SUPPORTED_TENSORRT, version_tuple
+
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    extra = pyproject["project"]["optional-dependencies"]["gpu"]
+    assert f"tensorrt>={SUPPORTED_TENSORRT[0]},<{SUPPORTED_TENSORRT[1]}" in extra
+    assert version_tuple(SUPPORTED_TENSORRT[0]) <= version_tuple(NEWEST_TENSORRT) < version_tuple(SUPPORTED_TENSORRT[1])
+
+
+def test_default_precision_is_the_graph_dtype(tmp_path: Path) -> None:
+    plan = plan_engine(model_dir(tmp_path, config=TINY, dtype="fp32"), EngineSettings(max_context=256))
+    assert (plan.mode.precision, plan.mode.strongly_typed, plan.mode.builder_flags) == ("fp32", True, ())
 
 
 def test_quantized_build_explains_strong_typing_and_ignored_precision() -> None:
@@ -184,8 +248,8 @@ def test_quantized_build_explains_strong_typing_and_ignored_precision() -> None:
 
 
 def test_fp16_warns_about_gemma2_overflow() -> None:
-    assert "overflows" in select_build_mode("fp32", "fp16", None).warnings[0]
-    assert select_build_mode("fp32", "bf16", None).warnings == ()
+    assert "overflows" in select_build_mode("fp32", "fp16", None, "10.11").warnings[0]
+    assert select_build_mode("fp32", "bf16", None, "10.11").warnings == ()
 
 
 @pytest.mark.parametrize(
@@ -207,9 +271,10 @@ def test_impossible_build_modes_are_refused(graph: str, precision: str, recipe: 
 # 9B in bf16: weights 9_241_705_984 x 2; KV 2 x 42 layers x 8 heads x 256 x 2 bytes = 344_064 bytes per token
 WEIGHTS_BF16 = 18_483_411_968
 KV_PER_TOKEN = 344_064
-# prefill at batch 1, 2048 tokens: logits 2048 x 256000 x 2 + one layer 2048 x (2 x 14336 + 4 x 3584) x 2
-# + fp32 scores and probabilities 2 x 16 heads x 2048 x 2048 x 4
-ACTIVATIONS_B1_L2048 = 2048 * 256000 * 2 + 2048 * 43008 * 2 + 2 * 16 * 2048 * 2048 * 4
+# batch 1, context 8192, default prefill chunk 256: the chunk profile (256 new tokens after up to 8191 cached) peaks:
+# logits 256 x 256000 x 2 + one layer 256 x (2 x 14336 + 4 x 3584) x 2 + fp32 scores and probabilities
+# 2 x 16 heads x 256 x min(8191 + 256, 8192) x 4
+ACTIVATIONS_B1_L2048 = 256 * 256000 * 2 + 256 * 43008 * 2 + 2 * 16 * 256 * 8192 * 4
 RESERVES = 4_000_000_000 + 1_000_000_000  # default --workspace 4 GB + CUDA reserve
 
 
@@ -220,10 +285,43 @@ def test_9b_bf16_fits_h100_at_batch_1_context_8192(tmp_path: Path) -> None:
     assert memory.weights_bytes == WEIGHTS_BF16
     assert memory.kv_bytes_per_token == KV_PER_TOKEN
     assert memory.kv_cache_bytes == KV_PER_TOKEN * 8192 == 2_818_572_288
-    assert memory.activation_bytes == ACTIVATIONS_B1_L2048 == 1_761_607_680
-    assert memory.total_bytes == WEIGHTS_BF16 + 2 * 2_818_572_288 + 1_761_607_680 + RESERVES == 30_882_164_224
+    assert memory.activation_bytes == ACTIVATIONS_B1_L2048 == 421_527_552
+    assert memory.total_bytes == WEIGHTS_BF16 + 2 * 2_818_572_288 + 421_527_552 + RESERVES == 29_542_084_096
     assert plan.fits is True and plan.gpu == GPU_TARGETS["h100-80gb"]
     assert (plan.mode.precision, plan.mode.strongly_typed, plan.min_tensorrt) == ("bf16", True, "10.0")
+
+
+def test_9b_lean_plan_at_h100_defaults_keeps_activations_small(tmp_path: Path) -> None:
+    """Issue 12: batch 8, input 2048, context 4096 planned 14.09 GB of activations (full logits, 2048-token prefill)."""
+    before = plan_engine(model_dir(tmp_path), EngineSettings(prefill_chunk=2048, target="h100-80gb"))
+    plan = plan_engine(model_dir(tmp_path, lean=True), EngineSettings(target="h100-80gb"))
+    limits = plan.settings.limits
+    assert (limits.max_batch, limits.max_input_len, limits.max_context, limits.chunk) == (8, 2048, 4096, 256)
+    # chunk profile: logits 8 x 64 x 256000 x 2 + layer 8 x 256 x 43008 x 2 + scores 2 x 8 x 16 x 256 x 4096 x 4
+    assert plan.memory.activation_bytes == 262_144_000 + 176_160_768 + 1_073_741_824 == 1_512_046_592
+    assert plan.memory.activation_bytes <= 2.5e9
+    assert before.memory.activation_bytes > 14e9
+    assert [profile.name for profile in plan.profiles] == ["prefill", "decode", "chunk"]
+    assert plan.profiles[2].shapes["logits_indices"].max == (64,)
+    assert plan.profiles[2].shapes["attention_mask"].max == (8, 4095 + 256)  # chunks reach the whole context
+
+
+def test_chunked_prefill_reaches_8192_with_a_short_prefill_profile(tmp_path: Path) -> None:
+    plan = plan_engine(model_dir(tmp_path, lean=True), EngineSettings(max_batch=1, max_input_len=8192,
+                                                                      max_context=8192, target="h100-80gb"))
+    prefill, _, chunk = plan.profiles
+    assert prefill.shapes["input_ids"].max == (1, 256) < (1, 8192)
+    assert chunk.shapes["past_key_values.0.key"].max == (1, 8, 8191, 256)
+    assert plan.fits is True
+
+
+def test_limits_adapt_to_a_small_context(tmp_path: Path) -> None:
+    plan = plan_engine(model_dir(tmp_path, config=TINY), EngineSettings(max_context=256))
+    assert (plan.settings.limits.max_input_len, plan.settings.limits.chunk) == (256, 256)
+    small = plan_engine(model_dir(tmp_path, config=TINY, lean=True), EngineSettings(max_context=100, max_logits=8))
+    assert small.settings.limits.max_input_len == 100 and small.profiles[0].shapes["logits_indices"].max == (8,)
+    with pytest.raises(MexportError, match="--prefill-chunk 300 is larger than --max-input-len 256"):
+        plan_engine(model_dir(tmp_path, config=TINY, dtype="fp32"), EngineSettings(max_context=256, prefill_chunk=300))
 
 
 def test_9b_bf16_is_refused_on_l4_with_the_numbers(tmp_path: Path) -> None:
@@ -231,7 +329,7 @@ def test_9b_bf16_is_refused_on_l4_with_the_numbers(tmp_path: Path) -> None:
         plan_engine(model_dir(tmp_path), EngineSettings(max_batch=1, max_context=8192, target="l4-24gb"))
     message = error.value.message
     assert "does not fit on NVIDIA L4 24GB (24.15 GB)" in message
-    assert "needs about 30.88 GB = weights 18.48 GB + KV cache 2 x 2.82 GB + activations 1.76 GB" in message
+    assert "needs about 29.54 GB = weights 18.48 GB + KV cache 2 x 2.82 GB + activations 421.53 MB" in message
     assert "int4-wo" in (error.value.hint or "")
 
 
@@ -241,7 +339,7 @@ def test_9b_int4_weight_only_is_smaller_and_fits_l4(tmp_path: Path) -> None:
     embedding = 256000 * 3584  # kept in bf16 by weight-only recipes
     assert plan.memory.weights_bytes == (9_241_705_984 - embedding) // 2 + embedding * 2 == 5_997_108_992
     assert plan.memory.weights_bytes < WEIGHTS_BF16 / 3
-    assert plan.memory.total_bytes == 5_997_108_992 + 2 * 2_818_572_288 + 1_761_607_680 + RESERVES
+    assert plan.memory.total_bytes == 5_997_108_992 + 2 * 2_818_572_288 + ACTIVATIONS_B1_L2048 + RESERVES
     assert plan.fits is True
     assert plan.mode.strongly_typed and plan.mode.builder_flags == ()
 
@@ -281,15 +379,15 @@ def test_gpu_memory_budget_and_unchecked_plans(tmp_path: Path) -> None:
 
 def test_opset_sets_the_minimum_tensorrt(tmp_path: Path) -> None:
     assert plan_engine(model_dir(tmp_path, opset=21), EngineSettings()).min_tensorrt == "10.15"
-    assert plan_engine(model_dir(tmp_path, dtype="fp16", opset=25), EngineSettings(precision="fp16")).min_tensorrt == (
-        "11.5"
-    )
-    with pytest.raises(MexportError, match="ONNX opset 26 is newer than any TensorRT parser"):
+    fp16 = EngineSettings(precision="fp16", tensorrt_version="11.5")
+    assert plan_engine(model_dir(tmp_path, dtype="fp16", opset=25), fp16).min_tensorrt == "11.5"
+    with pytest.raises(MexportError, match="ONNX opset 26 is outside what any TensorRT parser mexport knows documents"):
         plan_engine(model_dir(tmp_path, dtype="fp32", opset=26), EngineSettings())
 
 
 def test_fp32_export_built_at_bf16_keeps_fp32_io_for_the_kv_cache(tmp_path: Path) -> None:
-    plan = plan_engine(model_dir(tmp_path, dtype="fp32"), EngineSettings(max_batch=1, max_context=8192))
+    settings = EngineSettings(precision="bf16", max_batch=1, max_context=8192, tensorrt_version="10.11")
+    plan = plan_engine(model_dir(tmp_path, dtype="fp32"), settings)
     assert plan.mode.builder_flags == ("BF16",) and not plan.mode.strongly_typed
     assert plan.memory.weights_bytes == WEIGHTS_BF16  # weights are converted to bf16 ...
     assert plan.memory.kv_bytes_per_token == 2 * KV_PER_TOKEN  # ... but the cache IO stays fp32
@@ -302,7 +400,7 @@ def test_plan_dict_records_every_decision(tmp_path: Path) -> None:
     assert record["build"]["recipe"] == "fp8" and record["build"]["strongly_typed"] is True
     assert record["build"]["builder_flags"] == [] and record["build"]["min_compute_capability"] == "8.9"
     assert record["tensorrt_min"] == "10.0" and record["hardware_compatibility"] == "none"
-    assert [profile["name"] for profile in record["profiles"]] == ["prefill", "decode"]
+    assert [profile["name"] for profile in record["profiles"]] == ["prefill", "decode", "chunk"]
     decode_mask = record["profiles"][1]["inputs"]["attention_mask"]
     assert decode_mask == {"min": [1, 1], "opt": [1, 2049], "max": [2, 4096]}
     assert record["gpu"]["compute_capability"] == "9.0" and record["fits"] is True
@@ -338,8 +436,8 @@ def no_tensorrt(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_stubs_only_tensorrt_is_reported_with_the_install_hint(no_tensorrt: None) -> None:
-    with pytest.raises(MissingDependencyError, match="TensorRT is missing: the 'tensorrt' module found has no "
-                                                     "Builder") as error:
+    with pytest.raises(MissingDependencyError, match=r"TensorRT not installed \(only type stubs\): the 'tensorrt' "
+                                                     "module found has no Builder") as error:
         require_tensorrt()
     hint = error.value.hint or ""
     assert "pip install 'mexport[gpu]' on a host with an NVIDIA GPU and CUDA" in hint
@@ -388,7 +486,7 @@ def test_build_checks_tensorrt_then_gpu_and_writes_nothing(
     with pytest.raises(MexportError, match="no model.onnx"):
         build_engine(source, out, settings)
     (source / "model.onnx").write_bytes(b"graph placeholder: never parsed, the build stops before")
-    with pytest.raises(MissingDependencyError, match="TensorRT is missing"):
+    with pytest.raises(MissingDependencyError, match="TensorRT not installed"):
         build_engine(source, out, settings)
     monkeypatch.setattr(builder, "require_tensorrt", lambda: "10.13.0.35")
     monkeypatch.setattr(gpus, "detect_gpus", list)
@@ -410,14 +508,15 @@ def test_engine_manifest_carries_what_the_runtime_needs(tmp_path: Path) -> None:
     manifest = engine_manifest(plan, source, H100, "10.13.0.35", 12.34, files, tmp_path / "timing.cache")
     assert manifest["kind"] == "engine" and manifest["status"] == "not_validated"
     assert manifest["parent"] == source
-    assert (manifest["io"], manifest["model_config"], manifest["dtype"]) == (source["io"], TINY, "bf16")
+    assert (manifest["io"], manifest["model_config"], manifest["dtype"]) == (source["io"], TINY, "fp32")
     engine = manifest["engine"]
     assert (engine["tensorrt_version"], engine["compute_capability"], engine["gpu"]) == (
         "10.13.0.35", "9.0", "NVIDIA H100 80GB HBM3"
     )
-    assert engine["limits"] == {"max_batch": 2, "max_input_len": 64, "max_context": 128, "opt_batch": 1}
-    assert engine["builder_flags"] == ["BF16"] and engine["strongly_typed"] is False
-    assert [profile["name"] for profile in engine["profiles"]] == ["prefill", "decode"]
+    assert engine["limits"] == {"max_batch": 2, "max_input_len": 64, "max_context": 128, "opt_batch": 1,
+                                "prefill_chunk": 64, "max_logits": 64}
+    assert engine["builder_flags"] == [] and engine["strongly_typed"] is True  # default precision: the graph's
+    assert [profile["name"] for profile in engine["profiles"]] == ["prefill", "decode", "chunk"]
     assert (engine["engine_bytes"], engine["build_seconds"], engine["hardware_compatibility"]) == (123, 12.3, "none")
 
 
@@ -459,10 +558,10 @@ def test_trt_decoder_errors_before_touching_the_gpu(tmp_path: Path, no_tensorrt:
     with pytest.raises(MexportError, match="CUDA devices only, not 'cpu'"):
         TrtDecoder(directory, device="cpu")
     decoder = TrtDecoder(directory)
-    assert decoder.spec.num_layers == 4 and decoder.engine_limits == EngineLimits(2, 64, 128, 1)
-    assert decoder.limits == RuntimeLimits(max_batch=2, max_context=128)
-    assert decoder.precision == "bf16 (TensorRT 10.13.0.35, weakly typed)"
-    with pytest.raises(MissingDependencyError, match="TensorRT is missing"):
+    assert decoder.spec.num_layers == 4 and decoder.engine_limits == EngineLimits(2, 64, 128, 1, 64)
+    assert decoder.limits == RuntimeLimits(max_batch=2, max_context=128, max_input_len=64)
+    assert decoder.precision == "fp32 (TensorRT 10.13.0.35, strongly typed)"
+    with pytest.raises(MissingDependencyError, match="TensorRT not installed"):
         decoder.activate()
     with pytest.raises(RuntimeError, match="outside its context"):
         decoder.forward(*([[2, 5]],) * 2)
@@ -486,7 +585,8 @@ def test_cli_plan_prints_and_writes_plan_json(tmp_path: Path) -> None:
     assert "optimization profiles" in result.output and "GPU memory estimate" in result.output
     plan = json.loads((out / "plan.json").read_text())
     assert plan["profiles"][1]["inputs"]["past_key_values.0.key"]["max"] == [4, 2, 127, 16]
-    assert plan["build"]["builder_flags"] == ["BF16"] and plan["fits"] is True
+    assert plan["build"]["builder_flags"] == [] and plan["fits"] is True
+    assert plan["tensorrt"]["version"] == "11.4"
     again = runner.invoke(app, args)
     assert again.exit_code == 2 and "already exists" in again.output
 
@@ -515,7 +615,7 @@ def test_cli_build_without_tensorrt_says_how_to_get_it(tmp_path: Path, no_tensor
     result = runner.invoke(app, ["engine", str(source), "-o", str(tmp_path / "e"), "--max-context", "256",
                                  "--max-input-len", "128"])
     assert result.exit_code == 3  # environment: a missing dependency
-    assert "error: TensorRT is missing" in result.output
+    assert "error: TensorRT not installed (only type stubs)" in result.output
     assert "hint: pip install 'mexport" in result.output and "--plan` works without TensorRT" in result.output
 
 
@@ -530,7 +630,34 @@ def test_cli_plan_on_the_tiny_export(tiny_export_fp32: Path, tmp_path: Path) -> 
     for profile in plan["profiles"]:  # every graph input gets a shape in both profiles
         assert sorted(profile["inputs"]) == sorted(names)
     assert plan["profiles"][1]["inputs"]["attention_mask"]["max"] == [2, 64]
-    assert plan["build"]["precision"] == "bf16" and plan["build"]["builder_flags"] == ["BF16"]
+    assert plan["build"]["precision"] == "fp32" and plan["build"]["builder_flags"] == []
     kv = manifest["model_config"]
     assert plan["memory"]["kv_bytes_per_token"] == 2 * kv["num_hidden_layers"] * kv["num_key_value_heads"] * kv[
         "head_dim"] * 4
+
+
+def test_cli_plan_with_only_a_context_shows_version_profiles_and_lean_memory(tmp_path: Path) -> None:
+    source = model_dir(tmp_path, config=TINY, lean=True)
+    result = runner.invoke(app, ["engine", str(source), "-o", str(tmp_path / "e"), "--plan", "--max-context", "256",
+                                 "--max-logits", "8"])
+    assert result.exit_code == 0, result.output
+    output = " ".join(result.output.replace("│", " ").split())  # rich wraps table cells
+    assert "11.4 (the newest release the [gpu] extra, tensorrt>=10.8,<12, allows)" in output
+    assert "2 chunk" in output and "logits_indices" in output
+    assert "logits for <= 8 positions" in output and "prefill chunk 256" in output
+    plan = json.loads((tmp_path / "e" / "plan.json").read_text())
+    assert plan["settings"]["max_input_len"] == 256 and plan["tensorrt"]["version"] == "11.4"
+    assert plan["compatibility"]["checked"] is False  # a manifest-only directory: nothing to hold to the rules
+
+
+def test_cli_plans_for_another_tensorrt_version(tmp_path: Path) -> None:
+    source = model_dir(tmp_path, config=TINY, dtype="fp32")
+    args = ["engine", str(source), "-o", str(tmp_path / "e"), "--plan", "--json", "--max-context", "256",
+            "--precision", "bf16"]
+    on_11 = runner.invoke(app, args)
+    assert on_11.exit_code == 2 and "TensorRT 11 removed weak typing" in on_11.output
+    on_10 = runner.invoke(app, [*args, "--tensorrt-version", "10.13"])
+    assert on_10.exit_code == 0, on_10.output
+    plan = json.loads(on_10.stdout)
+    assert plan["build"]["builder_flags"] == ["BF16"] and plan["tensorrt"]["source"] == "--tensorrt-version"
+    assert "weak typing is deprecated in TensorRT 10.13" in on_10.output

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from mexport.errors import MexportError, ValidationFailedError
-from mexport.manifest import sha256_file
+from mexport.manifest import STAMP_NAME, sha256_file
 
 pytestmark = pytest.mark.slow
 
@@ -70,7 +70,7 @@ def test_export_directory_is_self_contained_and_hashed(tiny_checkpoint: Path, ti
     manifest = _manifest(tiny_export_fp32)
     for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
         assert (tiny_export_fp32 / name).read_bytes() == (tiny_checkpoint / name).read_bytes()
-    on_disk = {p.name for p in tiny_export_fp32.iterdir()} - {"mexport.json"}
+    on_disk = {p.name for p in tiny_export_fp32.iterdir()} - {"mexport.json", STAMP_NAME}  # stamp: see verify_artifact
     assert set(manifest["files"]) == on_disk
     for name, entry in manifest["files"].items():
         assert entry == {"bytes": (tiny_export_fp32 / name).stat().st_size, "sha256": sha256_file(tiny_export_fp32 / name)}
@@ -217,7 +217,7 @@ def test_interrupted_export_leaves_nothing(tiny_checkpoint: Path, tmp_path: Path
     monkeypatch.setattr(exporter, "write_weights", interrupted)
     with pytest.raises(KeyboardInterrupt):
         exporter.export_onnx(tiny_checkpoint, tmp_path / "out", validate=False)
-    assert list(tmp_path.iterdir()) == []
+    assert [path.name for path in tmp_path.iterdir()] == [".out.lock"]  # only the released output lock
 
 
 def test_fp16_overflow_is_refused_before_writing(tiny_checkpoint: Path, tmp_path: Path) -> None:

@@ -115,6 +115,12 @@ def test_pipeline_end_to_end_then_resume_after_failure(tmp_path: Path, monkeypat
     assert {s.status for s in again.steps if s.name != "engine:onnx-fp32" and s.name != "engine:quant-int8-wo"} == {
         "resumed"
     }
+    # a damaged output is never trusted from its marker: the step runs again
+    (out / "quant-int8-wo" / "model.onnx").unlink()
+    with open(out / "onnx-fp32" / "model.onnx.data", "r+b") as handle:
+        handle.truncate(100)
+    repaired = {s.name: s.status for s in run_pipeline(_small(out)).steps}
+    assert repaired["export"] == "done" and repaired["quantize:int8-wo"] == "done"
     changed = {s.name: s.status for s in run_pipeline(_small(out, limit=8)).steps}
     assert changed["export"] == "resumed" and changed["quantize:int8-wo"] == "resumed"
     assert changed["validate"] == "done"
@@ -131,3 +137,77 @@ def test_pipeline_end_to_end_then_resume_after_failure(tmp_path: Path, monkeypat
     payload = json.loads(cli.stdout)
     assert {s["status"] for s in payload["steps"]} <= {"done", "skipped"}
     assert payload["failed"] is False
+
+
+def test_every_config_problem_is_listed_before_any_step(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(
+        'model = "no/such/dir"\noutput = "o"\n[quantize]\nrecipes = "int8-wo"\ncalib = "missing.jsonl"\n'
+        '[engine]\nmax_batch = 1.5\nmax_context = 0\ngpu_memory_gb = nan\n'
+        '[validate]\nmargin = -1.0\ntasks = ["medqa"]\ndata = { medqa = "missing.jsonl" }\nlimit = "ten"\n'
+    )
+    result = runner.invoke(app, ["pipeline", str(path)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    for problem in (
+        "pipeline config has 8 problems",
+        "model: no/such/dir: no such checkpoint directory",
+        "quantize.calib: calibration file not found",
+        "engine.max_batch: Input should be a valid integer (got 1.5)",
+        "engine.max_context: Input should be greater than or equal to 1 (got 0)",
+        "engine.gpu_memory_gb: Input should be a finite number",
+        "validate.margin: Input should be greater than 0 (got -1.0)",
+        "validate.data: data file for medqa not found",
+        "validate.limit: Input should be a valid integer (got 'ten')",
+    ):
+        assert problem in result.output, (problem, result.output)
+    assert not (tmp_path / "o").exists()
+
+
+def test_one_recipe_as_a_string_and_flags_share_the_checks(tmp_path: Path) -> None:
+    config = config_from({"model": "fixture:tiny-gemma2", "output": tmp_path, "recipes": "int8-wo"})
+    assert config.recipes == ["int8-wo"]
+    with pytest.raises(MexportError, match="config: --max-input-len 600 is larger than --max-context 512"):
+        config_from({"model": "fixture:tiny-gemma2", "output": tmp_path}, {"max_input_len": 600, "max_context": 512})
+    cli = runner.invoke(app, ["pipeline", "--model", "fixture:tiny-gemma2", "-o", str(tmp_path / "o"),
+                              "--gpu-memory", "nan", "--max-batch", "0", "--json"])
+    assert cli.exit_code == 2
+    error = json.loads(cli.stdout)["error"]
+    assert "engine.gpu_memory_gb" in error["message"] and "engine.max_batch" in error["message"]
+
+
+def test_corrupt_pipeline_state_is_an_environment_failure(tmp_path: Path) -> None:
+    (tmp_path / "pipeline-state.json").write_text("{not json")
+    result = runner.invoke(app, ["pipeline", "--model", "fixture:tiny-gemma2", "-o", str(tmp_path)])
+    assert result.exit_code == 3 and "corrupt pipeline state" in result.output and "Traceback" not in result.output
+
+
+def test_resume_verifies_outputs_and_reruns_damaged_steps(tmp_path: Path) -> None:
+    from mexport.manifest import file_records, write_manifest
+    from mexport.pipeline import _Runner
+
+    config = config_from({"model": "fixture:tiny-gemma2", "output": tmp_path / "run"})
+    target = tmp_path / "run" / "artifact"
+    runs: list[str] = []
+
+    def write(content: bytes = b"weights") -> str:
+        runs.append("ran")
+        target.mkdir(parents=True, exist_ok=True)
+        (target / "model.onnx.data").write_bytes(content)
+        write_manifest(target, {"kind": "export", "files": file_records(target)})
+        return "written"
+
+    def run_step(action=write) -> tuple[str, str]:  # (status, hash handed downstream)
+        runner_ = _Runner(config, force=False)
+        digest = runner_.step("export", {"a": 1}, target, action)
+        return runner_.steps[-1].status, digest
+
+    first = run_step()
+    assert first[0] == "done" and run_step() == ("resumed", first[1]) and len(runs) == 1
+    with open(target / "model.onnx.data", "r+b") as handle:
+        handle.truncate(3)
+    assert run_step() == ("done", first[1]) and len(runs) == 2  # truncated: ran again, same result downstream
+    (target / "model.onnx.data").unlink()
+    changed = run_step(lambda: write(b"other weights"))
+    assert changed[0] == "done" and changed[1] != first[1]  # a different output invalidates what depends on it
+    (target / "mexport.json").unlink()
+    assert run_step()[0] == "done"

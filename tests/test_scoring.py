@@ -7,7 +7,6 @@ import re
 import warnings
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -48,13 +47,6 @@ class NumberTokenizer(WordTokenizer):
         return [self.bos_token_id, *ids] if add_special_tokens else ids
 
 
-@dataclass(frozen=True)
-class InputLimits(RuntimeLimits):
-    """RuntimeLimits with a per-call input limit, as a TensorRT engine's profiles give."""
-
-    max_input_len: int | None = None
-
-
 class HistoryRuntime(DecoderRuntime):
     """A fake decoder whose "KV cache" is the token history: logits = W[token] + mean of U over attended tokens.
 
@@ -80,7 +72,7 @@ class HistoryRuntime(DecoderRuntime):
 
     @property
     def limits(self) -> RuntimeLimits:
-        return InputLimits(max_batch=self.max_batch, max_context=self.max_context, max_input_len=self.max_input_len)
+        return RuntimeLimits(max_batch=self.max_batch, max_context=self.max_context, max_input_len=self.max_input_len)
 
     def forward(self, input_ids, attention_mask, past=None, logits_to_keep=0):
         batch, new = input_ids.shape

@@ -16,6 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from mexport.cli import app
+from mexport.manifest import file_records, read_manifest, write_manifest
 from mexport.validate import validate
 from mexport.validate.reports import REPORT_FILES
 
@@ -70,7 +71,13 @@ def corrupted_export(tmp_path_factory: pytest.TempPathFactory, learned_export: P
     out = tmp_path_factory.mktemp("corrupted") / "learned-fp32-corrupted"
     shutil.copytree(learned_export, out)
     assert corrupt_matmul_weights(out) >= 28  # 7 projections x 4 layers
+    record_files(out)  # weights wrong as written (a broken quantizer), not a damaged file: it must fail on accuracy
     return out
+
+
+def record_files(model_dir: Path) -> None:
+    """Make the manifest record the files as they now are: an artifact written that way, which verifies."""
+    write_manifest(model_dir, {**read_manifest(model_dir), "files": file_records(model_dir)})
 
 
 class ScoreCounter:
@@ -199,6 +206,7 @@ def test_candidate_with_other_tokenizer_is_refused(learned: Path, learned_export
     other = tmp_path / "other-tokenizer"
     shutil.copytree(learned_export, other)
     train_tokenizer(vocab_size=512).save_pretrained(other)
+    record_files(other)  # exported from another checkpoint, not tampered with
     result = _invoke(learned, [other], "medmcqa", tmp_path / "r", "--data", "medmcqa=sample")
     assert result.exit_code == 2, result.output
     assert "different tokenizer" in result.output

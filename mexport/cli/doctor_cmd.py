@@ -20,7 +20,10 @@ def doctor(
 ) -> None:
     """Check Python, packages, ONNX Runtime providers, GPUs, TensorRT, disk and RAM for each stage."""
     from mexport.doctor import as_dicts, diagnose
+    from mexport.errors import MexportError
 
+    if path.exists() and not path.is_dir():
+        raise MexportError(f"--path {path}: is a file; pass the directory exports would be written to")
     checks = diagnose(path)
     if as_json:
         emit_json(as_dicts(checks))

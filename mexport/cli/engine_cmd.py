@@ -22,6 +22,7 @@ TARGET_HELP = (
 
 
 def _plan_tables(plan: EnginePlan) -> list[Table]:
+    from rich.markup import escape
     from rich.table import Table
 
     from mexport.fsutil import format_bytes
@@ -48,7 +49,11 @@ def _plan_tables(plan: EnginePlan) -> list[Table]:
     build.add_row("network", "strongly typed" if mode.strongly_typed else "weakly typed")
     build.add_row("builder flags", ", ".join(mode.builder_flags) or "none (TF32 off)")
     build.add_row("hardware compatibility", plan.settings.hw_compat)
-    build.add_row("TensorRT", f">= {plan.min_tensorrt} (ONNX opset {plan.opset})")
+    tensorrt = plan.tensorrt
+    build.add_row("TensorRT", escape(f"{tensorrt.version} ({tensorrt.source}); the graph needs >= {plan.min_tensorrt}"))
+    compatibility = plan.compatibility
+    checked = compatibility["reason"] if not compatibility["checked"] else f"passes {compatibility['rules']} rules"
+    build.add_row("compatibility", escape(checked))
     build.add_row("GPU", f"compute capability >= {mode.min_capability[0]}.{mode.min_capability[1]}")
     for note in mode.notes:
         build.add_row("why", note)
@@ -65,7 +70,13 @@ def _plan_tables(plan: EnginePlan) -> list[Table]:
         format_bytes(2 * estimate.kv_cache_bytes),
         f"2 x {estimate.kv_bytes_per_token:,} B/token x batch {limits.max_batch} x context {limits.max_context}",
     )
-    memory.add_row("activations", format_bytes(estimate.activation_bytes), "logits + one layer + attention scores")
+    lean = any(profile.symbols.get("logits_length") for profile in plan.profiles)
+    logits = f"logits for <= {limits.max_logits} positions" if lean else "logits for every new token"
+    memory.add_row(
+        "activations",
+        format_bytes(estimate.activation_bytes),
+        f"{logits} + one layer + attention scores (prefill chunk {limits.chunk})",
+    )
     memory.add_row("workspace pool", format_bytes(estimate.workspace_bytes), "--workspace")
     memory.add_row("CUDA reserve", format_bytes(estimate.reserve_bytes), "context and kernels")
     if plan.gpu is None:
@@ -80,10 +91,16 @@ def _plan_tables(plan: EnginePlan) -> list[Table]:
 def engine(
     model_dir: Path = typer.Argument(..., help="Export or quantize output directory (model.onnx + mexport.json)."),
     out: Path = typer.Option(..., "-o", "--output", help="Engine directory to write (or where plan.json goes)."),
-    precision: str = typer.Option("bf16", help="bf16 (default; Gemma2 overflows fp16), fp16 or fp32."),
+    precision: str = typer.Option(
+        None, help="bf16, fp16 or fp32 (default: the model's dtype; an fp32 export at bf16 needs TensorRT 10)."
+    ),
     max_batch: int = typer.Option(8, help="Largest batch the engine accepts."),
-    max_input_len: int = typer.Option(2048, help="Longest prompt (prefill) in tokens."),
+    max_input_len: int = typer.Option(None, help="Longest prompt in tokens (default: min(2048, --max-context))."),
     max_context: int = typer.Option(4096, help="Longest prompt + generated tokens (KV cache length)."),
+    prefill_chunk: int = typer.Option(
+        None, help="New tokens per engine call; longer prompts run in chunks (default: min(256, --max-input-len))."
+    ),
+    max_logits: int = typer.Option(64, help="Lean-logits graphs: positions with logits per engine call."),
     opt_batch: int = typer.Option(1, help="Batch size TensorRT tunes kernels for."),
     workspace: float = typer.Option(4.0, help="Builder workspace pool in GB."),
     timing_cache: Path = typer.Option(None, help="Tactic timing cache to read and update (default: OUT/timing.cache)."),
@@ -91,11 +108,14 @@ def engine(
     plan_only: bool = typer.Option(False, "--plan", help="Only plan (profiles, flags, memory): no TensorRT, no GPU."),
     gpu_memory: float = typer.Option(None, help="Check memory against a GPU of this many GB."),
     target: str = typer.Option(None, help=TARGET_HELP),
+    tensorrt_version: str = typer.Option(
+        None, help="Plan for this TensorRT (X.Y; default: the installed one, else the newest the [gpu] extra allows)."
+    ),
     verbose: bool = typer.Option(False, "-v", "--verbose", help="TensorRT's verbose log and tracebacks."),
     as_json: bool = json_option(),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT (or its plan.json)."),
 ) -> None:
-    """Build a TensorRT engine (prefill + decode profiles) from an exported or quantized model directory.
+    """Build a TensorRT engine (prefill, decode and chunk profiles) from an exported or quantized model directory.
 
     --plan needs no TensorRT and no GPU: it prints and writes shapes, precision, flags and a memory estimate.
     A plan that cannot fit the chosen GPU (--target / --gpu-memory) is refused with the numbers.
@@ -109,12 +129,15 @@ def engine(
         max_batch=max_batch,
         max_input_len=max_input_len,
         max_context=max_context,
+        prefill_chunk=prefill_chunk,
+        max_logits=max_logits,
         opt_batch=opt_batch,
         workspace_gb=workspace,
         timing_cache=timing_cache,
         hw_compat=hw_compat,
         gpu_memory_gb=gpu_memory,
         target=target,
+        tensorrt_version=tensorrt_version,
     )
     if plan_only:
         plan = plan_engine(model_dir, settings)

@@ -29,7 +29,9 @@ def quantize_command(
         help="Keep layers matching this fnmatch/regex pattern (node, weight or checkpoint tensor "
         "name) unquantized; repeatable.",
     ),
-    block_size: int = typer.Option(DEFAULT_BLOCK_SIZE, "--block-size", help="int4-wo block size along the input dim."),
+    block_size: int = typer.Option(
+        None, "--block-size", help=f"int4-wo block size along the input dim (default {DEFAULT_BLOCK_SIZE}); must divide it."
+    ),
     awq: bool = typer.Option(False, "--awq", help="int4-wo: AWQ per-input-channel scale search (calibrates)."),
     include_lm_head: bool = typer.Option(False, "--include-lm-head", help="Quantize the LM head too."),
     check_prompts: int = typer.Option(

@@ -38,6 +38,7 @@ def validate_command(
     as_json: bool = json_option(),
 ) -> None:
     """Prove MCQ accuracy parity: paired CIs, McNemar, agreement and KL per task; exit 1 when parity fails."""
+    from mexport import console
     from mexport.validate import validate
 
     report = validate(
@@ -58,6 +59,10 @@ def validate_command(
         resume=not no_resume,
         include_path=include_path,
     )
+    for task in report.tasks:
+        if task.skipped:
+            reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(task.skipped.items()))
+            console.warn(f"{task.name}: dropped {sum(task.skipped.values())} of {task.total_rows} rows ({reasons})")
     if as_json:
         emit_json({**report.summary(), "report_dir": str(Path(output).resolve())})
     else:

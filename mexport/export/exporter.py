@@ -14,7 +14,15 @@ from pathlib import Path
 from typing import Any
 
 from mexport import console
-from mexport.checkpoint import Checkpoint, TensorLocation, copy_side_files, resolve_checkpoint, side_files_bytes
+from mexport.checkpoint import (
+    TOKENIZER_FILES,
+    Checkpoint,
+    TensorLocation,
+    copy_side_files,
+    has_tokenizer,
+    resolve_checkpoint,
+    side_files_bytes,
+)
 from mexport.errors import MexportError, ValidationFailedError
 from mexport.export.genai import write_genai_config
 from mexport.export.graph import (
@@ -167,6 +175,12 @@ def export_onnx(
         timings["weights_s"] = time.perf_counter() - clock
         side_files = copy_side_files(checkpoint, staging)
         side_files += write_genai_config(staging, traced.model_config, io_signature(traced.model))
+        tokenizer = "present" if has_tokenizer(staging) else "missing"
+        if tokenizer == "missing":
+            console.warn(
+                f"{checkpoint.path}: no tokenizer files ({' or '.join(TOKENIZER_FILES)}): the export cannot be "
+                "validated or used for generation until they are added (recorded as tokenizer: missing)"
+            )
         onnx.checker.check_model(str(staging / GRAPH_FILE))
         files = {name: _file_entry(staging / name) for name in (GRAPH_FILE, *side_files)}
         files[DATA_FILE] = {"bytes": written.bytes, "sha256": written.sha256}  # hashed while written
@@ -176,6 +190,7 @@ def export_onnx(
             dtype=dtype,
             opset=opset,
             task=TASK,
+            tokenizer=tokenizer,
             model_config=traced.model_config,
             io=io_signature(traced.model),
             files=files,

@@ -54,9 +54,10 @@ class RuntimeLimits:
 
     max_batch: int | None = None  # rows per call (a TensorRT profile's largest batch)
     max_context: int | None = None  # cached + new tokens per row (the model's or the engine's context)
+    max_input_len: int | None = None  # new tokens per backend call; forward() chunks longer inputs
 
     def to_dict(self) -> dict[str, int | None]:
-        return {"max_batch": self.max_batch, "max_context": self.max_context}
+        return {"max_batch": self.max_batch, "max_context": self.max_context, "max_input_len": self.max_input_len}
 
 
 def kept_logits(new_tokens: int, logits_to_keep: int) -> int:

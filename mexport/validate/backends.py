@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from mexport.checkpoint import load_tokenizer
 from mexport.errors import MexportError
 from mexport.lazy import require
 from mexport.manifest import MANIFEST_NAME, read_manifest
@@ -56,6 +57,8 @@ def _local_checkpoint(path: Path | str) -> Path:
     location = Path(path)
     if location.exists():
         return location
+    if not HUB_ID.match(str(path)):
+        raise MexportError(f"{path}: no such checkpoint directory (and not a hub id like org/name)")
     hub = require("huggingface_hub", f"fetching {path} from the Hugging Face hub")
     try:
         return Path(hub.snapshot_download(str(path), allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
@@ -82,13 +85,13 @@ def _ort_runtime(path: Path, device: str) -> DecoderRuntime:
 
 
 def _trt_runtime(path: Path) -> DecoderRuntime:
-    from mexport.doctor import MISSING, check_cuda_devices, check_tensorrt
+    from mexport.doctor import OK, check_cuda_devices, check_tensorrt
 
     for check in [*check_tensorrt()[:1], *check_cuda_devices()[:1]]:
-        if check.status == MISSING:
+        if check.status != OK:
             raise BackendUnavailable(f"TensorRT engine cannot run here: {check.name} {check.detail}", hint=check.fix)
     try:
-        from mexport.optimize.engine import TrtDecoder
+        from mexport.runtime.trt import TrtDecoder
     except ImportError as exc:
         raise BackendUnavailable(f"TensorRT runtime unavailable: {exc}") from exc
     return TrtDecoder(path)
@@ -102,16 +105,6 @@ def _torch_runtime(path: Path, device: str) -> DecoderRuntime:
     from mexport.runtime.torch_runtime import TorchDecoder
 
     return TorchDecoder(path, device=device)
-
-
-def load_tokenizer(path: Path) -> Any:
-    """The model's own tokenizer (never remote code)."""
-    transformers = require("transformers", "loading the tokenizer")
-    try:
-        return transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=False, local_files_only=True)
-    except (OSError, ValueError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise MexportError(f"{path}: could not load its tokenizer: {first_line}") from exc
 
 
 def open_backend(path: Path | str, kind: str | None = None, device: str = "cpu") -> tuple[DecoderRuntime, str, Any]:
@@ -133,6 +126,7 @@ def open_backend(path: Path | str, kind: str | None = None, device: str = "cpu")
     else:
         location = Path(path)
         runtime = _ort_runtime(location, device) if kind == "ort" else _trt_runtime(location)
+        read_manifest(location, verify=True)  # every file as recorded, before any is read
     return runtime, kind, load_tokenizer(location)
 
 

@@ -26,7 +26,7 @@ from typing import Any
 from mexport import __version__, console
 from mexport.errors import MexportError
 from mexport.fixtures import tiny_gemma2
-from mexport.fsutil import staged_output_dir
+from mexport.fsutil import output_lock, staged_output_dir
 from mexport.lazy import require
 from mexport.manifest import package_versions
 from mexport.validate import scoring
@@ -204,8 +204,10 @@ def make_learned_fixture(
         raise MexportError(f"steps must be >= 1, got {steps}")
     cached = cache_root() / f"{LEARNED_NAME}-{_cache_key(tasks, seed, steps)}"
     if not (cached / NOTE_FILE).is_file():
-        with staged_output_dir(cached, overwrite=True) as staging, _one_torch_thread():
-            _build(staging, tuple(tasks), seed, steps)
+        with output_lock(cached, wait=True):  # another process may be training it: wait and use its result
+            if not (cached / NOTE_FILE).is_file():
+                with staged_output_dir(cached, overwrite=True) as staging, _one_torch_thread():
+                    _build(staging, tuple(tasks), seed, steps)
     with staged_output_dir(Path(out_dir), overwrite=overwrite) as staging:
         shutil.copytree(cached, staging, dirs_exist_ok=True)
     return Path(out_dir)

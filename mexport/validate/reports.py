@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from mexport.errors import EXIT_CHECK_FAILED, EXIT_OK
-from mexport.fsutil import write_atomic
+from mexport.fsutil import replace_files_as_set
 from mexport.validate.stats import CONFIDENCE, MetricComparison, single_flip_half_width, wilson_interval
 from mexport.validate.verdict import FAIL, PASS, SKIPPED, Verdict, points, run_fails
 
@@ -190,16 +190,14 @@ def _result_dict(result: ParityResult) -> dict[str, Any]:
 
 
 def write_reports(report: ValidationReport, out_dir: Path) -> dict[str, Path]:
-    """Write all four report files into ``out_dir``; returns name -> path."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """Write all four report files into ``out_dir``, replacing an earlier report as one set; returns name -> path."""
     rendered = {
         "report.json": render_json(report).encode(),
         "report.md": render_markdown(report).encode(),
         "junit.xml": render_junit(report),
         "accuracy.png": render_accuracy_png(report),
     }
-    return {name: write_atomic(out_dir / name, data) for name, data in rendered.items()}
+    return replace_files_as_set(Path(out_dir), rendered)
 
 
 def render_json(report: ValidationReport) -> str:

@@ -160,9 +160,8 @@ def _skip_reason(group: _Group, limits: RuntimeLimits) -> str | None:
     """Why ``group`` cannot run on a runtime with ``limits`` (None: it fits)."""
     if limits.max_context is not None and group.tokens_needed > limits.max_context:
         return f"prompt longer than the context ({limits.max_context} tokens)"
-    max_input_len = getattr(limits, "max_input_len", None)  # new tokens per call (TensorRT profiles)
-    if max_input_len is not None and len(group.context_ids) > max_input_len:
-        return f"prompt longer than the input limit ({max_input_len} tokens)"
+    if limits.max_input_len is not None and len(group.context_ids) > limits.max_input_len:  # a TensorRT engine's
+        return f"prompt longer than the input limit ({limits.max_input_len} tokens)"
     return None
 
 

@@ -328,7 +328,7 @@ def _read_rows(path: Path) -> list[Any]:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         rows: list[Any] = []
-        for line in path.read_text(encoding="utf-8").splitlines():
+        for line in path.read_text(encoding="utf-8-sig").splitlines():
             if not line.strip():
                 continue
             try:
@@ -338,7 +338,7 @@ def _read_rows(path: Path) -> list[Any]:
         return rows
     if suffix == ".json":
         try:
-            payload = json.loads(path.read_text(encoding="utf-8"))
+            payload = json.loads(path.read_text(encoding="utf-8-sig"))
         except json.JSONDecodeError as exc:
             raise MexportError(f"{path}: not valid JSON ({exc})") from exc
         if isinstance(payload, Mapping) and isinstance(payload.get("data"), list):

@@ -1,14 +1,13 @@
 """TensorRT engines: plan (pure Python, no GPU), build (TensorRT + Polygraphy + CUDA GPU) and run.
 
 ``plan_engine`` decides profiles, precision / typing and checks GPU memory from the model directory's manifest;
-``build_engine`` builds and writes an engine directory; ``TrtDecoder`` runs it as a :class:`DecoderRuntime`.
+``build_engine`` builds and writes an engine directory; ``mexport.runtime.trt.TrtDecoder`` runs it.
 Importing this package imports neither TensorRT nor torch.
 """
 
 from mexport.optimize.engine.builder import EngineResult, build_engine, require_tensorrt
 from mexport.optimize.engine.gpus import GPU_TARGETS, GpuInfo, detect_gpus
 from mexport.optimize.engine.plan import EnginePlan, EngineSettings, MemoryEstimate, plan_engine, write_plan
-from mexport.optimize.engine.trt_runtime import TrtDecoder, TrtPast
 
 __all__ = [
     "GPU_TARGETS",
@@ -17,8 +16,6 @@ __all__ = [
     "EngineSettings",
     "GpuInfo",
     "MemoryEstimate",
-    "TrtDecoder",
-    "TrtPast",
     "build_engine",
     "detect_gpus",
     "plan_engine",

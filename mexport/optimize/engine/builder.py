@@ -18,10 +18,19 @@ from pathlib import Path
 from typing import Any
 
 from mexport import console
-from mexport.errors import MexportError, MissingDependencyError
+from mexport.errors import MexportError
+from mexport.formats import ENGINE_FILE
+from mexport.formats import GRAPH_FILE as ONNX_FILE
 from mexport.fsutil import check_free_space, staged_output_dir
-from mexport.lazy import INSTALL_HINTS, require
-from mexport.manifest import MANIFEST_NAME, file_records, new_manifest, write_manifest
+from mexport.lazy import require
+from mexport.manifest import (
+    MANIFEST_NAME,
+    STAMP_NAME,
+    file_records,
+    new_manifest,
+    verified_input,
+    write_manifest,
+)
 from mexport.optimize.engine.gpus import GpuInfo, require_cuda_gpu
 from mexport.optimize.engine.plan import (
     PLAN_FILE,
@@ -31,37 +40,10 @@ from mexport.optimize.engine.plan import (
     read_source_manifest,
     write_plan,
 )
+from mexport.optimize.engine.precision import require_tensorrt
 
-ENGINE_FILE = "model.engine"
 TIMING_CACHE_FILE = "timing.cache"
-ONNX_FILE = "model.onnx"
 NOT_COPIED_SUFFIXES = (".onnx", ".data")  # the graph and its weights live in the engine now
-TENSORRT_MISSING_HINT = (
-    f"{INSTALL_HINTS['tensorrt']}; see https://docs.nvidia.com/deeplearning/tensorrt/latest/installing-tensorrt/"
-    "installing.html. `mexport engine MODEL_DIR -o OUT --plan` works without TensorRT"
-)
-
-
-def require_tensorrt() -> str:
-    """TensorRT's version, or a clear error when its Python module is missing or cannot load its libraries.
-
-    A module without ``Builder`` counts as missing: that is what the type-stub package or the bindings without
-    their shared libraries look like.
-    """
-    try:
-        import tensorrt
-    except Exception as exc:  # a missing libnvinfer raises OSError / ImportError / RuntimeError
-        raise MissingDependencyError(
-            f"TensorRT is missing: the 'tensorrt' Python module does not import ({exc})", hint=TENSORRT_MISSING_HINT
-        ) from exc
-    if not hasattr(tensorrt, "Builder") or not hasattr(tensorrt, "__version__"):
-        raise MissingDependencyError(
-            "TensorRT is missing: the 'tensorrt' module found has no Builder (only type stubs or a broken install)",
-            hint=TENSORRT_MISSING_HINT,
-        )
-    return str(tensorrt.__version__)
-
-
 @dataclass(frozen=True)
 class EngineResult:
     """A finished engine directory."""
@@ -101,16 +83,17 @@ def _polygraphy_build(onnx_path: Path, plan: EnginePlan, timing_cache: Path) -> 
         for name, shapes in profile.shapes.items():
             trt_profile.add(name, min=shapes.min, opt=shapes.opt, max=shapes.max)
         profiles.append(trt_profile)
-    flags = set(plan.mode.builder_flags)
+    # precision flags only when the plan asks (TensorRT 10 weak typing): 11.x has no BF16 / FP16 flags, and
+    # Polygraphy refuses bf16= / fp16= there as "unavailable"
+    precision_flags = {flag.lower(): True for flag in plan.mode.builder_flags}
     compat = plan.settings.hw_compat == "ampere+"
     config = CreateConfig(
         tf32=False,
-        bf16="BF16" in flags,
-        fp16="FP16" in flags,
         profiles=profiles,
         load_timing_cache=str(timing_cache) if timing_cache.is_file() else None,
         memory_pool_limits={trt.MemoryPoolType.WORKSPACE: plan.settings.workspace_bytes},
         hardware_compatibility_level=trt.HardwareCompatibilityLevel.AMPERE_PLUS if compat else None,
+        **precision_flags,
     )
     network = NetworkFromOnnxPath(str(onnx_path), strongly_typed=plan.mode.strongly_typed)
     build = EngineBytesFromNetwork(network, config=config, save_timing_cache=str(timing_cache))
@@ -131,7 +114,7 @@ def _side_files(model_dir: Path) -> list[Path]:
         path
         for path in model_dir.iterdir()
         if path.is_file()
-        and path.name not in (MANIFEST_NAME, PLAN_FILE)
+        and path.name not in (MANIFEST_NAME, PLAN_FILE, STAMP_NAME)
         and not path.name.endswith(NOT_COPIED_SUFFIXES)
     )
 
@@ -187,11 +170,17 @@ def _holds_only_plan(out: Path) -> bool:
 def build_engine(model_dir: Path, out: Path, settings: EngineSettings, overwrite: bool = False) -> EngineResult:
     """Build a TensorRT engine directory ``out`` from the export / quantize directory ``model_dir``."""
     model_dir, out = Path(model_dir), Path(out)
-    source = read_source_manifest(model_dir)
+    source = read_source_manifest(model_dir, verify=True)
     onnx_path = model_dir / ONNX_FILE
     if not onnx_path.is_file():
         raise MexportError(f"{model_dir}: no {ONNX_FILE}", hint="export the model first with `mexport onnx`")
     tensorrt_version = require_tensorrt()
+    if settings.tensorrt_version is not None and settings.tensorrt_version != tensorrt_version:
+        raise MexportError(
+            f"--tensorrt-version {settings.tensorrt_version} is for planning: this build uses the installed "
+            f"TensorRT {tensorrt_version}",
+            hint="drop --tensorrt-version, or install that TensorRT release",
+        )
     gpu = require_cuda_gpu()
     plan = plan_engine(model_dir, settings, local_gpu=gpu)
     for warning in plan.warnings:
@@ -226,5 +215,6 @@ def build_engine(model_dir: Path, out: Path, settings: EngineSettings, overwrite
         with console.phase("hashing the engine"):
             files = file_records(stage)
         manifest = engine_manifest(plan, source, gpu, tensorrt_version, build_seconds, files, recorded_cache)
+        manifest["verified_inputs"] = [verified_input(model_dir, source)]
         write_manifest(stage, manifest)
     return EngineResult(out.resolve(), files[ENGINE_FILE]["bytes"], build_seconds, gpu, tensorrt_version, plan)

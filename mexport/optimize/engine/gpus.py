@@ -8,6 +8,7 @@ and a build against the GPU it runs on. Detection imports nothing heavy until it
 from __future__ import annotations
 
 import importlib.util
+import math
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -70,8 +71,8 @@ def gpu_budget(target: str | None, gpu_memory_gb: float | None) -> GpuInfo | Non
             raise MexportError(f"unknown GPU target {target!r}; known: {', '.join(GPU_TARGETS)}")
         return GPU_TARGETS[target]
     if gpu_memory_gb is not None:
-        if gpu_memory_gb <= 0:
-            raise MexportError(f"--gpu-memory must be positive, got {gpu_memory_gb}")
+        if not math.isfinite(gpu_memory_gb) or gpu_memory_gb <= 0:
+            raise MexportError(f"--gpu-memory must be a positive number of GB, got {gpu_memory_gb}")
         return GpuInfo(f"{gpu_memory_gb:g} GB GPU", int(gpu_memory_gb * GB))
     return None
 

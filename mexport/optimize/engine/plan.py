@@ -11,8 +11,9 @@ Memory at run time is estimated as the sum of:
   embedding (which weight-only recipes keep in the float dtype);
 - KV cache at max shapes, ``2 (K and V) x layers x kv_heads x head_dim x bytes x max_batch x max_context``, counted
   twice: the runtime binds the past as inputs and the present (past + new token) as separate outputs;
-- activations at the largest profile shape: the logits output ``B x S x vocab``, one layer's MLP / attention
-  intermediates and the fp32 attention scores and probabilities ``2 x B x heads x S x (past + S) x 4``;
+- activations at the largest profile shape: the logits output ``B x L x vocab`` (L = ``logits_length`` in a
+  lean-logits graph, else every new token S), one layer's MLP / attention intermediates and the fp32 attention
+  scores and probabilities ``2 x B x heads x S x min(past + S, max_context) x 4``;
 - the builder's workspace pool (``--workspace``), which tactics may use at run time too;
 - a fixed reserve for the CUDA context and TensorRT's own kernels.
 """
@@ -25,20 +26,29 @@ from pathlib import Path
 from typing import Any
 
 from mexport.errors import MexportError
+from mexport.formats import GRAPH_FILE
 from mexport.fsutil import format_bytes
-from mexport.manifest import read_manifest
+from mexport.manifest import read_manifest, verify_files
+from mexport.optimize.engine.compat import require_compatible
 from mexport.optimize.engine.gpus import GB, GpuInfo, gpu_budget
 from mexport.optimize.engine.precision import (
     BYTES_PER_ELEMENT,
     RECIPES,
     BuildMode,
+    TensorRTTarget,
     check_capability,
+    installed_tensorrt,
     opset_min_tensorrt,
+    resolve_tensorrt_target,
     select_build_mode,
     version_tuple,
 )
 from mexport.optimize.engine.profiles import (
     BATCH,
+    DEFAULT_MAX_INPUT_LEN,
+    DEFAULT_MAX_LOGITS,
+    DEFAULT_PREFILL_CHUNK,
+    LOGITS,
     PAST,
     SEQUENCE,
     EngineLimits,
@@ -58,20 +68,28 @@ ONNX_WEIGHT_SUFFIXES = (".onnx", ".onnx.data")
 class EngineSettings:
     """What ``mexport engine`` was asked for; defaults suit MCQ validation (5 options share one prompt)."""
 
-    precision: str = "bf16"
+    precision: str | None = None  # None: the graph's own dtype (strongly typed, on every TensorRT)
     max_batch: int = 8
-    max_input_len: int = 2048
+    max_input_len: int | None = None  # None: min(2048, max_context)
     max_context: int = 4096
     opt_batch: int = 1
+    prefill_chunk: int | None = None  # None: min(256, max_input_len)
+    max_logits: int = DEFAULT_MAX_LOGITS
     workspace_gb: float = 4.0
     timing_cache: Path | None = None
     hw_compat: str = "none"
     gpu_memory_gb: float | None = None
     target: str | None = None
+    tensorrt_version: str | None = None  # plan for this TensorRT (X.Y); None: the installed one, else the newest
 
     @property
     def limits(self) -> EngineLimits:
-        return EngineLimits(self.max_batch, self.max_input_len, self.max_context, self.opt_batch)
+        """The limits with unset ones adapted to those given (``--max-context 256`` alone is a valid request)."""
+        max_input_len = self.max_input_len
+        if max_input_len is None:
+            max_input_len = min(DEFAULT_MAX_INPUT_LEN, self.max_context)
+        chunk = self.prefill_chunk if self.prefill_chunk is not None else min(DEFAULT_PREFILL_CHUNK, max_input_len)
+        return EngineLimits(self.max_batch, max_input_len, self.max_context, self.opt_batch, chunk, self.max_logits)
 
     @property
     def workspace_bytes(self) -> int:
@@ -86,6 +104,7 @@ class EngineSettings:
             "hw_compat": self.hw_compat,
             "gpu_memory_gb": self.gpu_memory_gb,
             "target": self.target,
+            "tensorrt_version": self.tensorrt_version,
         }
 
 
@@ -145,6 +164,8 @@ class EnginePlan:
     gpu: GpuInfo | None
     min_tensorrt: str
     opset: int
+    tensorrt: TensorRTTarget
+    compatibility: dict[str, Any]
 
     @property
     def warnings(self) -> list[str]:
@@ -169,6 +190,8 @@ class EnginePlan:
             "build": self.mode.to_dict(),
             "hardware_compatibility": self.settings.hw_compat,
             "tensorrt_min": self.min_tensorrt,
+            "tensorrt": self.tensorrt.to_dict(),
+            "compatibility": self.compatibility,
             "opset": self.opset,
             "profiles": [profile.to_dict() for profile in self.profiles],
             "memory": self.memory.to_dict(),
@@ -179,14 +202,17 @@ class EnginePlan:
         }
 
 
-def read_source_manifest(model_dir: Path) -> dict[str, Any]:
-    """The export / quantize manifest, with the keys engines rely on checked."""
+def read_source_manifest(model_dir: Path, verify: bool = False) -> dict[str, Any]:
+    """The export / quantize manifest, with the keys engines rely on checked; ``verify`` (a build, which reads
+    the files; a plan reads only the manifest): every recorded file matches its hash."""
     manifest = read_manifest(model_dir, expected_kind=SOURCE_KINDS)
     for key in ("io", "model_config", "dtype", "opset"):
         if key not in manifest:
             raise MexportError(f"{model_dir}: manifest has no {key!r} (written by an incompatible mexport?)")
     if manifest["kind"] == "quantize" and not isinstance(manifest.get("recipe"), dict):
         raise MexportError(f"{model_dir}: quantize manifest has no recipe")
+    if verify:
+        verify_files(model_dir, manifest)
     return manifest
 
 
@@ -224,8 +250,14 @@ def estimate_weights(manifest: dict[str, Any], mode: BuildMode) -> tuple[int, st
     )
 
 
-def estimate_activations(manifest: dict[str, Any], profiles: list[OptimizationProfile], act_bytes: int) -> int:
-    """Peak activation bytes over the profiles' max shapes (see the module docstring)."""
+def estimate_activations(
+    manifest: dict[str, Any], profiles: list[OptimizationProfile], act_bytes: int, max_context: int
+) -> int:
+    """Peak activation bytes over the profiles' max shapes (see the module docstring).
+
+    A lean-logits graph computes logits for ``logits_length`` positions per row, not every new token; the runtime
+    never runs more than ``max_context`` cached + new tokens, so attention rows are capped there.
+    """
     config = manifest["model_config"]
     logits_bytes = BYTES_PER_ELEMENT[_io_dtype(manifest, "outputs", "logits")]
     hidden, intermediate = int(config["hidden_size"]), int(config["intermediate_size"])
@@ -233,10 +265,11 @@ def estimate_activations(manifest: dict[str, Any], profiles: list[OptimizationPr
     peak = 0
     for profile in profiles:
         batch, new, past = (profile.symbols[symbol][2] for symbol in (BATCH, SEQUENCE, PAST))
+        positions = profile.symbols[LOGITS][2] if LOGITS in profile.symbols else new
         tokens = batch * new
-        logits = tokens * vocab * logits_bytes
+        logits = batch * positions * vocab * logits_bytes
         layer = tokens * (2 * intermediate + 4 * hidden) * act_bytes
-        scores = 2 * batch * heads * new * (past + new) * 4
+        scores = 2 * batch * heads * new * min(past + new, max_context) * 4
         peak = max(peak, logits + layer + scores)
     return peak
 
@@ -254,7 +287,9 @@ def estimate_memory(
         weights_source=source,
         kv_bytes_per_token=per_token,
         kv_cache_bytes=per_token * settings.max_batch * settings.max_context,
-        activation_bytes=estimate_activations(manifest, profiles, BYTES_PER_ELEMENT[mode.precision]),
+        activation_bytes=estimate_activations(
+            manifest, profiles, BYTES_PER_ELEMENT[mode.precision], settings.max_context
+        ),
         workspace_bytes=settings.workspace_bytes,
     )
 
@@ -278,13 +313,32 @@ def plan_engine(model_dir: Path, settings: EngineSettings, local_gpu: GpuInfo | 
     config = manifest["model_config"]
     limits = settings.limits
     limits.validate(config.get("max_position_embeddings"))
-    mode = select_build_mode(manifest["dtype"], settings.precision, recipe_name(manifest))
+    tensorrt = resolve_tensorrt_target(settings.tensorrt_version, installed_tensorrt())
+    mode = select_build_mode(
+        manifest["dtype"], settings.precision or manifest["dtype"], recipe_name(manifest), tensorrt.version
+    )
     profiles = derive_profiles(manifest["io"]["inputs"], limits)
     memory = estimate_memory(manifest, mode, profiles, settings)
     gpu = gpu_budget(settings.target, settings.gpu_memory_gb) or local_gpu
     opset = int(manifest["opset"])
     min_tensorrt = max(mode.min_tensorrt, opset_min_tensorrt(opset), key=version_tuple)
-    plan = EnginePlan(model_dir, manifest["kind"], settings, mode, profiles, memory, gpu, min_tensorrt, opset)
+    if version_tuple(tensorrt.version) < version_tuple(min_tensorrt):
+        raise MexportError(
+            f"this graph needs TensorRT >= {min_tensorrt} (ONNX opset {opset}"
+            f"{', recipe ' + mode.recipe if mode.recipe else ''}); the plan targets TensorRT {tensorrt.version} "
+            f"({tensorrt.source})",
+            hint=f"install or plan for TensorRT {min_tensorrt} or newer (--tensorrt-version), or export with an "
+            "older --opset",
+        )
+    if (model_dir / GRAPH_FILE).is_file():
+        rules = require_compatible(model_dir, tensorrt.version)
+        compatibility: dict[str, Any] = {"checked": True, "rules": rules, "tensorrt": tensorrt.version}
+    else:
+        compatibility = {"checked": False, "reason": f"no {GRAPH_FILE} (only the manifest was planned from)"}
+    plan = EnginePlan(
+        model_dir, manifest["kind"], settings, mode, profiles, memory, gpu, min_tensorrt, opset, tensorrt,
+        compatibility,
+    )
     if gpu is not None:
         check_capability(mode, gpu.name, gpu.compute_capability)
         if not plan.fits:

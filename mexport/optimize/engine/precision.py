@@ -1,4 +1,4 @@
-"""How a graph is built: strongly typed or with precision flags, per float dtype and quantization recipe.
+"""How a graph is built: strongly typed or with precision flags, per float dtype, recipe and TensorRT version.
 
 Pure functions, so the choice is unit-tested without TensorRT:
 
@@ -7,10 +7,14 @@ Pure functions, so the choice is unit-tested without TensorRT:
   the graph gives it (unquantized layers run in the export's float dtype).
 - An unquantized graph already in the requested precision is strongly typed too, so the exporter's explicit casts
   (fp32 RMSNorm and softmax in Gemma2) are kept exactly.
-- An fp32 graph built at bf16 / fp16 uses the weakly typed BF16 / FP16 builder flag (TensorRT picks per layer;
-  deprecated from TensorRT 10.12, so a bf16 export is the better input).
+- An fp32 graph built at bf16 / fp16 needs the weakly typed BF16 / FP16 builder flag. That exists only on TensorRT
+  10 (deprecated from 10.12, with a warning); TensorRT 11 removed weak typing and the precision flags, so there the
+  plan is refused with the fix (export with ``--dtype bf16``), never proposed.
 - Gemma2's activations overflow fp16 (softcapped logits and residual stream exceed 65504), so bf16 is the default and
   fp16 gets a warning.
+
+The TensorRT version a plan targets is the installed one, ``--tensorrt-version``, or the newest release the
+``[gpu]`` extra allows (:data:`NEWEST_TENSORRT`); the extra's range is :data:`SUPPORTED_TENSORRT`.
 """
 
 from __future__ import annotations
@@ -18,57 +22,103 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from mexport.errors import MexportError
+from mexport.errors import MexportError, MissingDependencyError
+from mexport.lazy import INSTALL_HINTS
+from mexport.optimize.engine.compat import OPSETS, version_tuple
+from mexport.optimize.engine.compat import opset_min_tensorrt as first_tensorrt_for_opset
 from mexport.optimize.engine.gpus import architecture_name
+from mexport.optimize.quantize.recipes import RECIPES
 
 PRECISIONS = ("bf16", "fp16", "fp32")
+# the [gpu] extra's `tensorrt>=10.8,<12` (pyproject.toml): the API lines mexport reads were checked for this range
+SUPPORTED_TENSORRT = ("10.8", "12")
+NEWEST_TENSORRT = "11.4"  # newest release the [gpu] extra allows when this mexport was released: the plan default
+WEAK_TYPING_DEPRECATED = (10, 12)  # TensorRT 10.12 deprecates weak typing ...
+STRONG_TYPING_ONLY = (11, 0)  # ... 11.0 removes it and the FP16 / BF16 / INT8 / FP8 builder flags
 BUILDER_FLAGS = {"bf16": "BF16", "fp16": "FP16"}
 BYTES_PER_ELEMENT = {"fp32": 4, "bf16": 2, "fp16": 2, "float32": 4, "bfloat16": 2, "float16": 2}
 BASE_TENSORRT = "10.0"  # name-based IO, INT64 IO, BF16 and strongly typed networks
 # compute capability each float precision needs (TensorRT 10 supports Turing and newer)
 PRECISION_MIN_CAPABILITY = {"fp32": (7, 5), "fp16": (7, 5), "bf16": (8, 0)}
-# highest ONNX opset documented for a TensorRT release's parser (ONNX-TensorRT operators.md, release notes); an
-# opset between two entries needs the later release as far as mexport knows
-OPSET_TENSORRT = ((20, "10.0"), (24, "10.15"), (25, "11.5"))
+
+
+TENSORRT_STUBS_ONLY = "TensorRT not installed (only type stubs): the 'tensorrt' module found has no Builder"
+TENSORRT_MISSING_HINT = (
+    f"{INSTALL_HINTS['tensorrt']}; see https://docs.nvidia.com/deeplearning/tensorrt/latest/installing-tensorrt/"
+    "installing.html. `mexport engine MODEL_DIR -o OUT --plan` works without TensorRT"
+)
+
+
+def require_tensorrt() -> str:
+    """TensorRT's version, or a clear error when its Python module is missing or cannot load its libraries.
+
+    A module without ``Builder`` counts as missing: that is what the type-stub package or the bindings without
+    their shared libraries look like.
+    """
+    try:
+        import tensorrt
+    except Exception as exc:  # a missing libnvinfer raises OSError / ImportError / RuntimeError
+        raise MissingDependencyError(
+            f"TensorRT is missing: the 'tensorrt' Python module does not import ({exc})", hint=TENSORRT_MISSING_HINT
+        ) from exc
+    if not hasattr(tensorrt, "Builder") or not hasattr(tensorrt, "__version__"):
+        raise MissingDependencyError(TENSORRT_STUBS_ONLY, hint=TENSORRT_MISSING_HINT)
+    return str(tensorrt.__version__)
+
+
+def installed_tensorrt() -> str | None:
+    """The installed TensorRT's version, or None (not installed, stubs only, or its libraries do not load)."""
+    try:
+        return require_tensorrt()
+    except MissingDependencyError:
+        return None
 
 
 @dataclass(frozen=True)
-class Recipe:
-    """What a quantization recipe needs from TensorRT and the GPU."""
+class TensorRTTarget:
+    """The TensorRT release a plan is made for, and where that choice came from."""
 
-    name: str
-    weight_bits: int
-    quantizes_activations: bool
-    min_capability: tuple[int, int]
-    min_tensorrt: str
-    summary: str
+    version: str
+    source: str
 
+    @property
+    def strongly_typed_only(self) -> bool:
+        return version_tuple(self.version)[:2] >= STRONG_TYPING_ONLY
 
-RECIPES: dict[str, Recipe] = {
-    recipe.name: recipe
-    for recipe in (
-        Recipe("fp8", 8, True, (8, 9), "10.0", "FP8 E4M3 weights and activations (Q/DQ)"),
-        Recipe("int8-sq", 8, True, (7, 5), "10.0", "INT8 SmoothQuant weights and activations (Q/DQ)"),
-        Recipe("int8-wo", 8, False, (7, 5), "10.0", "INT8 weight-only (DQ before each GEMM)"),
-        Recipe("int4-wo", 4, False, (8, 0), "10.0", "block-wise INT4 weight-only (DQ before each GEMM)"),
-    )
-}
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": self.version, "source": self.source, "strongly_typed_only": self.strongly_typed_only}
 
 
-def version_tuple(version: str) -> tuple[int, ...]:
-    """'10.13.0.35' -> (10, 13, 0, 35); compares release numbers correctly ('10.15' > '10.8')."""
-    return tuple(int(part) for part in version.split(".") if part.isdigit())
+def resolve_tensorrt_target(requested: str | None, installed: str | None) -> TensorRTTarget:
+    """``--tensorrt-version`` when given, else the installed TensorRT, else :data:`NEWEST_TENSORRT`."""
+    if requested is not None:
+        target = TensorRTTarget(requested, "--tensorrt-version")
+    elif installed is not None:
+        target = TensorRTTarget(installed, "installed")
+    else:
+        target = TensorRTTarget(NEWEST_TENSORRT, "the newest release the [gpu] extra, tensorrt>=10.8,<12, allows")
+    parts = target.version.split(".")
+    if requested is not None and (len(parts) < 2 or not all(part.isdigit() for part in parts)):
+        raise MexportError(f"--tensorrt-version {requested!r} is not of the form X.Y (e.g. 10.13 or 11.4)")
+    low, high = (version_tuple(bound) for bound in SUPPORTED_TENSORRT)
+    if not low <= version_tuple(target.version) < high:
+        raise MexportError(
+            f"TensorRT {target.version} ({target.source}) is outside the range mexport supports "
+            f"(>= {SUPPORTED_TENSORRT[0]}, < {SUPPORTED_TENSORRT[1]})",
+            hint="install TensorRT with `pip install 'mexport[gpu]'`, or plan with --tensorrt-version 10.13 / 11.4",
+        )
+    return target
 
 
 def opset_min_tensorrt(opset: int) -> str:
-    for highest, version in OPSET_TENSORRT:
-        if opset <= highest:
-            return version
-    raise MexportError(
-        f"ONNX opset {opset} is newer than any TensorRT parser mexport knows (opset {OPSET_TENSORRT[-1][0]} in "
-        f"TensorRT {OPSET_TENSORRT[-1][1]})",
-        hint="export with an older --opset",
-    )
+    version = first_tensorrt_for_opset(opset)
+    if version is None:
+        raise MexportError(
+            f"ONNX opset {opset} is outside what any TensorRT parser mexport knows documents (9 to {OPSETS[-1][0]}, "
+            f"opset {OPSETS[-1][0]} in TensorRT {OPSETS[-1][1]})",
+            hint="export with another --opset",
+        )
+    return version
 
 
 @dataclass(frozen=True)
@@ -109,8 +159,11 @@ def _fp16_warnings(precision: str) -> tuple[str, ...]:
     )
 
 
-def select_build_mode(graph_dtype: str, precision: str, recipe_name: str | None) -> BuildMode:
-    """The build mode for a graph of float dtype ``graph_dtype`` at ``precision``, quantized by ``recipe_name``."""
+def select_build_mode(
+    graph_dtype: str, precision: str, recipe_name: str | None, tensorrt_version: str = NEWEST_TENSORRT
+) -> BuildMode:
+    """The build mode for a graph of float dtype ``graph_dtype`` at ``precision``, quantized by ``recipe_name``,
+    on TensorRT ``tensorrt_version``."""
     if precision not in PRECISIONS:
         raise MexportError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
     if graph_dtype not in PRECISIONS:
@@ -149,14 +202,28 @@ def select_build_mode(graph_dtype: str, precision: str, recipe_name: str | None)
             precision, True, (), None, BASE_TENSORRT, min_capability, (note,), _fp16_warnings(precision)
         )
     if graph_dtype == "fp32":
+        version = version_tuple(tensorrt_version)[:2]
+        if version >= STRONG_TYPING_ONLY:
+            raise MexportError(
+                f"cannot build an fp32 export at {precision} with TensorRT {tensorrt_version}: TensorRT 11 removed "
+                f"weak typing and the {BUILDER_FLAGS[precision]} builder flag, so the graph's own dtype is what runs",
+                hint=f"export with `mexport onnx --dtype {precision}` (then quantize that export if you need a "
+                f"recipe), or build this export with --precision fp32, or plan for --tensorrt-version 10.x",
+            )
         flag = BUILDER_FLAGS[precision]
         note = (
             f"fp32 graph built weakly typed with the {flag} builder flag: TensorRT runs each layer in {precision} or "
-            f"fp32, IO stays fp32 (weak typing is deprecated from TensorRT 10.12: a {precision} export builds "
-            "strongly typed)"
+            f"fp32, IO stays fp32 (TensorRT 10 only: 11 removed weak typing; a {precision} export builds strongly "
+            "typed)"
         )
+        warnings = list(_fp16_warnings(precision))
+        if version >= WEAK_TYPING_DEPRECATED:
+            warnings.append(
+                f"weak typing is deprecated in TensorRT {tensorrt_version} and removed in 11.0: export with "
+                f"--dtype {precision} to build strongly typed"
+            )
         return BuildMode(
-            precision, False, (flag,), None, BASE_TENSORRT, min_capability, (note,), _fp16_warnings(precision)
+            precision, False, (flag,), None, BASE_TENSORRT, min_capability, (note,), tuple(warnings)
         )
     raise MexportError(
         f"cannot build a {graph_dtype} export at {precision}: TensorRT can lower an fp32 graph's precision, not "

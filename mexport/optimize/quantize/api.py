@@ -17,7 +17,16 @@ from mexport.export.graph import io_signature
 from mexport.formats import DATA_FILE, GRAPH_FILE
 from mexport.fsutil import check_free_space, check_output_dir, staged_output_dir
 from mexport.lazy import require
-from mexport.manifest import MANIFEST_NAME, file_records, new_manifest, read_manifest, settings_hash, write_manifest
+from mexport.manifest import (
+    MANIFEST_NAME,
+    STAMP_NAME,
+    file_records,
+    new_manifest,
+    read_manifest,
+    settings_hash,
+    verified_input,
+    write_manifest,
+)
 from mexport.optimize.quantize.calibration import (
     MAX_CALIBRATION_TOKENS,
     ActivationStats,
@@ -73,7 +82,7 @@ def read_export(model_dir: Path) -> dict[str, Any]:
             f"{model_dir}: has {GRAPH_FILE} but no {MANIFEST_NAME} (an Optimum export, or not made by mexport)",
             hint="export it with `mexport onnx MODEL -o DIR`; quantize reads the export manifest, it never guesses",
         )
-    manifest = read_manifest(model_dir, expected_kind=("export",))
+    manifest = read_manifest(model_dir, expected_kind=("export",), verify=True)
     if not (model_dir / GRAPH_FILE).is_file():
         raise MexportError(f"{model_dir}: no {GRAPH_FILE}", hint="re-run the export into a fresh directory")
     missing = [key for key in ("dtype", "io", "model_config", "opset") if key not in manifest]
@@ -201,13 +210,35 @@ def apply_recipe(
 # ---- the stage -------------------------------------------------------------------------------------------------
 
 
-def _check_options(recipe: Recipe, block_size: int, awq: bool, calib_size: int) -> None:
+def _check_options(recipe: Recipe, block_size: int | None, awq: bool, calib_size: int) -> int:
+    """The block size to use (refused or warned about, never silently changed)."""
     if awq and not recipe.blocked:
         raise MexportError(f"--awq applies to int4-wo only, not {recipe.name}")
-    if block_size < 2:
-        raise MexportError(f"--block-size must be at least 2, got {block_size}")
     if calib_size < 1:
         raise MexportError(f"--calib-size must be at least 1, got {calib_size}")
+    if block_size is None:
+        return DEFAULT_BLOCK_SIZE
+    if block_size < 2:
+        raise MexportError(f"--block-size must be at least 2, got {block_size}")
+    if not recipe.blocked:
+        warn(f"--block-size ignored: {recipe.name} quantizes weights per channel, not in blocks")
+    return block_size
+
+
+def _check_block_size(layers: list[Linear], block_size: int) -> None:
+    """Each blocked layer needs whole blocks: ``block_size`` divides its input width, or the width is narrower and
+    divides it (one block per row). Any other size would quietly become a smaller block, so it is refused."""
+    widths = sorted(
+        {layer.in_features for layer in layers if effective_block_size(layer.in_features, block_size)
+         not in (block_size, layer.in_features)}
+    )
+    if widths:
+        common = int(np.gcd.reduce([layer.in_features for layer in layers]))
+        raise MexportError(
+            f"--block-size {block_size} does not fit the input width of {', '.join(map(str, widths))}: "
+            "it must divide each layer's width (or be a multiple of a narrower one)",
+            hint=f"use a power of two that divides {common}",
+        )
 
 
 def _check_prompts(model_dir: Path, count: int, seed: int, max_position_embeddings: int) -> list[np.ndarray]:
@@ -241,7 +272,7 @@ def quantize(
     calib_size: int = 64,
     seed: int = 0,
     exclude: tuple[str, ...] | list[str] = (),
-    block_size: int = DEFAULT_BLOCK_SIZE,
+    block_size: int | None = None,
     awq: bool = False,
     include_lm_head: bool = False,
     overwrite: bool = False,
@@ -258,8 +289,9 @@ def quantize(
     model_dir, output = Path(model_dir), Path(output)
     spec = get_recipe(recipe)
     exclude = tuple(exclude)
-    _check_options(spec, block_size, awq, calib_size)
+    block_size = _check_options(spec, block_size, awq, calib_size)
     parent = read_export(model_dir)
+    verified = verified_input(model_dir, parent)
     if parent.get("status") == "failed":
         warn(f"{model_dir}: the export failed its own logit check (status 'failed'); quantizing it anyway")
     if output.resolve() == model_dir.resolve():
@@ -270,6 +302,8 @@ def quantize(
     layers, excluded = select_layers(graph.linears(), exclude, include_lm_head)
     if not layers:
         raise MexportError("nothing to quantize: every linear layer is excluded")
+    if spec.blocked:
+        _check_block_size(layers, block_size)
 
     calibration: CalibrationSet | None = None
     stats: dict[str, ActivationStats] = {}
@@ -280,6 +314,7 @@ def quantize(
         inputs = {layer.input: layer.in_features for layer in layers}
         stats = collect_activation_stats(graph, parent, inputs, token_ids, keep_rows=awq, seed=seed)
     elif calib is not None:
+        load_calibration(calib, calib_size, seed)  # a --calib that names nothing is an error even when unused
         warn(f"--calib ignored: {spec.name} needs no calibration")
 
     with phase(f"applying {spec.name}"):
@@ -300,7 +335,7 @@ def quantize(
         params["smoothquant_alpha"] = DEFAULT_SMOOTHQUANT_ALPHA
     with staged_output_dir(output, overwrite) as staging:
         graph.save(staging)
-        copy_model_side_files(model_dir, staging, skip=(*MODEL_FILES, MANIFEST_NAME))
+        copy_model_side_files(model_dir, staging, skip=(*MODEL_FILES, MANIFEST_NAME, STAMP_NAME))
         write_genai_config(staging, parent["model_config"], io_signature(graph.model))
         onnx = require("onnx")
         with phase("checking the graph (onnx.checker)"):
@@ -322,6 +357,7 @@ def quantize(
             quantized=records,
             excluded=excluded,
             source={"export_dir": str(model_dir.resolve())},
+            verified_inputs=[verified],
             parent=parent,
         )
         write_manifest(staging, manifest)  # the numeric check reads it through OrtDecoder

@@ -62,7 +62,7 @@ def read_text_file(path: Path) -> list[str]:
     """Samples from a JSONL file (field "text", else the first string field) or a plain text file (one per
     paragraph when blank lines separate paragraphs, else one per non-empty line)."""
     try:
-        content = path.read_text(encoding="utf-8")
+        content = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise MexportError(f"cannot read calibration file {path}: {exc}") from exc
     if path.suffix == ".jsonl":

@@ -1,6 +1,7 @@
 """The quantization recipes: what each one quantizes, how, and where it runs.
 
-One table drives the library (validation, graph edits), the CLI's help and error messages, and docs/quantize.md.
+The one registry of recipe facts: the quantizer (validation, graph edits), the engine planner (GPU compute
+capability, minimum TensorRT, build mode, weight bits), the CLI's help and error messages, and docs/quantize.md.
 """
 
 from __future__ import annotations
@@ -26,10 +27,17 @@ class Recipe:
     min_opset: int  # Q/DQ features used: per-axis (13), float8 (19), int4 + block_size (21); fp32 scales
     gpus: str
     accuracy: str
+    min_capability: tuple[int, int]  # compute capability of the recipe's tensor-core kernels
+    min_tensorrt: str = "10.0"  # first TensorRT whose ONNX parser takes the recipe's Q/DQ (the opset may need later)
+    build_mode: str = "strongly typed"  # explicit Q/DQ: TensorRT requires it for FP8 / INT4, recommends it for INT8
 
     @property
     def weight_only(self) -> bool:
         return self.activations is None
+
+    @property
+    def weight_bits(self) -> int:
+        return 4 if self.weights == "int4" else 8
 
     def opset_for(self, dtype: str) -> int:
         """The lowest opset whose Q/DQ ops this recipe's graph uses, for an export of ``dtype``."""
@@ -53,6 +61,7 @@ RECIPES: dict[str, Recipe] = {
             gpus="Ada and Hopper only (compute capability >= 8.9: L4, L40S, H100, H200)",
             accuracy="small: FP8's exponent absorbs activation outliers without smoothing; 3 mantissa bits cost "
             "more than int8 on outlier-free layers",
+            min_capability=(8, 9),
         ),
         Recipe(
             name="int8-sq",
@@ -65,6 +74,7 @@ RECIPES: dict[str, Recipe] = {
             min_opset=13,
             gpus="Turing and newer (>= 7.5; >= 8.0 for a bf16 graph)",
             accuracy="small; per-tensor int8 activations are the weak point, smoothing keeps outliers in check",
+            min_capability=(7, 5),
         ),
         Recipe(
             name="int8-wo",
@@ -76,6 +86,7 @@ RECIPES: dict[str, Recipe] = {
             min_opset=13,
             gpus="Turing and newer (>= 7.5; >= 8.0 for a bf16 graph)",
             accuracy="smallest (weight rounding only, 255 levels per output channel)",
+            min_capability=(7, 5),
         ),
         Recipe(
             name="int4-wo",
@@ -88,6 +99,7 @@ RECIPES: dict[str, Recipe] = {
             min_opset=21,
             gpus="Ampere and newer (>= 8.0); TensorRT >= 10.15 for the opset-21 graph",
             accuracy="largest of the four (15 levels per block); smaller blocks and AWQ recover part of it",
+            min_capability=(8, 0),
         ),
     )
 }
