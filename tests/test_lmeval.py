@@ -135,3 +135,12 @@ def test_validate_reports_parity_on_an_lmeval_task(
     assert report.tasks[0].n_items == 8 and report.tasks[0].source == "lm-eval:mexport_afrimedqa_sample"
     assert result.verdict.status in ("pass", "inconclusive")
     assert "mexport_afrimedqa_sample" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_a_group_is_refused_with_the_way_out() -> None:
+    from mexport.errors import MexportError
+    from mexport.validate.tasks import load_task
+
+    with pytest.raises(MexportError, match="'multimedqa' is a group, not a task") as raised:
+        load_task("multimedqa")
+    assert "one by one" in raised.value.hint

@@ -28,14 +28,21 @@ def is_lmeval_task(name: str, include_path: Path | str | None = None) -> bool:
 
 
 def _single_task(name: str, include_path: Path | str | None) -> Any:
-    from lm_eval.tasks import get_task_dict
-
-    task = get_task_dict([name], _task_manager(include_path)).get(name)
-    if task is None:  # a group maps its (ConfigurableGroup) key to a dict of subtasks
+    manager = _task_manager(include_path)
+    if name not in manager.all_subtasks:  # a group or a tag: its tasks have their own names
         raise MexportError(
             f"lm-eval name {name!r} is a group, not a task",
             hint="pass its tasks one by one (`lm_eval ls groups` lists what it contains)",
         )
+    try:
+        task = manager.load([name])["tasks"][name]
+    except Exception as exc:  # the dataset download (network, gated, offline cache) or the task's own code
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise MexportError(
+            f"lm-eval could not load task {name!r}: {reason}",
+            hint="its dataset comes from the Hugging Face hub: check network access and the hub token, or run "
+            "once online to fill the datasets cache (HF_DATASETS_OFFLINE=1 then reuses it)",
+        ) from exc
     if task.OUTPUT_TYPE != "multiple_choice":
         raise MexportError(f"lm-eval task {name!r} is {task.OUTPUT_TYPE}; validation compares multiple_choice tasks")
     return task
