@@ -19,10 +19,11 @@ from typing import Any
 from xml.etree import ElementTree
 
 from mexport import console
-from mexport.errors import EXIT_CHECK_FAILED, EXIT_OK, MexportError
+from mexport.errors import EXIT_CHECK_FAILED, EXIT_INCONCLUSIVE, EXIT_OK, MexportError
 from mexport.fixtures import FIXTURE_NAMES
 from mexport.fsutil import write_atomic
 from mexport.manifest import MANIFEST_NAME, settings_hash, utc_now
+from mexport.validate.verdict import DEFAULT_FAIL_ON
 
 STATE_FILE = "pipeline-state.json"
 FIXTURE_PREFIX = "fixture:"
@@ -57,7 +58,7 @@ class PipelineConfig:
     margin: float = 1.0
     recipe_margins: dict[str, float] = field(default_factory=dict)
     agreement_floor: float | None = None
-    fail_on: str = "parity"
+    fail_on: str = DEFAULT_FAIL_ON
 
     def check(self) -> None:
         """Refuse bad names before any step runs, so a typo never costs a finished export."""
@@ -167,7 +168,10 @@ class PipelineResult:
 
     @property
     def exit_code(self) -> int:
-        """The CLI's exit code for this run (see :mod:`mexport.errors`)."""
+        """The CLI's exit code for this run (see :mod:`mexport.errors`): 4 when only inconclusive verdicts fail it."""
+        step_failed = any(step.status == "failed" for step in self.steps)
+        if self.failed and not step_failed and (self.validation or {}).get("outcome") == "inconclusive":
+            return EXIT_INCONCLUSIVE
         return EXIT_CHECK_FAILED if self.failed else EXIT_OK
 
     def to_dict(self) -> dict[str, Any]:
@@ -310,7 +314,7 @@ def run_pipeline(config: PipelineConfig, force: bool = False) -> PipelineResult:
         )
         validation, report_failed = report.summary(), report.failed
         runner.state["validation"] = {"summary": validation, "failed": report_failed}
-        return "parity FAILED" if report.failed else "parity passed"
+        return f"parity {report.outcome.lower()}"
 
     runner.step(
         "validate",

@@ -9,6 +9,7 @@ from rich.table import Table
 
 from mexport.cli import app, emit_json, exit_with, json_option, parse_assignments, parse_margins
 from mexport.console import console
+from mexport.validate.verdict import FAIL_ON_HELP
 
 
 @app.command("pipeline")
@@ -44,7 +45,7 @@ def pipeline(
     margin: float | None = typer.Option(None, "--margin", help="Parity margin in accuracy points."),
     margin_for: list[str] | None = typer.Option(None, "--margin-for", help="RECIPE=POINTS margin, repeatable."),
     agreement_floor: float | None = typer.Option(None, "--agreement-floor", help="Least answer agreement."),
-    fail_on: str | None = typer.Option(None, "--fail-on", help="parity, any or never."),
+    fail_on: str | None = typer.Option(None, "--fail-on", help=FAIL_ON_HELP),
     force: bool = typer.Option(False, "--force", help="Redo every step even when its output is up to date."),
     as_json: bool = json_option(),
 ) -> None:
