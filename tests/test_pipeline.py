@@ -68,7 +68,8 @@ def _small(output: Path, **changes: object) -> PipelineConfig:
     values = {
         "model": "fixture:learned-gemma2", "output": output, "dtype": "fp32", "recipes": ["int8-wo"],
         "engine": "auto", "max_batch": 4, "max_input_len": 256, "max_context": 512, "tasks": ["medmcqa"],
-        "data": {"medmcqa": "sample"}, "limit": 12, "recipe_margins": {"int8-wo": 20.0}, "agreement_floor": 0.75,
+        "data": {"medmcqa": "sample"}, "limit": 12, "recipe_margins": {"int8-wo": 50.0}, "agreement_floor": 0.75,
+        "margin": 50.0,  # 8 to 12 questions resolve ±24 to ±32 points at best
     }
     return config_from({**values, **changes})
 
@@ -124,7 +125,8 @@ def test_pipeline_end_to_end_then_resume_after_failure(tmp_path: Path, monkeypat
         app,
         ["pipeline", "--model", "fixture:learned-gemma2", "-o", str(out), "--dtype", "fp32", "--recipe", "int8-wo",
          "--max-batch", "4", "--max-input-len", "256", "--max-context", "512", "--tasks", "medmcqa",
-         "--data", "medmcqa=sample", "--limit", "8", "--margin-for", "int8-wo=20", "--agreement-floor", "0.75",
+         "--data", "medmcqa=sample", "--limit", "8", "--margin", "50", "--margin-for", "int8-wo=50",
+         "--agreement-floor", "0.75",
          "--force", "--json"],
     )
     assert cli.exit_code == 0, cli.output

@@ -131,6 +131,11 @@ class TaskSpec:
         """The shipped sample, in the dataset's own schema (``--data TASK=sample``)."""
         return SAMPLE_DIR / f"{self.name}_sample.jsonl"
 
+    @property
+    def demo_path(self) -> Path:
+        """200 templated questions over one fact table (``--data TASK=demo``), see :mod:`mexport.validate.demo`."""
+        return SAMPLE_DIR / f"{self.name}_demo.jsonl"
+
 
 # ---- row helpers --------------------------------------------------------------------------------------------
 
@@ -390,7 +395,8 @@ def _resolve_source(spec: TaskSpec, data: str | Path | None) -> tuple[list[Any],
     """(rows, source description, sha256 of the file or None for the hub)."""
     if data is None:
         return _read_hub_rows(spec), _hub_source(spec), None
-    path = spec.sample_path if str(data) == "sample" else Path(data).expanduser()
+    shipped = {"sample": spec.sample_path, "demo": spec.demo_path}
+    path = shipped.get(str(data)) or Path(data).expanduser()
     return _read_rows(path), str(path), sha256_file(path)
 
 
