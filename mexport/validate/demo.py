@@ -4,7 +4,10 @@ Forty hand-written sample questions per task cannot resolve a parity margin of a
 question the paired CI on n questions is still ±z²/(n + z²) (±8.8 points at n = 40). The demo sets give each task
 200 questions, generated from :data:`FACTS` (an infection, its cause, first-line treatment, hallmark finding and
 main site) with task-specific templates, so the learned fixture can learn them and the README demo ends in real
-verdicts. They ship as ``data/{task}_demo.jsonl`` (``--data TASK=demo``); ``python -m mexport.validate.demo``
+verdicts. Each question's wrong options mix "hard" distractors (the same relation of another infection: only a
+model that binds the fact to the infection rules them out) with "easy" ones that never answer any question
+(:data:`NEVER_CORRECT`), so a tiny model reaches a high but not saturated accuracy, with answers that lossy
+quantization can genuinely disturb. They ship as ``data/{task}_demo.jsonl`` (``--data TASK=demo``); ``python -m mexport.validate.demo``
 rewrites them, and a test checks the shipped files are exactly what this code generates.
 """
 
@@ -151,6 +154,50 @@ FACTS: dict[str, tuple[str, str, str, str]] = {
     ),
 }
 
+# plausible options that answer no question, per relation
+NEVER_CORRECT: dict[str, tuple[str, ...]] = {
+    "cause": (
+        "Staphylococcus epidermidis",
+        "Lactobacillus acidophilus",
+        "Bacteroides fragilis",
+        "Mycoplasma hominis",
+        "Aspergillus niger",
+        "human rhinovirus",
+        "Micrococcus luteus",
+        "Saccharomyces cerevisiae",
+    ),
+    "treatment": (
+        "oral loperamide",
+        "topical hydrocortisone",
+        "omeprazole",
+        "cetirizine",
+        "vitamin C",
+        "oral iron",
+        "salbutamol inhaler",
+        "levothyroxine",
+    ),
+    "finding": (
+        "bilateral pitting oedema",
+        "clubbing of the fingers",
+        "butterfly facial rash",
+        "resting tremor",
+        "heat intolerance",
+        "polyuria with thirst",
+        "central obesity",
+        "xanthelasma",
+    ),
+    "site": (
+        "thyroid gland",
+        "adrenal cortex",
+        "pancreatic islets",
+        "lens of the eye",
+        "articular cartilage",
+        "tooth enamel",
+        "pineal gland",
+        "nail bed",
+    ),
+}
+
 # question text per relation; {d} is the infection
 _STEMS = {
     "medmcqa": {
@@ -187,10 +234,13 @@ _PUBMEDQA = {
 
 
 def _options(facts: list[tuple[str, tuple[str, ...]]], index: int, relation: int, count: int, rng: random.Random):
-    """``count`` option texts for fact ``index``: the true one plus distinct distractors, and the gold position."""
+    """``count`` option texts for fact ``index`` and the gold position: the true one, ``count // 2 - 1`` hard
+    distractors (other infections' answers) and easy ones (answers to nothing)."""
     truth = facts[index][1][relation]
-    pool = sorted({row[relation] for _, row in facts} - {truth})
-    options = [truth, *rng.sample(pool, count - 1)]
+    hard = sorted({row[relation] for _, row in facts} - {truth})
+    easy = NEVER_CORRECT[RELATIONS[relation]]
+    n_hard = count // 2 - 1
+    options = [truth, *rng.sample(hard, n_hard), *rng.sample(easy, count - 1 - n_hard)]
     rng.shuffle(options)
     return options, options.index(truth)
 
