@@ -23,6 +23,7 @@ from mexport.errors import EXIT_CHECK_FAILED, EXIT_INCONCLUSIVE, EXIT_OK, Mexpor
 from mexport.fixtures import FIXTURE_NAMES
 from mexport.fsutil import write_atomic
 from mexport.manifest import MANIFEST_NAME, settings_hash, utc_now
+from mexport.validate.tasks import SHIPPED_SETS
 from mexport.validate.verdict import DEFAULT_FAIL_ON
 
 STATE_FILE = "pipeline-state.json"
@@ -120,7 +121,7 @@ def load_config(path: Path, overrides: dict[str, Any] | None = None) -> Pipeline
             values["model"] = str(local.resolve())
     if isinstance(values.get("data"), dict):
         values["data"] = {
-            task: source if source == "sample" else str((path.parent / source).resolve())
+            task: source if source in SHIPPED_SETS else str((path.parent / source).resolve())
             for task, source in values["data"].items()
         }
     return config_from(values, overrides)

@@ -42,6 +42,8 @@ FEWSHOT_DELIMITER = "\n\n"  # lm-eval: between few-shot examples and before the 
 SAMPLE_DIR = Path(__file__).with_name("data")
 LETTERS = ("A", "B", "C", "D")
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+# names of the question sets shipped in SAMPLE_DIR (``--data TASK=sample`` / ``TASK=demo``), not file paths
+SHIPPED_SETS = ("sample", "demo")
 
 
 @dataclass(frozen=True)
@@ -395,7 +397,7 @@ def _resolve_source(spec: TaskSpec, data: str | Path | None) -> tuple[list[Any],
     """(rows, source description, sha256 of the file or None for the hub)."""
     if data is None:
         return _read_hub_rows(spec), _hub_source(spec), None
-    shipped = {"sample": spec.sample_path, "demo": spec.demo_path}
+    shipped = dict(zip(SHIPPED_SETS, (spec.sample_path, spec.demo_path), strict=True))
     path = shipped.get(str(data)) or Path(data).expanduser()
     return _read_rows(path), str(path), sha256_file(path)
 
