@@ -38,7 +38,7 @@ from mexport.validate.tasks import TASKS, load_task
 LEARNED_NAME = "learned-gemma2"
 BASE_FIXTURE = "tiny-gemma2"
 DEFAULT_TASKS = ("medmcqa", "medqa", "pubmedqa", "afrimedqa")
-DEFAULT_STEPS = 300
+DEFAULT_STEPS = 700
 # the shipped question sets it learns (``--data TASK=sample`` / ``TASK=demo``)
 DATASETS = ("sample", "demo")
 BATCH_SIZE = 16
