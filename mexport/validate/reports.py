@@ -490,18 +490,20 @@ def render_accuracy_png(report: ValidationReport) -> bytes:
 
 
 _VERDICT_COLOURS = {PASS: "tab:green", FAIL: "tab:red", INCONCLUSIVE: "tab:orange"}
+_MARKERS = ("o", "s", "D", "^", "v", "P", "X", "*")
 
 
 def render_parity_png(report: ValidationReport) -> bytes:
     """Each candidate's paired acc difference with its CI against its ±margin band (grey), per task: the verdict
-    picture. Colour = verdict (green pass, red fail, orange inconclusive); skipped candidates are left out."""
+    picture. Marker = candidate, colour = verdict (green pass, red fail, orange inconclusive); skipped candidates
+    are left out."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 
-    labels = [b.label for b in report.backends if b.role == "candidate"]
+    labels = [b.label for b in report.backends if b.role == "candidate" and b.skip_reason is None]
     task_names = [t.name for t in report.tasks]
-    figure = Figure(figsize=(max(5.0, 1.6 * len(task_names) + 2.0), 4.2), dpi=100)
+    figure = Figure(figsize=(max(5.0, 1.6 * len(task_names) + 2.0), 4.2 + 0.25 * ((len(labels) + 3) // 4)), dpi=100)
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     width = 0.8 / max(1, len(labels))
@@ -516,16 +518,20 @@ def render_parity_png(report: ValidationReport) -> bytes:
             axes.bar(x, 2 * result.margin_points, width * 0.9, bottom=-result.margin_points, color="0.88", zorder=1)
             delta, (low, high) = points(acc.delta), (points(acc.delta_ci[0]), points(acc.delta_ci[1]))
             colour = _VERDICT_COLOURS.get(result.verdict.status, "tab:gray")
+            marker = _MARKERS[offset % len(_MARKERS)]
             axes.errorbar(
-                [x], [delta], yerr=[[delta - low], [high - delta]], fmt="o", capsize=3, color=colour, zorder=3
+                [x], [delta], yerr=[[delta - low], [high - delta]], fmt=marker, capsize=3, color=colour, zorder=3
             )
-            axes.annotate(label, (x, high), textcoords="offset points", xytext=(0, 3), ha="center", fontsize=6)
     axes.axhline(0.0, color="0.4", linewidth=0.8, zorder=2)
     axes.set_xticks(range(len(task_names)), task_names)
     axes.set_xlim(-0.6, len(task_names) - 0.4)
     axes.set_ylabel(f"Δ acc vs reference (pts), {CONFIDENCE:.0%} Tango CI")
     axes.grid(axis="y", alpha=0.3)
-    legend = [Line2D([], [], marker="o", linestyle="", color=c, label=s) for s, c in _VERDICT_COLOURS.items()]
+    legend = [
+        Line2D([], [], marker=_MARKERS[i % len(_MARKERS)], linestyle="", color="0.3", label=label)
+        for i, label in enumerate(labels)
+    ]
+    legend += [Line2D([], [], marker="o", linestyle="", color=c, label=s) for s, c in _VERDICT_COLOURS.items()]
     legend.append(Line2D([], [], linewidth=8, color="0.88", label="±margin"))
     axes.legend(handles=legend, fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=4)
     return _png_bytes(figure)
