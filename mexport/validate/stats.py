@@ -179,7 +179,7 @@ def compare_metric(
     cand_right = sum(int(x) for x in candidate_correct)
     b = sum(1 for r, c in zip(reference_correct, candidate_correct) if r and not c)
     c = sum(1 for r, c in zip(reference_correct, candidate_correct) if c and not r)
-    delta, low, high = paired_difference_interval(candidate_correct, reference_correct, confidence)
+    low, high = tango_interval(b, c, n, confidence)
     agree = sum(1 for r, c in zip(reference_pred, candidate_pred) if r == c)
     return MetricComparison(
         metric=metric,
@@ -190,7 +190,7 @@ def compare_metric(
         candidate_acc=cand_right / n if n else 0.0,
         candidate_ci=wilson_interval(cand_right, n, confidence),
         candidate_stderr=sample_stderr([float(x) for x in candidate_correct]),
-        delta=delta,
+        delta=(c - b) / n if n else 0.0,
         delta_ci=(low, high),
         right_to_wrong=b,
         wrong_to_right=c,
