@@ -448,7 +448,7 @@ def render_markdown(result: PipelineResult) -> str:
     lines = [
         "# mexport pipeline",
         "",
-        f"**Result: {'FAILED' if result.failed else 'passed'}**",
+        f"**Result: {({1: 'FAILED', 4: 'INCONCLUSIVE'}).get(result.exit_code, 'passed')}**",
         "",
         "| step | status | seconds | detail |",
         "|---|---|---:|---|",

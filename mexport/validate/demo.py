@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import random
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -233,7 +233,7 @@ _PUBMEDQA = {
 }
 
 
-def _options(facts: list[tuple[str, tuple[str, ...]]], index: int, relation: int, count: int, rng: random.Random):
+def _options(facts: Sequence[tuple[str, Sequence[str]]], index: int, relation: int, count: int, rng: random.Random):
     """``count`` option texts for fact ``index`` and the gold position: the true one, ``count // 2 - 1`` hard
     distractors (other infections' answers) and easy ones (answers to nothing)."""
     truth = facts[index][1][relation]
