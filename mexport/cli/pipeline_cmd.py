@@ -38,7 +38,7 @@ def pipeline(
     target: str | None = typer.Option(None, "--target", help="Deployment GPU for the memory check, e.g. h100-80gb."),
     gpu_memory: float | None = typer.Option(None, "--gpu-memory", help="Deployment GPU memory in GB."),
     tasks: str | None = typer.Option(None, "--tasks", help="Comma-separated: medmcqa,medqa,pubmedqa,afrimedqa."),
-    data: list[str] | None = typer.Option(None, "--data", help="TASK=FILE (or TASK=sample), repeatable."),
+    data: list[str] | None = typer.Option(None, "--data", help="TASK=FILE (or TASK=sample, TASK=demo), repeatable."),
     limit: int | None = typer.Option(None, "--limit", help="Questions per task."),
     seed: int | None = typer.Option(None, "--seed", help="Sampling seed for --limit."),
     device: str | None = typer.Option(None, "--backend-device", help="Scoring device: cpu or cuda."),

@@ -18,7 +18,9 @@ def validate_command(
     ),
     tasks: str = typer.Option(..., "--tasks", help="Comma-separated tasks: medmcqa, medqa, pubmedqa, afrimedqa."),
     data: list[str] = typer.Option(
-        [], "--data", help="TASK=FILE: read TASK from a local .jsonl/.json/.parquet in its schema ('sample' ships)."
+        [],
+        "--data",
+        help="TASK=FILE: read TASK from a local .jsonl/.json/.parquet in its schema; 'sample' (40) and 'demo' (200) ship.",
     ),
     output: Path = typer.Option(..., "-o", "--output", help="Report directory (report.json/.md, junit.xml, png)."),
     limit: int | None = typer.Option(None, "--limit", help="Score a seeded random subset of N questions per task."),
