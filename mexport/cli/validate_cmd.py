@@ -20,7 +20,7 @@ def validate_command(
     data: list[str] = typer.Option(
         [],
         "--data",
-        help="TASK=FILE: read TASK from a local .jsonl/.json/.parquet in its schema; 'sample' (40) and 'demo' (200) ship.",
+        help="TASK=FILE (.jsonl/.json/.parquet in the dataset's schema), or TASK=sample (40) / TASK=demo (200).",
     ),
     output: Path = typer.Option(..., "-o", "--output", help="Report directory (report.json/.md, junit.xml, png)."),
     limit: int | None = typer.Option(None, "--limit", help="Score a seeded random subset of N questions per task."),
