@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import xml.etree.ElementTree as ET
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -197,3 +198,45 @@ def test_text_reports_deterministic(tmp_path: Path, name: str) -> None:
     write_reports(make_report(), tmp_path / "a")
     write_reports(make_report(created="2030-01-01T00:00:00+00:00"), tmp_path / "b")
     assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+@dataclass(frozen=True)
+class Declined:
+    """Stand-in for scoring.SkippedQuestion: a question the scorer declined, with the reason."""
+
+    doc_id: str
+    reason: str
+
+
+def test_declined_questions_are_left_out_of_the_pairing_and_counted(tmp_path: Path) -> None:
+    from mexport.validate.runner import _Backend, _parity_result
+
+    golds = [i % 4 for i in range(N)]
+    reference = _scores(golds, golds)
+    candidate: list[object] = list(reference)
+    long_prompt = "prompt 700 tokens > context 512"
+    for index in (3, 7):
+        candidate[index] = Declined(reference[index].doc_id, long_prompt)
+    reference_row: list[object] = list(reference)
+    reference_row[9] = Declined(reference[9].doc_id, long_prompt)
+    task = TaskInfo("medmcqa", "demo.jsonl", None, "ab" * 32, N, N)
+    backend = _Backend(BackendInfo("cand", "candidate", "/cand", "ort"))
+    scores = {"medmcqa": {REFERENCE_LABEL: reference_row, "cand": candidate}}
+    result = _parity_result(task, backend, scores, 5.0, {}, 0.9)
+    assert result.metrics[0].n == N - 3
+    assert result.skipped_questions == {long_prompt: 3}
+    assert result.verdict.status == PASS
+
+    report = ValidationReport(
+        "2025-01-01T00:00:00+00:00",
+        {"margin_points": 5.0},
+        [BackendInfo(REFERENCE_LABEL, "reference", "/ckpt", "torch"), backend.info],
+        [task],
+        [result],
+        scores,
+    )
+    write_reports(report, tmp_path)
+    payload = json.loads((tmp_path / "report.json").read_text())
+    assert payload["results"][0]["skipped_questions"] == {long_prompt: 3}
+    assert payload["tasks"]["medmcqa"]["questions"][3]["backends"]["cand"] == {"skipped": long_prompt}
+    assert f"- `cand`: 3 question(s) (3 {long_prompt}) not compared" in (tmp_path / "report.md").read_text()

@@ -103,6 +103,12 @@ class TaskInfo:
     metrics: tuple[str, ...] = ("acc",)
 
 
+def is_scored(entry: Any) -> bool:
+    """A per-question entry is a score (``QuestionScore``) or a question the scorer declined with a ``reason``
+    (``scoring.SkippedQuestion``, e.g. a prompt longer than the runtime's context): only scores have logliks."""
+    return hasattr(entry, "logliks")
+
+
 @dataclass(frozen=True)
 class ParityResult:
     """One candidate on one task against the reference."""
@@ -115,6 +121,8 @@ class ParityResult:
     metrics: tuple[MetricComparison, ...] = ()
     mean_kl: float | None = None
     max_abs_loglik_delta: float | None = None
+    # reason -> questions left out of the comparison because this candidate or the reference declined them
+    skipped_questions: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -160,6 +168,7 @@ class ValidationReport:
                 "candidate": result.candidate,
                 "verdict": result.verdict.status,
                 "reasons": list(result.verdict.reasons),
+                "skipped_questions": dict(sorted(result.skipped_questions.items())),
             }
             if result.metrics:
                 acc = result.metrics[0]
@@ -200,24 +209,24 @@ def _task_dict(task: TaskInfo, scores: dict[str, list[Any]]) -> dict[str, Any]:
     """Dataset provenance plus every question with every backend's log-likelihoods."""
     labels = list(scores)
     questions = []
-    for index, first in enumerate(scores[labels[0]] if labels else []):
-        questions.append(
-            {
-                "doc_id": first.doc_id,
-                "gold": first.gold,
-                "choice_chars": list(first.choice_chars),
-                "backends": {
-                    label: {
-                        "logliks": list(scores[label][index].logliks),
-                        "pred": scores[label][index].pred,
-                        "pred_norm": scores[label][index].pred_norm,
-                        "acc": scores[label][index].acc,
-                        "acc_norm": scores[label][index].acc_norm,
-                    }
-                    for label in labels
-                },
+    for entries in zip(*(scores[label] for label in labels)):
+        scored = [entry for entry in entries if is_scored(entry)]
+        question: dict[str, Any] = {"doc_id": entries[0].doc_id}
+        if scored:
+            question.update(gold=scored[0].gold, choice_chars=list(scored[0].choice_chars))
+        question["backends"] = {
+            label: {
+                "logliks": list(entry.logliks),
+                "pred": entry.pred,
+                "pred_norm": entry.pred_norm,
+                "acc": entry.acc,
+                "acc_norm": entry.acc_norm,
             }
-        )
+            if is_scored(entry)
+            else {"skipped": entry.reason}
+            for label, entry in zip(labels, entries, strict=True)
+        }
+        questions.append(question)
     return {
         "source": task.source,
         "source_sha256": task.source_sha256,
@@ -241,6 +250,7 @@ def _result_dict(result: ParityResult) -> dict[str, Any]:
         "agreement_floor": result.agreement_floor,
         "mean_kl": result.mean_kl,
         "max_abs_loglik_delta": result.max_abs_loglik_delta,
+        "skipped_questions": dict(sorted(result.skipped_questions.items())),
         "metrics": {m.metric: asdict(m) for m in result.metrics},
     }
 
@@ -306,11 +316,9 @@ def render_markdown(report: ValidationReport) -> str:
         results = [r for r in report.results if r.task == task.name]
         for metric_name in task.metrics:
             lines += _metric_table(report, task, metric_name, results)
-        skipped = [r for r in results if r.verdict.status == SKIPPED]
-        for result in skipped:
-            lines.append(f"- skipped `{result.candidate}`: {result.verdict.message}")
-        if skipped:
-            lines.append("")
+        notes = [f"- skipped `{r.candidate}`: {r.verdict.message}" for r in results if r.verdict.status == SKIPPED]
+        notes += [f"- `{r.candidate}`: {_declined_text(r)} not compared" for r in results if r.skipped_questions]
+        lines += [*notes, ""] if notes else []
     lines += [
         "## Method",
         "",
@@ -318,6 +326,12 @@ def render_markdown(report: ValidationReport) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _declined_text(result: ParityResult) -> str:
+    """ "3 questions (2 prompt 700 tokens > context 512, 1 ...)": the questions a result leaves out, by reason."""
+    reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(result.skipped_questions.items()))
+    return f"{sum(result.skipped_questions.values())} question(s) ({reasons})"
 
 
 def _speed_lines(report: ValidationReport) -> list[str]:
@@ -405,6 +419,11 @@ def summary_table(report: ValidationReport) -> Any:
         Text(f"{r.verdict.status.upper()} {r.task} · {r.candidate}: {r.verdict.message}")
         for r in report.results
         if r.verdict.reasons
+    ]
+    reasons += [
+        Text(f"NOT COMPARED {r.task} · {r.candidate}: {_declined_text(r)}")
+        for r in report.results
+        if r.skipped_questions
     ]
     return Group(table, *reasons)
 
@@ -549,7 +568,7 @@ def accuracy_of(
     report: ValidationReport, task: str, label: str, metric: str = "acc"
 ) -> tuple[float, tuple[float, float]] | None:
     """A backend's accuracy and Wilson CI on a task, from its per-question scores (None when not scored)."""
-    scores = report.scores.get(task, {}).get(label)
+    scores = [entry for entry in report.scores.get(task, {}).get(label, []) if is_scored(entry)]
     if not scores:
         return None
     right = sum(int(getattr(score, metric)) for score in scores)

@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from mexport.validate.reports import (
     ScoringSpeed,
     TaskInfo,
     ValidationReport,
+    is_scored,
     write_reports,
 )
 from mexport.validate.stats import compare_metric, distribution_drift
@@ -325,6 +327,8 @@ def _score_backend(
     """Score every task's questions on one backend, loading it only when something is not cached yet; record how
     fast the scoring calls ran in ``speed`` (nothing when every question was cached)."""
     caches = {name: ScoreCache(cache_dir / f"{backend.identity}-{name}.jsonl", resume) for name in task_data}
+    # questions the scorer declined (e.g. longer than the runtime's context): never cached, cheap to decide again
+    declined: dict[str, dict[str, Any]] = {name: {} for name in task_data}
     pending = {
         name: [item for item in loaded.items if item_key(item) not in caches[name].entries]
         for name, loaded in task_data.items()
@@ -337,21 +341,30 @@ def _score_backend(
                 label = f"{backend.info.label} · {name}"
                 task_bar = bar.add_task(label, total=len(loaded_items), completed=len(loaded_items) - len(items))
                 seconds = _score_in_batches(
-                    backend, items, caches[name], batch_size, functools.partial(bar.advance, task_bar)
+                    backend, items, caches[name], declined[name], batch_size, functools.partial(bar.advance, task_bar)
                 )
-                tokens = sum(_question_tokens(backend.tokenizer, item) for item in items)
+                scored = [item for item in items if item_key(item) not in declined[name]]
+                tokens = sum(_question_tokens(backend.tokenizer, item) for item in scored)
                 measured = ScoringSpeed(
-                    measured.seconds + seconds, measured.questions + len(items), measured.tokens + tokens
+                    measured.seconds + seconds, measured.questions + len(scored), measured.tokens + tokens
                 )
         speed[backend.info.label] = measured
     for name, loaded in task_data.items():
-        scores[name][backend.info.label] = [caches[name].entries[item_key(item)] for item in loaded.items]
+        entries = {**caches[name].entries, **declined[name]}
+        scores[name][backend.info.label] = [entries[item_key(item)] for item in loaded.items]
 
 
 def _score_in_batches(
-    backend: _Backend, items: list[Any], cache: ScoreCache, batch_size: int, advance: Callable[[int], None]
+    backend: _Backend,
+    items: list[Any],
+    cache: ScoreCache,
+    declined: dict[str, Any],
+    batch_size: int,
+    advance: Callable[[int], None],
 ) -> float:
-    """Score and cache ``items`` batch by batch; returns the seconds spent inside the scoring calls."""
+    """Score ``items`` batch by batch, caching the scores and putting the declined questions (entries without
+    log-likelihoods, see :func:`mexport.validate.reports.is_scored`) in ``declined``; returns the seconds spent
+    inside the scoring calls."""
     from mexport.validate.scoring import score_items
 
     seconds = 0.0
@@ -360,7 +373,10 @@ def _score_in_batches(
         started = time.perf_counter()
         batch_scores = score_items(backend.runtime, backend.tokenizer, batch, batch_size=batch_size, progress=False)
         seconds += time.perf_counter() - started
-        cache.append([item_key(item) for item in batch], batch_scores)
+        keys = [item_key(item) for item in batch]
+        kept = [(key, entry) for key, entry in zip(keys, batch_scores, strict=True) if is_scored(entry)]
+        cache.append([key for key, _ in kept], [entry for _, entry in kept])
+        declined.update((key, entry) for key, entry in zip(keys, batch_scores) if not is_scored(entry))
         advance(len(batch))
     return seconds
 
@@ -410,8 +426,15 @@ def _parity_result(
     margin_points = margin_for(info.recipe, margin, recipe_margins)
     if info.skip_reason is not None:
         return ParityResult(task.name, info.label, margin_points, agreement_floor, skipped_verdict(info.skip_reason))
-    reference = scores[task.name][REFERENCE_LABEL]
-    candidate = scores[task.name][info.label]
+    pairs = list(zip(scores[task.name][REFERENCE_LABEL], scores[task.name][info.label], strict=True))
+    # only questions both sides scored are compared; the others are counted by reason
+    declined = Counter(
+        next(entry.reason for entry in (cand, ref) if not is_scored(entry))
+        for ref, cand in pairs
+        if not (is_scored(ref) and is_scored(cand))
+    )
+    reference = [ref for ref, cand in pairs if is_scored(ref) and is_scored(cand)]
+    candidate = [cand for ref, cand in pairs if is_scored(ref) and is_scored(cand)]
     pred_field = {"acc": "pred", "acc_norm": "pred_norm"}
     metrics = tuple(
         compare_metric(
@@ -426,4 +449,6 @@ def _parity_result(
     mean_kl, max_abs = distribution_drift([s.logliks for s in reference], [s.logliks for s in candidate])
     non_finite = sum(not all(math.isfinite(value) for value in s.logliks) for s in candidate)
     verdict = parity_verdict(metrics, margin_points, agreement_floor, non_finite)
-    return ParityResult(task.name, info.label, margin_points, agreement_floor, verdict, metrics, mean_kl, max_abs)
+    return ParityResult(
+        task.name, info.label, margin_points, agreement_floor, verdict, metrics, mean_kl, max_abs, dict(declined)
+    )
