@@ -89,7 +89,15 @@ def test_tango_interval_edges() -> None:
         tango_interval(30, 20, 40)
 
 
-def _exact_coverage(n: int, p_loss: float, p_gain: float) -> float:
+def _wald_interval(losses: int, gains: int, n: int) -> tuple[float, float]:
+    """The paired Wald interval this module used before (mean ± z·sd/sqrt(n), ddof=1): [0, 0] with no flip."""
+    d = [-1.0] * losses + [1.0] * gains + [0.0] * (n - losses - gains)
+    mean = sum(d) / n
+    half = z_value() * math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1)) / math.sqrt(n)
+    return (mean - half, mean + half)
+
+
+def _exact_coverage(interval, n: int, p_loss: float, p_gain: float) -> float:
     """P(CI covers the true difference) summed exactly over the trinomial of (losses, gains, ties)."""
     from scipy.stats import multinomial
 
@@ -97,8 +105,8 @@ def _exact_coverage(n: int, p_loss: float, p_gain: float) -> float:
     coverage = 0.0
     for losses in range(n + 1):
         for gains in range(n + 1 - losses):
-            low, high = tango_interval(losses, gains, n)
-            if low <= truth <= high:
+            low, high = interval(losses, gains, n)
+            if low - 1e-12 <= truth <= high + 1e-12:
                 coverage += multinomial.pmf(
                     [losses, gains, n - losses - gains], n, [p_loss, p_gain, 1 - p_loss - p_gain]
                 )
@@ -107,9 +115,14 @@ def _exact_coverage(n: int, p_loss: float, p_gain: float) -> float:
 
 @pytest.mark.parametrize(("p_loss", "p_gain"), [(0.02, 0.02), (0.05, 0.0), (0.1, 0.05)])
 def test_tango_coverage_near_nominal_on_small_samples(p_loss: float, p_gain: float) -> None:
-    # a candidate that rarely flips answers, scored on 30 questions: the collapsed Wald interval covered the truth
-    # only when something flipped (about 70% of the time at 2% + 2%); the score interval stays near 95%
-    assert _exact_coverage(30, p_loss, p_gain) >= 0.93
+    # a candidate that rarely flips answers, scored on 30 questions: the score interval keeps about 95% coverage
+    assert _exact_coverage(tango_interval, 30, p_loss, p_gain) >= 0.93
+
+
+def test_wald_interval_undercovers_a_rare_one_sided_loss() -> None:
+    # 5% of answers lost, none gained, 30 questions: no flip at all 21% of the time, and Wald then says [0, 0]
+    assert _exact_coverage(_wald_interval, 30, 0.05, 0.0) < 0.80
+    assert _exact_coverage(tango_interval, 30, 0.05, 0.0) >= 0.93
 
 
 def test_choice_kl() -> None:
