@@ -133,3 +133,17 @@ def test_pipeline_end_to_end_then_resume_after_failure(tmp_path: Path, monkeypat
     payload = json.loads(cli.stdout)
     assert {s["status"] for s in payload["steps"]} <= {"done", "skipped"}
     assert payload["failed"] is False
+
+
+@pytest.mark.parametrize(
+    ("outcome", "failed", "step_status", "code"),
+    [("passed", False, "done", 0), ("inconclusive", True, "done", 4), ("failed", True, "done", 1),
+     ("inconclusive", True, "failed", 1), ("inconclusive", False, "done", 0)],
+)
+def test_pipeline_exit_code_follows_the_validation_outcome(
+    tmp_path: Path, outcome: str, failed: bool, step_status: str, code: int
+) -> None:
+    from mexport.pipeline import PipelineResult, StepRecord
+
+    result = PipelineResult(tmp_path, [StepRecord("export", step_status)], {"outcome": outcome}, failed)
+    assert result.exit_code == code

@@ -262,3 +262,17 @@ def test_verdict_fails_a_candidate_with_non_finite_logliks_even_at_equal_accurac
     verdict = parity_verdict([_metric(correct, correct)], margin_points=1.0, agreement_floor=0.9, non_finite=2)
     assert verdict.status == "fail"
     assert verdict.reasons == ("2 question(s) with non-finite log-likelihoods (NaN/inf)",)
+
+
+def test_one_log_softmax_for_scoring_quantize_report_and_stats() -> None:
+    import numpy as np
+
+    from mexport import numerics
+    from mexport.optimize.quantize import report
+    from mexport.validate import scoring, stats
+
+    assert scoring.log_softmax is report.log_softmax is stats.log_softmax is numerics.log_softmax
+    rows = np.array([[1000.0, 1000.0], [0.0, math.log(3.0)]], dtype=np.float32)  # would overflow without the shift
+    expected = [[math.log(0.5), math.log(0.5)], [math.log(0.25), math.log(0.75)]]
+    assert numerics.log_softmax(rows) == pytest.approx(np.array(expected), abs=1e-6)
+    assert numerics.log_softmax(rows).dtype == np.float64
