@@ -79,8 +79,8 @@ def validate(
 
     Returns the report whatever the verdicts; ``report.failed`` / ``report.exit_code`` say whether the run fails
     under ``fail_on`` ("parity": any FAIL; "inconclusive": also an INCONCLUSIVE; "any": also a skipped backend;
-    "never"). Raises :class:`MexportError` for bad input,
-    including a candidate whose tokenizer differs from the reference's.
+    "never"). Raises :class:`MexportError` for bad input, including a candidate whose tokenizer differs from the
+    reference's.
     """
     recipe_margins = dict(recipe_margins or {})
     check_policy(margin, agreement_floor, fail_on, recipe_margins)
