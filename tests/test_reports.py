@@ -240,3 +240,15 @@ def test_declined_questions_are_left_out_of_the_pairing_and_counted(tmp_path: Pa
     assert payload["results"][0]["skipped_questions"] == {long_prompt: 3}
     assert payload["tasks"]["medmcqa"]["questions"][3]["backends"]["cand"] == {"skipped": long_prompt}
     assert f"- `cand`: 3 question(s) (3 {long_prompt}) not compared" in (tmp_path / "report.md").read_text()
+
+
+def test_console_summary_names_outcome_and_speed() -> None:
+    from rich.console import Console
+
+    from mexport.validate.reports import summary_table
+
+    console = Console(width=200, record=True)
+    console.print(summary_table(make_report()))
+    text = console.export_text()
+    assert "parity vs reference: FAILED" in text and "INCONCLUSIVE" in text
+    assert "scoring speed: reference 120.0 q/s (12000 tok/s), good 480.0 q/s (48000 tok/s)" in text

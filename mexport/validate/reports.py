@@ -425,6 +425,12 @@ def summary_table(report: ValidationReport) -> Any:
         for r in report.results
         if r.skipped_questions
     ]
+    if report.speed:
+        rates = ", ".join(
+            f"{label} {speed.questions_per_second:.1f} q/s ({speed.tokens_per_second:.0f} tok/s)"
+            for label, speed in report.speed.items()
+        )
+        reasons.append(Text(f"scoring speed: {rates}"))
     return Group(table, *reasons)
 
 
