@@ -339,6 +339,8 @@ def _speed_lines(report: ValidationReport) -> list[str]:
     if not report.speed:
         return []
     return [
+        "**Scoring speed** (wall time of this run's scoring calls; model loading and cached questions excluded)",
+        "",
         "| backend | scoring time (s) | questions | questions/s | tokens/s |",
         "| --- | --- | --- | --- | --- |",
         *(
