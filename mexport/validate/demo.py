@@ -7,8 +7,9 @@ main site) with task-specific templates, so the learned fixture can learn them a
 verdicts. Each question's wrong options mix "hard" distractors (the same relation of another infection: only a
 model that binds the fact to the infection rules them out) with "easy" ones that never answer any question
 (:data:`NEVER_CORRECT`), so a tiny model reaches a high but not saturated accuracy, with answers that lossy
-quantization can genuinely disturb. They ship as ``data/{task}_demo.jsonl`` (``--data TASK=demo``); ``python -m mexport.validate.demo``
-rewrites them, and a test checks the shipped files are exactly what this code generates.
+quantization can genuinely disturb. They ship as ``data/{task}_demo.jsonl`` (``--data TASK=demo``);
+``python -m mexport.validate.demo`` rewrites them, and a test checks the shipped files are exactly what this code
+generates.
 """
 
 from __future__ import annotations
@@ -245,14 +246,14 @@ def _options(facts: Sequence[tuple[str, Sequence[str]]], index: int, relation: i
     return options, options.index(truth)
 
 
-def _questions(count: int, rng: random.Random) -> Iterator[tuple[str, str, int, list[str], int]]:
-    """(infection, relation name, fact index, options, gold) for every fact × relation, in a seeded order."""
+def _questions(count: int, rng: random.Random) -> Iterator[tuple[str, str, list[str], int]]:
+    """(infection, relation name, options, gold) for every fact × relation, in a seeded order."""
     facts = list(FACTS.items())
     pairs = [(index, relation) for index in range(len(facts)) for relation in range(len(RELATIONS))]
     rng.shuffle(pairs)
     for index, relation in pairs:
         options, gold = _options(facts, index, relation, count, rng)
-        yield facts[index][0], RELATIONS[relation], index, options, gold
+        yield facts[index][0], RELATIONS[relation], options, gold
 
 
 def _doc_id(rng: random.Random) -> str:
@@ -261,7 +262,7 @@ def _doc_id(rng: random.Random) -> str:
 
 def _medmcqa(rng: random.Random) -> list[dict[str, Any]]:
     rows = []
-    for disease, relation, _, options, gold in _questions(4, rng):
+    for disease, relation, options, gold in _questions(4, rng):
         rows.append(
             {
                 "id": _doc_id(rng),
@@ -279,7 +280,7 @@ def _medmcqa(rng: random.Random) -> list[dict[str, Any]]:
 
 def _medqa(rng: random.Random) -> list[dict[str, Any]]:
     rows = []
-    for disease, relation, _, options, gold in _questions(4, rng):
+    for disease, relation, options, gold in _questions(4, rng):
         letters = dict(zip("ABCD", options, strict=True))
         rows.append(
             {
@@ -296,7 +297,7 @@ def _medqa(rng: random.Random) -> list[dict[str, Any]]:
 
 def _afrimedqa(rng: random.Random) -> list[dict[str, Any]]:
     rows = []
-    for disease, relation, _, options, gold in _questions(5, rng):
+    for disease, relation, options, gold in _questions(5, rng):
         rows.append(
             {
                 "sample_id": _doc_id(rng),
