@@ -170,6 +170,7 @@ def test_junit_structure(tmp_path: Path) -> None:
     assert len(failures) == 4 and len(skipped) == 2
     assert failures[0].get("message") == "paired CI [-74.47, -57.83] pts lies outside ±5; agreement 0.00 < 0.90"
     assert [f.get("type") for f in failures[:2]] == ["ParityFailure", "ParityInconclusive"]
+    assert "(n=120: resolvable difference ±3.10 pts)" in (failures[1].text or "")
     assert skipped[0].get("message") == "TensorRT is not installed"
     assert root.get("tests") == "8" and root.get("failures") == "4" and root.get("skipped") == "2"
 

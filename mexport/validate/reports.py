@@ -478,7 +478,8 @@ def _junit_details(result: ParityResult) -> str:
     return "\n".join(
         f"{m.metric}: ref {_pct(m.reference_acc)} cand {_pct(m.candidate_acc)} delta {points(m.delta):+.2f} "
         f"{_interval(m.delta_ci, signed=True)} flips {m.right_to_wrong}/{m.wrong_to_right} "
-        f"McNemar p {m.mcnemar_p:.3g} agreement {m.agreement:.3f}"
+        f"McNemar p {m.mcnemar_p:.3g} agreement {m.agreement:.3f} "
+        f"(n={m.n}: resolvable difference ±{points(resolvable_difference(m.n)):.2f} pts)"
         for m in result.metrics
     )
 
