@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mexport import console
+from mexport.numerics import log_softmax
 from mexport.runtime.base import DecoderRuntime
 from mexport.validate.tasks import MCQItem
 
@@ -121,13 +122,6 @@ def _encode_group(tokenizer, context: str, continuations: Sequence[str]) -> _Gro
 # ---- numerics ---------------------------------------------------------------------------------------------------
 
 
-def _log_softmax(rows: np.ndarray) -> np.ndarray:
-    """Row-wise log-softmax in float64 (rows: (..., V) float32 logits)."""
-    values = rows.astype(np.float64)
-    shifted = values - values.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
-
-
 def _pad_id(tokenizer) -> int:
     return int(tokenizer.pad_token_id) if tokenizer.pad_token_id is not None else 0
 
@@ -161,7 +155,7 @@ def _score_single_token_batch(
         input_ids[row, longest - len(group.context_ids) :] = group.context_ids
         mask[row, longest - len(group.context_ids) :] = 1
     logits, _ = runtime.forward(input_ids, mask, None)
-    logprobs = _log_softmax(logits[:, -1, :])
+    logprobs = log_softmax(logits[:, -1, :])
     return [[float(logprobs[row, tokens[0]]) for tokens in group.continuations] for row, (_, group) in enumerate(batch)]
 
 
@@ -172,7 +166,7 @@ def _score_shared_context(runtime: DecoderRuntime, group: _Group, pad_id: int, m
     """
     context = np.asarray([group.context_ids], dtype=np.int64)
     logits, past = runtime.forward(context, np.ones_like(context), None)
-    first = _log_softmax(logits[0, -1, :])
+    first = log_softmax(logits[0, -1, :])
     scores = [float(first[tokens[0]]) if tokens else 0.0 for tokens in group.continuations]
     longer = [index for index, tokens in enumerate(group.continuations) if len(tokens) > 1]
     for start in range(0, len(longer), max_rows):
@@ -189,7 +183,7 @@ def _score_shared_context(runtime: DecoderRuntime, group: _Group, pad_id: int, m
         step_logits, _ = runtime.forward(input_ids, mask, runtime.repeat_past(past, len(chunk)))
         for row, index in enumerate(chunk):
             targets = group.continuations[index][1:]
-            logprobs = _log_softmax(step_logits[row, : len(targets), :])
+            logprobs = log_softmax(step_logits[row, : len(targets), :])
             scores[index] += float(logprobs[np.arange(len(targets)), targets].sum())
     return scores
 
@@ -284,6 +278,6 @@ def loglikelihood_naive(runtime: DecoderRuntime, tokenizer, requests: Sequence[t
         sequence = np.asarray([(context_ids + continuation_ids)[:-1]], dtype=np.int64)
         logits, _ = runtime.forward(sequence, np.ones_like(sequence), None)
         predicting = logits[0, len(context_ids) - 1 :, :]
-        logprobs = _log_softmax(predicting)
+        logprobs = log_softmax(predicting)
         scores.append(float(logprobs[np.arange(len(continuation_ids)), continuation_ids].sum()))
     return scores
