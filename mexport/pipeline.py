@@ -21,10 +21,19 @@ from xml.etree import ElementTree
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mexport import console
-from mexport.errors import EXIT_CHECK_FAILED, EXIT_OK, EnvironmentFailure, IntegrityError, MexportError
+from mexport.errors import (
+    EXIT_CHECK_FAILED,
+    EXIT_INCONCLUSIVE,
+    EXIT_OK,
+    EnvironmentFailure,
+    IntegrityError,
+    MexportError,
+)
 from mexport.fixtures import FIXTURE_NAMES
 from mexport.fsutil import check_output_location, output_lock, write_atomic
 from mexport.manifest import MANIFEST_NAME, file_records, read_manifest, settings_hash, utc_now, verify_files
+from mexport.validate.tasks import SHIPPED_SETS
+from mexport.validate.verdict import DEFAULT_FAIL_ON
 
 STATE_FILE = "pipeline-state.json"
 FIXTURE_PREFIX = "fixture:"
@@ -78,7 +87,7 @@ class PipelineConfig(BaseModel):
     margin: float = Field(1.0, gt=0, allow_inf_nan=False)
     recipe_margins: dict[str, Annotated[float, Field(gt=0, allow_inf_nan=False)]] = Field(default_factory=dict)
     agreement_floor: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)
-    fail_on: str = "parity"
+    fail_on: str = DEFAULT_FAIL_ON
 
     @field_validator("model")
     @classmethod
@@ -143,7 +152,7 @@ class PipelineConfig(BaseModel):
 
         for task, source in data.items():
             _checked(get_task, task)
-            if source != "sample" and not Path(source).is_file():
+            if source not in SHIPPED_SETS and not Path(source).is_file():
                 raise ValueError(f"data file for {task} not found: {source}")
         return data
 
@@ -245,7 +254,9 @@ def load_config(path: Path, overrides: dict[str, Any] | None = None) -> Pipeline
             values["model"] = str(local.resolve())
     if isinstance(values.get("data"), dict):
         values["data"] = {
-            task: str((path.parent / source).resolve()) if isinstance(source, str) and source != "sample" else source
+            task: str((path.parent / source).resolve())
+            if isinstance(source, str) and source not in SHIPPED_SETS
+            else source
             for task, source in values["data"].items()
         }
     return config_from(values, overrides)
@@ -310,7 +321,10 @@ class PipelineResult:
 
     @property
     def exit_code(self) -> int:
-        """The CLI's exit code for this run (see :mod:`mexport.errors`)."""
+        """The CLI's exit code for this run (see :mod:`mexport.errors`): 4 when only inconclusive verdicts fail it."""
+        step_failed = any(step.status == "failed" for step in self.steps)
+        if self.failed and not step_failed and (self.validation or {}).get("outcome") == "inconclusive":
+            return EXIT_INCONCLUSIVE
         return EXIT_CHECK_FAILED if self.failed else EXIT_OK
 
     def to_dict(self) -> dict[str, Any]:
@@ -499,7 +513,7 @@ def _run_steps(runner: _Runner, config: PipelineConfig) -> PipelineResult:
         )
         validation, report_failed = report.summary(), report.failed
         runner.state["validation"] = {"summary": validation, "failed": report_failed}
-        return "parity FAILED" if report.failed else "parity passed"
+        return f"parity {report.outcome.lower()}"
 
     runner.step(
         "validate",
@@ -632,7 +646,7 @@ def render_markdown(result: PipelineResult) -> str:
     lines = [
         "# mexport pipeline",
         "",
-        f"**Result: {'FAILED' if result.failed else 'passed'}**",
+        f"**Result: {({1: 'FAILED', 4: 'INCONCLUSIVE'}).get(result.exit_code, 'passed')}**",
         "",
         "| step | status | seconds | detail |",
         "|---|---|---:|---|",

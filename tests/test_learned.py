@@ -1,6 +1,7 @@
-"""The learned fixture: a tiny Gemma2 fine-tuned on the sample questions answers them far above chance.
+"""The learned fixture: a tiny Gemma2 fine-tuned on the sample and demo questions answers them far above chance.
 
-The first run in a fresh cache trains it (under a minute on an idle 2-core machine); later runs copy the cache.
+The first run in a fresh cache trains it (700 steps: 3.6 minutes on a 2-core machine loaded by other jobs, one
+torch thread); later runs copy the cache.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from mexport.validate.learned import DEFAULT_TASKS, learned_note, make_learned_f
 from mexport.validate.tasks import TASKS, load_task
 
 THRESHOLD = 0.8
+DEMO_THRESHOLD = 0.6
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +57,9 @@ def test_accuracy_far_above_chance_when_scored_like_validation(learned: Path) ->
                 accuracy = sum(score.acc for score in scores) / len(scores)
                 assert accuracy > THRESHOLD > TASKS[task].chance, task
                 assert accuracy == pytest.approx(note["accuracy_bf16"][task]["acc"]), task
+            # the 200-question demo sets need binding each fact to its infection: lower, still far above chance
+            demo = note["accuracy_bf16_demo"][task]
+            assert demo["n"] == 200 and demo["acc"] > DEMO_THRESHOLD > TASKS[task].chance, task
     finally:
         torch.set_num_threads(threads)
 

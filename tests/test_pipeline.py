@@ -22,8 +22,8 @@ def test_example_configs_parse_with_every_table() -> None:
     assert tiny.model == "fixture:learned-gemma2"
     assert tiny.recipes == ["fp8", "int8-sq", "int8-wo", "int4-wo"]
     assert tiny.max_context == 512 and tiny.target == "l4-24gb"
-    assert tiny.data == {task: "sample" for task in ("medmcqa", "medqa", "pubmedqa", "afrimedqa")}
-    assert tiny.recipe_margins == {"int4-wo": 5.0, "int8-sq": 5.0}
+    assert tiny.data == {task: "demo" for task in ("medmcqa", "medqa", "pubmedqa", "afrimedqa")}
+    assert tiny.margin == 5.0 and tiny.recipe_margins == {"int4-wo": 0.5} and tiny.fail_on == "inconclusive"
     assert tiny.output == (EXAMPLES.parent / "out" / "pipeline-tiny").resolve()
     real = load_config(EXAMPLES / "pipeline-meditron.toml")
     assert real.model == "OpenMeditron/Meditron3-Gemma2-9B" and real.engine == "build" and real.data == {}
@@ -68,7 +68,8 @@ def _small(output: Path, **changes: object) -> PipelineConfig:
     values = {
         "model": "fixture:learned-gemma2", "output": output, "dtype": "fp32", "recipes": ["int8-wo"],
         "engine": "auto", "max_batch": 4, "max_input_len": 256, "max_context": 512, "tasks": ["medmcqa"],
-        "data": {"medmcqa": "sample"}, "limit": 12, "recipe_margins": {"int8-wo": 20.0}, "agreement_floor": 0.75,
+        "data": {"medmcqa": "sample"}, "limit": 12, "recipe_margins": {"int8-wo": 50.0}, "agreement_floor": 0.75,
+        "margin": 50.0,  # 8 to 12 questions resolve ±24 to ±32 points at best
     }
     return config_from({**values, **changes})
 
@@ -130,7 +131,8 @@ def test_pipeline_end_to_end_then_resume_after_failure(tmp_path: Path, monkeypat
         app,
         ["pipeline", "--model", "fixture:learned-gemma2", "-o", str(out), "--dtype", "fp32", "--recipe", "int8-wo",
          "--max-batch", "4", "--max-input-len", "256", "--max-context", "512", "--tasks", "medmcqa",
-         "--data", "medmcqa=sample", "--limit", "8", "--margin-for", "int8-wo=20", "--agreement-floor", "0.75",
+         "--data", "medmcqa=sample", "--limit", "8", "--margin", "50", "--margin-for", "int8-wo=50",
+         "--agreement-floor", "0.75",
          "--force", "--json"],
     )
     assert cli.exit_code == 0, cli.output
@@ -211,3 +213,17 @@ def test_resume_verifies_outputs_and_reruns_damaged_steps(tmp_path: Path) -> Non
     assert changed[0] == "done" and changed[1] != first[1]  # a different output invalidates what depends on it
     (target / "mexport.json").unlink()
     assert run_step()[0] == "done"
+
+
+@pytest.mark.parametrize(
+    ("outcome", "failed", "step_status", "code"),
+    [("passed", False, "done", 0), ("inconclusive", True, "done", 4), ("failed", True, "done", 1),
+     ("inconclusive", True, "failed", 1), ("inconclusive", False, "done", 0)],
+)
+def test_pipeline_exit_code_follows_the_validation_outcome(
+    tmp_path: Path, outcome: str, failed: bool, step_status: str, code: int
+) -> None:
+    from mexport.pipeline import PipelineResult, StepRecord
+
+    result = PipelineResult(tmp_path, [StepRecord("export", step_status)], {"outcome": outcome}, failed)
+    assert result.exit_code == code

@@ -403,14 +403,3 @@ def test_tokenizer_fingerprint_matches_export_and_catches_a_changed_tokenizer(
     changed = load_tokenizer(tiny_checkpoint)
     changed.add_tokens(["<extra_token>"])
     assert tokenizer_fingerprint(changed) != reference
-
-
-def test_score_cache_round_trips_skipped_questions(tmp_path: Path) -> None:
-    from mexport.validate.runner import ScoreCache
-
-    scores = [
-        QuestionScore.from_logliks("q1", 0, [-1.0, -2.0], [1, 1]),
-        SkippedQuestion("q2", "prompt longer than the context (512 tokens)"),
-    ]
-    ScoreCache(tmp_path / "cache.jsonl", resume=False).append(["k1", "k2"], scores)
-    assert list(ScoreCache(tmp_path / "cache.jsonl", resume=True).entries.values()) == scores

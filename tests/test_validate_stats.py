@@ -13,18 +13,21 @@ from mexport.validate.stats import (
     distribution_drift,
     mcnemar_exact_p,
     paired_difference_interval,
+    resolvable_difference,
     sample_stderr,
-    single_flip_half_width,
+    tango_interval,
     wilson_interval,
     z_value,
 )
 from mexport.validate.verdict import (
     FAIL,
+    INCONCLUSIVE,
     PASS,
     SKIPPED,
     check_policy,
     margin_for,
     parity_verdict,
+    run_exit_code,
     run_fails,
 )
 
@@ -54,27 +57,72 @@ def test_sample_stderr_matches_lm_eval_convention() -> None:
     assert sample_stderr(values) == pytest.approx(expected)
 
 
-def test_paired_interval_hand_values() -> None:
-    # d = [1, 0, -1, 1, 0, 0, 0, 0, 0, 0]: mean 0.1, var(ddof=1) = (3 - 10 * 0.01) / 9
-    cand = [1, 1, 0, 1, 0, 0, 1, 0, 1, 0]
-    ref = [0, 1, 1, 0, 0, 0, 1, 0, 1, 0]
-    mean, low, high = paired_difference_interval(cand, ref)
-    half = 1.959964 * math.sqrt(2.9 / 9) / math.sqrt(10)
-    assert mean == pytest.approx(0.1)
-    assert (low, high) == pytest.approx((0.1 - half, 0.1 + half), abs=1e-6)
-    assert (low, high) == pytest.approx((-0.2518, 0.4518), abs=1e-4)
+def test_tango_interval_reproduces_published_example() -> None:
+    # Cavo et al. (2012), complete response before/after consolidation: [[59, 6], [16, 80]], n = 161. Fagerland,
+    # Lydersen & Laake, "Statistical Analysis of Contingency Tables" (2017), ch. 8: Tango score CI -0.1240 to -0.0054
+    # for p1+ - p+1 = (n12 - n21) / n; in our terms n12 are the gains (wrong->right), n21 the losses.
+    low, high = tango_interval(right_to_wrong=16, wrong_to_right=6, n=161)
+    assert (low, high) == pytest.approx((-0.1240, -0.0054), abs=5e-5)
+    # mirror image: swapping gains and losses mirrors the interval
+    assert tango_interval(6, 16, 161) == pytest.approx((0.0054, 0.1240), abs=5e-5)
 
 
-def test_paired_interval_identical_collapses_and_single_flip_resolution() -> None:
-    same = [1, 0, 1, 1] * 10
-    assert paired_difference_interval(same, same) == (0.0, 0.0, 0.0)
-    flipped = list(same)
-    flipped[0] = 0  # one right->wrong among 40
-    mean, _, high = paired_difference_interval(flipped, same)
-    assert mean == pytest.approx(-1 / 40)
-    assert high - mean == pytest.approx(single_flip_half_width(40))
-    assert single_flip_half_width(40) == pytest.approx(z_value() / 40)
-    assert paired_difference_interval([1], [0]) == (1.0, -1.0, 1.0)
+def test_zero_flips_on_six_questions_is_wide_not_zero() -> None:
+    same = [1, 0, 1, 1, 0, 1]
+    mean, low, high = paired_difference_interval(same, same)
+    z2 = z_value() ** 2
+    assert mean == 0.0
+    assert (low, high) == pytest.approx((-z2 / (6 + z2), z2 / (6 + z2)), abs=1e-9)
+    assert high == pytest.approx(0.3903, abs=1e-4)
+    assert resolvable_difference(6) == pytest.approx(high)
+    # the resolvable difference shrinks like 1/n: ±1 point needs about 380 questions with no flip
+    assert resolvable_difference(380) > 0.01 > resolvable_difference(381)
+
+
+def test_tango_interval_edges() -> None:
+    assert paired_difference_interval([], []) == (0.0, -1.0, 1.0)
+    low, high = tango_interval(6, 0, 6)  # every question lost
+    assert low == -1.0 and -1.0 < high < 0.0
+    low, high = tango_interval(0, 1, 40)  # one gain in 40: the interval covers 0 and is skewed upwards
+    assert low < 0.0 < 1 / 40 < high and high > -low
+    with pytest.raises(ValueError, match="do not fit"):
+        tango_interval(30, 20, 40)
+
+
+def _wald_interval(losses: int, gains: int, n: int) -> tuple[float, float]:
+    """The paired Wald interval this module used before (mean ± z·sd/sqrt(n), ddof=1): [0, 0] with no flip."""
+    d = [-1.0] * losses + [1.0] * gains + [0.0] * (n - losses - gains)
+    mean = sum(d) / n
+    half = z_value() * math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1)) / math.sqrt(n)
+    return (mean - half, mean + half)
+
+
+def _exact_coverage(interval, n: int, p_loss: float, p_gain: float) -> float:
+    """P(CI covers the true difference) summed exactly over the trinomial of (losses, gains, ties)."""
+    from scipy.stats import multinomial
+
+    truth = p_gain - p_loss
+    coverage = 0.0
+    for losses in range(n + 1):
+        for gains in range(n + 1 - losses):
+            low, high = interval(losses, gains, n)
+            if low - 1e-12 <= truth <= high + 1e-12:
+                coverage += multinomial.pmf(
+                    [losses, gains, n - losses - gains], n, [p_loss, p_gain, 1 - p_loss - p_gain]
+                )
+    return coverage
+
+
+@pytest.mark.parametrize(("p_loss", "p_gain"), [(0.02, 0.02), (0.05, 0.0), (0.1, 0.05)])
+def test_tango_coverage_near_nominal_on_small_samples(p_loss: float, p_gain: float) -> None:
+    # a candidate that rarely flips answers, scored on 30 questions: the score interval keeps about 95% coverage
+    assert _exact_coverage(tango_interval, 30, p_loss, p_gain) >= 0.93
+
+
+def test_wald_interval_undercovers_a_rare_one_sided_loss() -> None:
+    # 5% of answers lost, none gained, 30 questions: no flip at all 21% of the time, and Wald then says [0, 0]
+    assert _exact_coverage(_wald_interval, 30, 0.05, 0.0) < 0.80
+    assert _exact_coverage(tango_interval, 30, 0.05, 0.0) >= 0.93
 
 
 def test_choice_kl() -> None:
@@ -112,26 +160,34 @@ def test_compare_metric_counts_flips() -> None:
     assert metric.agreement == pytest.approx(5 / 8)
 
 
-def test_verdict_identical_passes() -> None:
-    correct = [1, 0, 1, 1, 0] * 8
+def test_verdict_identical_on_a_large_set_passes() -> None:
+    correct = [1, 0, 1, 1, 0] * 80  # 400 questions, no flip: CI ±0.95 pts, inside ±1
     verdict = parity_verdict([_metric(correct, correct)], margin_points=1.0, agreement_floor=0.9)
     assert verdict.status == PASS and verdict.reasons == ()
+
+
+def test_verdict_zero_flips_on_a_small_set_is_inconclusive_not_pass() -> None:
+    correct = [1, 0, 1, 1, 0, 1]
+    verdict = parity_verdict([_metric(correct, correct)], margin_points=1.0, agreement_floor=0.9)
+    assert verdict.status == INCONCLUSIVE
+    assert verdict.reasons == ("paired CI [-39.03, +39.03] pts crosses ±1 (6 questions resolve ±39.03 at best)",)
 
 
 def test_verdict_all_flips_fails_with_both_reasons() -> None:
     verdict = parity_verdict([_metric([1] * 40, [0] * 40)], margin_points=1.0, agreement_floor=0.9)
     assert verdict.status == FAIL
-    assert verdict.reasons == ("paired CI [-100.00, -100.00] pts leaves ±1", "agreement 0.00 < 0.90")
+    assert verdict.reasons == ("paired CI [-100.00, -82.48] pts lies outside ±1", "agreement 0.00 < 0.90")
 
 
-def test_verdict_single_flip_on_small_set_fails_on_ci_only() -> None:
-    ref = [1] * 40
-    cand = [0] + [1] * 39
-    verdict = parity_verdict([_metric(ref, cand)], margin_points=1.0, agreement_floor=0.9)
-    assert verdict.status == FAIL
-    assert len(verdict.reasons) == 1 and verdict.reasons[0].startswith("paired CI [-7.40, +2.40]")
-    # a margin wider than the set's resolution lets the same candidate pass
-    assert parity_verdict([_metric(ref, cand)], margin_points=8.0, agreement_floor=0.9).status == PASS
+def test_verdict_fails_only_when_the_ci_excludes_the_margin() -> None:
+    ref = [1] * 200
+    lost_20 = [0] * 20 + [1] * 180  # 10 points lost: CI about [-15, -6]
+    verdict = parity_verdict([_metric(ref, lost_20)], margin_points=5.0, agreement_floor=0.8)
+    assert verdict.status == FAIL and "lies outside ±5" in verdict.reasons[0]
+    lost_8 = [0] * 8 + [1] * 192  # 4 points lost: CI crosses -5
+    assert parity_verdict([_metric(ref, lost_8)], margin_points=5.0, agreement_floor=0.8).status == INCONCLUSIVE
+    lost_1 = [0] + [1] * 199  # CI [-2.8, +1.4]: inside ±5
+    assert parity_verdict([_metric(ref, lost_1)], margin_points=5.0, agreement_floor=0.8).status == PASS
 
 
 def test_verdict_agreement_floor_catches_same_score_different_answers() -> None:
@@ -140,15 +196,15 @@ def test_verdict_agreement_floor_catches_same_score_different_answers() -> None:
     ref_pred = [1] * 40
     cand_pred = [2] * 8 + [1] * 32
     metric = _metric(correct, correct, ref_pred, cand_pred)
-    assert metric.delta_ci == (0.0, 0.0)
-    verdict = parity_verdict([metric], margin_points=1.0, agreement_floor=0.9)
+    assert metric.delta == 0.0
+    verdict = parity_verdict([metric], margin_points=10.0, agreement_floor=0.9)
     assert verdict.status == FAIL and verdict.reasons == ("agreement 0.80 < 0.90",)
-    assert parity_verdict([metric], margin_points=1.0, agreement_floor=0.8).status == PASS
+    assert parity_verdict([metric], margin_points=10.0, agreement_floor=0.8).status == PASS
 
 
 def test_verdict_checks_acc_norm_too() -> None:
-    good = _metric([1, 0] * 20, [1, 0] * 20)
-    bad_norm = _metric([1] * 40, [0] * 40, name="acc_norm")
+    good = _metric([1, 0] * 200, [1, 0] * 200)
+    bad_norm = _metric([1] * 400, [0] * 400, name="acc_norm")
     verdict = parity_verdict([good, bad_norm], margin_points=1.0, agreement_floor=0.9)
     assert verdict.status == FAIL
     assert all(reason.startswith("acc_norm ") for reason in verdict.reasons)
@@ -166,6 +222,25 @@ def test_fail_on_policy() -> None:
     assert run_fails([PASS, SKIPPED], "any") is True
     assert run_fails([PASS, FAIL], "parity") is True
     assert run_fails([FAIL, SKIPPED], "never") is False
+    assert run_fails([PASS, INCONCLUSIVE], "parity") is False
+    assert run_fails([PASS, INCONCLUSIVE], "inconclusive") is True
+
+
+@pytest.mark.parametrize(
+    ("statuses", "fail_on", "code"),
+    [
+        ([PASS, PASS], "inconclusive", 0),
+        ([PASS, INCONCLUSIVE], "inconclusive", 4),
+        ([PASS, INCONCLUSIVE], "any", 4),
+        ([PASS, INCONCLUSIVE], "parity", 0),
+        ([FAIL, INCONCLUSIVE], "inconclusive", 1),  # a fail outranks an inconclusive
+        ([FAIL, INCONCLUSIVE], "never", 0),
+        ([SKIPPED, INCONCLUSIVE], "any", 1),
+        ([SKIPPED], "inconclusive", 0),
+    ],
+)
+def test_run_exit_code(statuses: list[str], fail_on: str, code: int) -> None:
+    assert run_exit_code(statuses, fail_on) == code
 
 
 @pytest.mark.parametrize(
@@ -183,7 +258,21 @@ def test_check_policy_rejects_nonsense(margin, floor, fail_on, recipe_margins, m
 
 
 def test_verdict_fails_a_candidate_with_non_finite_logliks_even_at_equal_accuracy() -> None:
-    correct = [1] * 30 + [0] * 10
+    correct = [1] * 300 + [0] * 100
     verdict = parity_verdict([_metric(correct, correct)], margin_points=1.0, agreement_floor=0.9, non_finite=2)
     assert verdict.status == "fail"
     assert verdict.reasons == ("2 question(s) with non-finite log-likelihoods (NaN/inf)",)
+
+
+def test_one_log_softmax_for_scoring_quantize_report_and_stats() -> None:
+    import numpy as np
+
+    from mexport import numerics
+    from mexport.optimize.quantize import report
+    from mexport.validate import scoring, stats
+
+    assert scoring.log_softmax is report.log_softmax is stats.log_softmax is numerics.log_softmax
+    rows = np.array([[1000.0, 1000.0], [0.0, math.log(3.0)]], dtype=np.float32)  # would overflow without the shift
+    expected = [[math.log(0.5), math.log(0.5)], [math.log(0.25), math.log(0.75)]]
+    assert numerics.log_softmax(rows) == pytest.approx(np.array(expected), abs=1e-6)
+    assert numerics.log_softmax(rows).dtype == np.float64

@@ -9,6 +9,7 @@ from rich.table import Table
 
 from mexport.cli import app, emit_json, exit_with, json_option, parse_assignments, parse_margins
 from mexport.console import console
+from mexport.validate.verdict import FAIL_ON_HELP
 
 
 @app.command("pipeline")
@@ -37,14 +38,14 @@ def pipeline(
     target: str | None = typer.Option(None, "--target", help="Deployment GPU for the memory check, e.g. h100-80gb."),
     gpu_memory: float | None = typer.Option(None, "--gpu-memory", help="Deployment GPU memory in GB."),
     tasks: str | None = typer.Option(None, "--tasks", help="Comma-separated: medmcqa,medqa,pubmedqa,afrimedqa."),
-    data: list[str] | None = typer.Option(None, "--data", help="TASK=FILE (or TASK=sample), repeatable."),
+    data: list[str] | None = typer.Option(None, "--data", help="TASK=FILE (or TASK=sample, TASK=demo), repeatable."),
     limit: int | None = typer.Option(None, "--limit", help="Questions per task."),
     seed: int | None = typer.Option(None, "--seed", help="Sampling seed for --limit."),
     device: str | None = typer.Option(None, "--backend-device", help="Scoring device: cpu or cuda."),
     margin: float | None = typer.Option(None, "--margin", help="Parity margin in accuracy points."),
     margin_for: list[str] | None = typer.Option(None, "--margin-for", help="RECIPE=POINTS margin, repeatable."),
     agreement_floor: float | None = typer.Option(None, "--agreement-floor", help="Least answer agreement."),
-    fail_on: str | None = typer.Option(None, "--fail-on", help="parity, any or never."),
+    fail_on: str | None = typer.Option(None, "--fail-on", help=FAIL_ON_HELP),
     force: bool = typer.Option(False, "--force", help="Redo every step even when its output is up to date."),
     as_json: bool = json_option(),
 ) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from mexport.cli import app, emit_json, exit_with, json_option, parse_assignments, parse_margins
+from mexport.validate.verdict import DEFAULT_FAIL_ON, FAIL_ON_HELP
 
 
 @app.command("validate")
@@ -20,7 +21,9 @@ def validate_command(
     ),
     include_path: Path | None = typer.Option(None, "--include-path", help="Directory of extra lm-eval task YAMLs."),
     data: list[str] = typer.Option(
-        [], "--data", help="TASK=FILE: read TASK from a local .jsonl/.json/.parquet in its schema ('sample' ships)."
+        [],
+        "--data",
+        help="TASK=FILE (.jsonl/.json/.parquet in the dataset's schema), or TASK=sample (40) / TASK=demo (200).",
     ),
     output: Path = typer.Option(..., "-o", "--output", help="Report directory (report.json/.md, junit.xml, png)."),
     limit: int | None = typer.Option(None, "--limit", help="Score a seeded random subset of N questions per task."),
@@ -30,14 +33,16 @@ def validate_command(
     margin: float = typer.Option(1.0, "--margin", help="Parity margin in accuracy points (paired 95% CI)."),
     margin_for: list[str] = typer.Option([], "--margin-for", help="RECIPE=POINTS: margin for one quantize recipe."),
     agreement_floor: float = typer.Option(0.90, "--agreement-floor", help="Minimum share of identical answers."),
-    fail_on: str = typer.Option(
-        "parity", "--fail-on", help="Exit 1 on: parity (a FAIL), any (FAIL or skipped), never."
-    ),
+    fail_on: str = typer.Option(DEFAULT_FAIL_ON, "--fail-on", help=FAIL_ON_HELP),
     batch_size: int = typer.Option(8, "--batch-size", help="Questions per batched forward."),
     no_resume: bool = typer.Option(False, "--no-resume", help="Ignore scores cached in REPORT_DIR/.cache."),
     as_json: bool = json_option(),
 ) -> None:
-    """Prove MCQ accuracy parity: paired CIs, McNemar, agreement and KL per task; exit 1 when parity fails."""
+    """Prove MCQ accuracy parity: paired CIs, McNemar, agreement and KL per task.
+
+    Exit 0 when every verdict passes, 1 when parity fails, 4 when the questions cannot resolve the margin
+    (inconclusive; see --fail-on).
+    """
     from mexport import console
     from mexport.validate import validate
 

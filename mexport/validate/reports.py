@@ -1,7 +1,8 @@
-"""The validation report and its renderings for CI: report.json, report.md, junit.xml, accuracy.png.
+"""The validation report and its renderings for CI: report.json, report.md, junit.xml, accuracy.png, parity.png.
 
 Every file is a pure function of the report, and the report of the inputs: the same run gives the same bytes
-except for ``created`` in report.json (the only timestamp). Files are written atomically (temp file + rename).
+except for ``created`` and the measured scoring speed (``speed`` in report.json, the speed table in report.md).
+Files are written atomically (temp file + rename).
 """
 
 from __future__ import annotations
@@ -14,21 +15,63 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mexport.errors import EXIT_CHECK_FAILED, EXIT_OK
 from mexport.fsutil import replace_files_as_set
-from mexport.validate.stats import CONFIDENCE, MetricComparison, single_flip_half_width, wilson_interval
-from mexport.validate.verdict import FAIL, PASS, SKIPPED, Verdict, points, run_fails
+from mexport.validate.stats import CONFIDENCE, MetricComparison, resolvable_difference, wilson_interval
+from mexport.validate.verdict import (
+    DEFAULT_FAIL_ON,
+    FAIL,
+    INCONCLUSIVE,
+    PASS,
+    SKIPPED,
+    Verdict,
+    points,
+    run_exit_code,
+    run_fails,
+)
 
-REPORT_FILES = ("report.json", "report.md", "junit.xml", "accuracy.png")
+REPORT_FILES = ("report.json", "report.md", "junit.xml", "accuracy.png", "parity.png")
 REFERENCE_LABEL = "reference"
 METHODS = {
     "accuracy_ci": f"Wilson score interval, {CONFIDENCE:.0%}",
-    "delta_ci": f"paired Wald interval on d_i = correct_cand - correct_ref (mean ± z·sd/sqrt(n), ddof=1), "
-    f"{CONFIDENCE:.0%}; [0, 0] when no question flips",
+    "delta_ci": f"Tango's asymptotic score interval for the difference of paired proportions, {CONFIDENCE:.0%} "
+    "(Tango 1998, Statistics in Medicine 17:891-908): inverts the score test with the restricted ML variance; "
+    "valid with zero or few flipped questions (±z²/(n+z²) when none flips)",
+    "resolvable_difference": "half-width of the paired CI when no question flips, z²/(n+z²): the smallest "
+    "difference (and margin) these questions can resolve",
     "mcnemar": "exact two-sided binomial test of b (right->wrong) vs b+c at 0.5; 1.0 when b+c = 0",
     "kl": "mean over questions of KL(ref || cand) between softmax distributions over the choices' log-likelihoods",
-    "verdict": "PASS when every metric's paired delta CI lies within ±margin points and its answer agreement >= floor",
+    "verdict": "PASS when every metric's paired delta CI lies within ±margin points and its answer agreement >= floor; "
+    "FAIL when a CI lies entirely outside ±margin, agreement < floor or a log-likelihood is not finite; "
+    "INCONCLUSIVE when a CI crosses ±margin",
+    "speed": "wall time of the scoring calls of this run (model loading and cached questions excluded); tokens = "
+    "prompt tokens + every choice's continuation tokens",
 }
+
+
+@dataclass(frozen=True)
+class ScoringSpeed:
+    """How fast one backend scored the questions it scored in this run (cached questions are not counted)."""
+
+    seconds: float
+    questions: int
+    tokens: int
+
+    @property
+    def questions_per_second(self) -> float:
+        return self.questions / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, float]:
+        return {
+            "seconds": round(self.seconds, 3),
+            "questions": self.questions,
+            "tokens": self.tokens,
+            "questions_per_second": round(self.questions_per_second, 2),
+            "tokens_per_second": round(self.tokens_per_second, 1),
+        }
 
 
 @dataclass(frozen=True)
@@ -60,6 +103,12 @@ class TaskInfo:
     metrics: tuple[str, ...] = ("acc",)
 
 
+def is_scored(entry: Any) -> bool:
+    """A per-question entry is a score (``QuestionScore``) or a question the scorer declined with a ``reason``
+    (``scoring.SkippedQuestion``, e.g. a prompt longer than the runtime's context): only scores have logliks."""
+    return hasattr(entry, "logliks")
+
+
 @dataclass(frozen=True)
 class ParityResult:
     """One candidate on one task against the reference."""
@@ -72,6 +121,8 @@ class ParityResult:
     metrics: tuple[MetricComparison, ...] = ()
     mean_kl: float | None = None
     max_abs_loglik_delta: float | None = None
+    # reason -> questions left out of the comparison because this candidate or the reference declined them
+    skipped_questions: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -83,10 +134,12 @@ class ValidationReport:
     results: list[ParityResult]
     # task -> backend label -> per-question scores (QuestionScore), in the task's question order
     scores: dict[str, dict[str, list[Any]]]
+    # backend label -> scoring speed in this run (absent when every question came from the cache)
+    speed: dict[str, ScoringSpeed] = field(default_factory=dict)
 
     @property
     def fail_on(self) -> str:
-        return str(self.settings.get("fail_on", "parity"))
+        return str(self.settings.get("fail_on", DEFAULT_FAIL_ON))
 
     @property
     def failed(self) -> bool:
@@ -95,8 +148,13 @@ class ValidationReport:
 
     @property
     def exit_code(self) -> int:
-        """The CLI's exit code for this run (see :mod:`mexport.errors`)."""
-        return EXIT_CHECK_FAILED if self.failed else EXIT_OK
+        """The CLI's exit code for this run: 1 failed parity, 4 only inconclusive under ``fail_on``, else 0."""
+        return run_exit_code((r.verdict.status for r in self.results), self.fail_on)
+
+    @property
+    def outcome(self) -> str:
+        """One word for the run: PASSED, FAILED or INCONCLUSIVE (under its ``fail_on`` policy)."""
+        return {1: "FAILED", 4: "INCONCLUSIVE"}.get(self.exit_code, "PASSED")
 
     def backend(self, label: str) -> BackendInfo:
         return next(b for b in self.backends if b.label == label)
@@ -110,6 +168,7 @@ class ValidationReport:
                 "candidate": result.candidate,
                 "verdict": result.verdict.status,
                 "reasons": list(result.verdict.reasons),
+                "skipped_questions": dict(sorted(result.skipped_questions.items())),
             }
             if result.metrics:
                 acc = result.metrics[0]
@@ -118,11 +177,18 @@ class ValidationReport:
                     candidate_acc=acc.candidate_acc,
                     delta=acc.delta,
                     delta_ci=list(acc.delta_ci),
+                    resolvable_difference=resolvable_difference(acc.n),
                     agreement=acc.agreement,
                     mean_kl=result.mean_kl,
                 )
             rows.append(row)
-        return {"failed": self.failed, "fail_on": self.fail_on, "results": rows}
+        return {
+            "failed": self.failed,
+            "outcome": self.outcome.lower(),
+            "fail_on": self.fail_on,
+            "results": rows,
+            "speed": {label: speed.to_dict() for label, speed in self.speed.items()},
+        }
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -131,7 +197,9 @@ class ValidationReport:
             "settings": self.settings,
             "methods": METHODS,
             "failed": self.failed,
+            "outcome": self.outcome.lower(),
             "backends": [asdict(b) for b in self.backends],
+            "speed": {label: speed.to_dict() for label, speed in self.speed.items()},
             "tasks": {t.name: _task_dict(t, self.scores.get(t.name, {})) for t in self.tasks},
             "results": [_result_dict(r) for r in self.results],
         }
@@ -141,24 +209,24 @@ def _task_dict(task: TaskInfo, scores: dict[str, list[Any]]) -> dict[str, Any]:
     """Dataset provenance plus every question with every backend's log-likelihoods."""
     labels = list(scores)
     questions = []
-    for index, first in enumerate(scores[labels[0]] if labels else []):
-        questions.append(
-            {
-                "doc_id": first.doc_id,
-                "gold": first.gold,
-                "choice_chars": list(first.choice_chars),
-                "backends": {
-                    label: {
-                        "logliks": list(scores[label][index].logliks),
-                        "pred": scores[label][index].pred,
-                        "pred_norm": scores[label][index].pred_norm,
-                        "acc": scores[label][index].acc,
-                        "acc_norm": scores[label][index].acc_norm,
-                    }
-                    for label in labels
-                },
+    for entries in zip(*(scores[label] for label in labels)):
+        scored = [entry for entry in entries if is_scored(entry)]
+        question: dict[str, Any] = {"doc_id": entries[0].doc_id}
+        if scored:
+            question.update(gold=scored[0].gold, choice_chars=list(scored[0].choice_chars))
+        question["backends"] = {
+            label: {
+                "logliks": list(entry.logliks),
+                "pred": entry.pred,
+                "pred_norm": entry.pred_norm,
+                "acc": entry.acc,
+                "acc_norm": entry.acc_norm,
             }
-        )
+            if is_scored(entry)
+            else {"skipped": entry.reason}
+            for label, entry in zip(labels, entries, strict=True)
+        }
+        questions.append(question)
     return {
         "source": task.source,
         "source_sha256": task.source_sha256,
@@ -167,7 +235,7 @@ def _task_dict(task: TaskInfo, scores: dict[str, list[Any]]) -> dict[str, Any]:
         "total_rows": task.total_rows,
         "skipped": dict(sorted(task.skipped.items())),
         "metrics": list(task.metrics),
-        "single_flip_ci_half_width_points": points(single_flip_half_width(task.n_items)),
+        "resolvable_difference_points": points(resolvable_difference(task.n_items)),
         "questions": questions,
     }
 
@@ -182,6 +250,7 @@ def _result_dict(result: ParityResult) -> dict[str, Any]:
         "agreement_floor": result.agreement_floor,
         "mean_kl": result.mean_kl,
         "max_abs_loglik_delta": result.max_abs_loglik_delta,
+        "skipped_questions": dict(sorted(result.skipped_questions.items())),
         "metrics": {m.metric: asdict(m) for m in result.metrics},
     }
 
@@ -196,6 +265,7 @@ def write_reports(report: ValidationReport, out_dir: Path) -> dict[str, Path]:
         "report.md": render_markdown(report).encode(),
         "junit.xml": render_junit(report),
         "accuracy.png": render_accuracy_png(report),
+        "parity.png": render_parity_png(report),
     }
     return replace_files_as_set(Path(out_dir), rendered)
 
@@ -213,13 +283,12 @@ def _interval(ci: Sequence[float], signed: bool = False) -> str:
     return f"[{fmt.format(points(ci[0]))}, {fmt.format(points(ci[1]))}]"
 
 
-_VERDICT_MARK = {PASS: "✅ PASS", FAIL: "❌ FAIL", SKIPPED: "⏭️ SKIPPED"}
+_VERDICT_MARK = {PASS: "✅ PASS", FAIL: "❌ FAIL", INCONCLUSIVE: "❔ INCONCLUSIVE", SKIPPED: "⏭️ SKIPPED"}
 
 
 def render_markdown(report: ValidationReport) -> str:
     """A summary for humans and $GITHUB_STEP_SUMMARY: one table per task and metric, then skipped backends."""
     settings = report.settings
-    overall = "FAILED" if report.failed else "PASSED"
     recipe_margins = "".join(
         f", {recipe} ±{points_:g}" for recipe, points_ in settings.get("recipe_margins", {}).items()
     )
@@ -227,7 +296,7 @@ def render_markdown(report: ValidationReport) -> str:
         "# mexport parity report",
         "",
         (
-            f"**Result: {overall}** (fail-on `{report.fail_on}`; margin ±{settings.get('margin_points', 0):g} pts{recipe_margins}, "
+            f"**Result: {report.outcome}** (fail-on `{report.fail_on}`; margin ±{settings.get('margin_points', 0):g} pts{recipe_margins}, "
             f"agreement floor {settings.get('agreement_floor', 0):.2f}, {settings.get('shots', 0)}-shot)"
         ),
         "",
@@ -238,17 +307,16 @@ def render_markdown(report: ValidationReport) -> str:
             for b in report.backends
         ),
         "",
+        *_speed_lines(report),
     ]
     for task in report.tasks:
         lines += [f"## {task.name}", "", _task_provenance(task, float(settings.get("margin_points", 0))), ""]
         results = [r for r in report.results if r.task == task.name]
         for metric_name in task.metrics:
             lines += _metric_table(report, task, metric_name, results)
-        skipped = [r for r in results if r.verdict.status == SKIPPED]
-        for result in skipped:
-            lines.append(f"- skipped `{result.candidate}`: {result.verdict.message}")
-        if skipped:
-            lines.append("")
+        notes = [f"- skipped `{r.candidate}`: {r.verdict.message}" for r in results if r.verdict.status == SKIPPED]
+        notes += [f"- `{r.candidate}`: {_declined_text(r)} not compared" for r in results if r.skipped_questions]
+        lines += [*notes, ""] if notes else []
     lines += [
         "## Method",
         "",
@@ -258,13 +326,37 @@ def render_markdown(report: ValidationReport) -> str:
     return "\n".join(lines)
 
 
+def _declined_text(result: ParityResult) -> str:
+    """ "3 questions (2 prompt 700 tokens > context 512, 1 ...)": the questions a result leaves out, by reason."""
+    reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(result.skipped_questions.items()))
+    return f"{sum(result.skipped_questions.values())} question(s) ({reasons})"
+
+
+def _speed_lines(report: ValidationReport) -> list[str]:
+    """The scoring-speed table (wall time of this run's scoring calls per backend)."""
+    if not report.speed:
+        return []
+    return [
+        "**Scoring speed** (wall time of this run's scoring calls; model loading and cached questions excluded)",
+        "",
+        "| backend | scoring time (s) | questions | questions/s | tokens/s |",
+        "| --- | --- | --- | --- | --- |",
+        *(
+            f"| {label} | {speed.seconds:.1f} | {speed.questions} | {speed.questions_per_second:.1f} "
+            f"| {speed.tokens_per_second:.0f} |"
+            for label, speed in report.speed.items()
+        ),
+        "",
+    ]
+
+
 def _task_provenance(task: TaskInfo, margin_points: float) -> str:
-    """Where the questions came from, and how finely this many questions can resolve a difference."""
+    """Where the questions came from, and the smallest difference this many questions can resolve."""
     dropped = ", ".join(f"{count} {reason}" for reason, count in sorted(task.skipped.items())) or "none"
-    flip = points(single_flip_half_width(task.n_items))
-    resolution = f"One flipped question widens the paired CI to ±{flip:.1f} pts at this size"
-    if flip > margin_points:
-        resolution += f", more than the ±{margin_points:g} margin: only a candidate with no flips can pass here"
+    resolvable = points(resolvable_difference(task.n_items))
+    resolution = f"Resolvable difference: ±{resolvable:.2f} pts (the paired CI when no question flips)"
+    if resolvable > margin_points:
+        resolution += f", wider than the ±{margin_points:g} margin: at that margin the verdict can only be inconclusive"
     return (
         f"{task.n_items} questions from `{task.source}` (questions sha256 `{task.items_sha256[:12]}`); "
         f"rows dropped: {dropped}. {resolution}."
@@ -304,8 +396,8 @@ def summary_table(report: ValidationReport) -> Any:
     from rich.table import Table
     from rich.text import Text
 
-    colours = {PASS: "green", FAIL: "red", SKIPPED: "yellow"}
-    table = Table(title=f"parity vs {REFERENCE_LABEL}: {'FAILED' if report.failed else 'PASSED'}", box=box.SIMPLE_HEAD)
+    colours = {PASS: "green", FAIL: "red", INCONCLUSIVE: "magenta", SKIPPED: "yellow"}
+    table = Table(title=f"parity vs {REFERENCE_LABEL}: {report.outcome}", box=box.SIMPLE_HEAD)
     for column in ("task", "candidate", "acc ref→cand", "Δ pts (paired CI)", "b/c", "agree", "verdict"):
         table.add_column(column, no_wrap=True)
     for result in report.results:
@@ -328,25 +420,51 @@ def summary_table(report: ValidationReport) -> Any:
         for r in report.results
         if r.verdict.reasons
     ]
+    reasons += [
+        Text(f"NOT COMPARED {r.task} · {r.candidate}: {_declined_text(r)}")
+        for r in report.results
+        if r.skipped_questions
+    ]
+    if report.speed:
+        rates = ", ".join(
+            f"{label} {speed.questions_per_second:.1f} q/s ({speed.tokens_per_second:.0f} tok/s)"
+            for label, speed in report.speed.items()
+        )
+        reasons.append(Text(f"scoring speed: {rates}"))
     return Group(table, *reasons)
+
+
+def _junit_kind(status: str, fail_on: str) -> str | None:
+    """JUnit element of a verdict: "failure" when it fails the run (a skipped backend stays "skipped"), "skipped"
+    for any other verdict that is not a pass (e.g. inconclusive under ``--fail-on parity``), None for a pass."""
+    if status == PASS:
+        return None
+    return "failure" if status != SKIPPED and run_fails([status], fail_on) else "skipped"
 
 
 def render_junit(report: ValidationReport) -> bytes:
     """One testcase per task × candidate (classname mexport.parity.<task>); failure text says why."""
-    failures = sum(r.verdict.status == FAIL for r in report.results)
-    skipped = sum(r.verdict.status == SKIPPED for r in report.results)
-    counts = {"tests": str(len(report.results)), "failures": str(failures), "errors": "0", "skipped": str(skipped)}
+    kinds = [_junit_kind(r.verdict.status, report.fail_on) for r in report.results]
+    counts = {
+        "tests": str(len(report.results)),
+        "failures": str(kinds.count("failure")),
+        "errors": "0",
+        "skipped": str(kinds.count("skipped")),
+    }
     suites = ET.Element("testsuites", {"name": "mexport.parity", **counts})
     suite = ET.SubElement(suites, "testsuite", {"name": "mexport.parity", **counts})
-    for result in report.results:
+    for result, kind in zip(report.results, kinds, strict=True):
         case = ET.SubElement(
             suite, "testcase", {"classname": f"mexport.parity.{result.task}", "name": result.candidate, "time": "0"}
         )
-        if result.verdict.status == FAIL:
-            failure = ET.SubElement(case, "failure", {"message": result.verdict.message, "type": "ParityFailure"})
+        status = result.verdict.status
+        if kind == "failure":
+            kind_name = "ParityInconclusive" if status == INCONCLUSIVE else "ParityFailure"
+            failure = ET.SubElement(case, "failure", {"message": result.verdict.message, "type": kind_name})
             failure.text = _junit_details(result)
-        elif result.verdict.status == SKIPPED:
-            ET.SubElement(case, "skipped", {"message": result.verdict.message})
+        elif kind == "skipped":
+            message = result.verdict.message if status == SKIPPED else f"{status}: {result.verdict.message}"
+            ET.SubElement(case, "skipped", {"message": message})
         else:
             out = ET.SubElement(case, "system-out")
             out.text = _junit_details(result)
@@ -358,7 +476,8 @@ def _junit_details(result: ParityResult) -> str:
     return "\n".join(
         f"{m.metric}: ref {_pct(m.reference_acc)} cand {_pct(m.candidate_acc)} delta {points(m.delta):+.2f} "
         f"{_interval(m.delta_ci, signed=True)} flips {m.right_to_wrong}/{m.wrong_to_right} "
-        f"McNemar p {m.mcnemar_p:.3g} agreement {m.agreement:.3f}"
+        f"McNemar p {m.mcnemar_p:.3g} agreement {m.agreement:.3f} "
+        f"(n={m.n}: resolvable difference ±{points(resolvable_difference(m.n)):.2f} pts)"
         for m in result.metrics
     )
 
@@ -393,6 +512,59 @@ def render_accuracy_png(report: ValidationReport) -> bytes:
     axes.set_ylabel(f"accuracy (%), {CONFIDENCE:.0%} Wilson CI")
     axes.grid(axis="y", alpha=0.3)
     axes.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=min(3, len(labels)))
+    return _png_bytes(figure)
+
+
+_VERDICT_COLOURS = {PASS: "tab:green", FAIL: "tab:red", INCONCLUSIVE: "tab:orange"}
+_MARKERS = ("o", "s", "D", "^", "v", "P", "X", "*")
+
+
+def render_parity_png(report: ValidationReport) -> bytes:
+    """Each candidate's paired acc difference with its CI against its ±margin band (grey), per task: the verdict
+    picture. Marker = candidate, colour = verdict (green pass, red fail, orange inconclusive); skipped candidates
+    are left out."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    labels = [b.label for b in report.backends if b.role == "candidate" and b.skip_reason is None]
+    task_names = [t.name for t in report.tasks]
+    figure = Figure(figsize=(max(5.0, 1.6 * len(task_names) + 2.0), 4.2 + 0.25 * ((len(labels) + 3) // 4)), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    width = 0.8 / max(1, len(labels))
+    results = {(r.task, r.candidate): r for r in report.results}
+    for index, task in enumerate(task_names):
+        for offset, label in enumerate(labels):
+            result = results.get((task, label))
+            if result is None or not result.metrics:
+                continue
+            x = index - 0.4 + width * (offset + 0.5)
+            acc = result.metrics[0]
+            axes.bar(x, 2 * result.margin_points, width * 0.9, bottom=-result.margin_points, color="0.88", zorder=1)
+            delta, (low, high) = points(acc.delta), (points(acc.delta_ci[0]), points(acc.delta_ci[1]))
+            colour = _VERDICT_COLOURS.get(result.verdict.status, "tab:gray")
+            marker = _MARKERS[offset % len(_MARKERS)]
+            axes.errorbar(
+                [x], [delta], yerr=[[delta - low], [high - delta]], fmt=marker, capsize=3, color=colour, zorder=3
+            )
+    axes.axhline(0.0, color="0.4", linewidth=0.8, zorder=2)
+    axes.set_xticks(range(len(task_names)), task_names)
+    axes.set_xlim(-0.6, len(task_names) - 0.4)
+    axes.set_ylabel(f"Δ acc vs reference (pts), {CONFIDENCE:.0%} Tango CI")
+    axes.grid(axis="y", alpha=0.3)
+    legend = [
+        Line2D([], [], marker=_MARKERS[i % len(_MARKERS)], linestyle="", color="0.3", label=label)
+        for i, label in enumerate(labels)
+    ]
+    legend += [Line2D([], [], marker="o", linestyle="", color=c, label=s) for s, c in _VERDICT_COLOURS.items()]
+    legend.append(Line2D([], [], linewidth=8, color="0.88", label="±margin"))
+    axes.legend(handles=legend, fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=4)
+    return _png_bytes(figure)
+
+
+def _png_bytes(figure: Any) -> bytes:
+    """PNG bytes of a laid-out figure, without the Software metadata (so the bytes do not carry a version)."""
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", metadata={"Software": None})
@@ -403,7 +575,7 @@ def accuracy_of(
     report: ValidationReport, task: str, label: str, metric: str = "acc"
 ) -> tuple[float, tuple[float, float]] | None:
     """A backend's accuracy and Wilson CI on a task, from its per-question scores (None when not scored)."""
-    scores = report.scores.get(task, {}).get(label)
+    scores = [entry for entry in report.scores.get(task, {}).get(label, []) if is_scored(entry)]
     if not scores:
         return None
     right = sum(int(getattr(score, metric)) for score in scores)

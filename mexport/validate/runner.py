@@ -12,6 +12,8 @@ import functools
 import hashlib
 import json
 import math
+import time
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,13 +27,16 @@ from mexport.validate.reports import (
     REPORT_FILES,
     BackendInfo,
     ParityResult,
+    ScoringSpeed,
     TaskInfo,
     ValidationReport,
+    is_scored,
     write_reports,
 )
 from mexport.validate.stats import compare_metric, distribution_drift
 from mexport.validate.verdict import (
     DEFAULT_AGREEMENT_FLOOR,
+    DEFAULT_FAIL_ON,
     DEFAULT_MARGIN_POINTS,
     check_policy,
     margin_for,
@@ -66,16 +71,17 @@ def validate(
     margin: float = DEFAULT_MARGIN_POINTS,
     recipe_margins: Mapping[str, float] | None = None,
     agreement_floor: float = DEFAULT_AGREEMENT_FLOOR,
-    fail_on: str = "parity",
+    fail_on: str = DEFAULT_FAIL_ON,
     batch_size: int = 8,
     resume: bool = True,
     include_path: Path | str | None = None,
 ) -> ValidationReport:
     """Score ``reference`` (a PyTorch checkpoint) and each candidate directory on ``tasks``; write the reports.
 
-    Returns the report whatever the verdicts; ``report.failed`` says whether the run fails under ``fail_on``
-    ("parity": any FAIL; "any": also a skipped backend; "never"). Raises :class:`MexportError` for bad input,
-    including a candidate whose tokenizer differs from the reference's.
+    Returns the report whatever the verdicts; ``report.failed`` / ``report.exit_code`` say whether the run fails
+    under ``fail_on`` ("parity": any FAIL; "inconclusive": also an INCONCLUSIVE; "any": also a skipped backend;
+    "never"). Raises :class:`MexportError` for bad input, including a candidate whose tokenizer differs from the
+    reference's.
     """
     recipe_margins = dict(recipe_margins or {})
     check_policy(margin, agreement_floor, fail_on, recipe_margins)
@@ -99,9 +105,10 @@ def validate(
     backends = _open_backends(Path(reference), [Path(c) for c in candidates], device)
     (out_dir / CACHE_DIR).mkdir(parents=True, exist_ok=True)
     scores: dict[str, dict[str, list[Any]]] = {name: {} for name in task_names}
+    speed: dict[str, ScoringSpeed] = {}
     for backend in backends:
         if backend.runtime is not None:
-            _score_or_skip(backend, task_data, out_dir / CACHE_DIR, batch_size, resume, scores)
+            _score_or_skip(backend, task_data, out_dir / CACHE_DIR, batch_size, resume, scores, speed)
 
     task_infos = [_task_info(loaded) for loaded in task_data.values()]
     results = [
@@ -130,6 +137,7 @@ def validate(
         tasks=task_infos,
         results=results,
         scores=scores,
+        speed=speed,
     )
     write_reports(report, out_dir)
     return report
@@ -141,8 +149,7 @@ def validate(
 def _check_tasks(
     tasks: Sequence[str] | str, data: Mapping[str, Any], include_path: Path | str | None = None
 ) -> list[str]:
-    """Known task names (built in or lm-eval's) in the order given ("a,b" or a list; duplicates dropped); ``data``
-    names only these."""
+    """Known task names in the order given ("a,b" or a list; duplicates dropped); ``data`` names only these."""
     from mexport.validate.tasks import check_task
 
     requested = tasks.split(",") if isinstance(tasks, str) else tasks
@@ -266,18 +273,14 @@ def item_key(item: Any) -> str:
     return sha256_bytes(payload.encode())[:24]
 
 
-def _score_from_dict(fields: dict[str, Any]) -> Any:
-    """A cached QuestionScore, or a SkippedQuestion (it has a ``reason``)."""
-    from mexport.validate.scoring import QuestionScore, SkippedQuestion
-
-    return SkippedQuestion(**fields) if "reason" in fields else QuestionScore(**fields)
-
-
 class ScoreCache:
     """Append-only JSON-lines cache of one backend's scores on one task, keyed by question content."""
 
     def __init__(self, path: Path, resume: bool) -> None:
+        from mexport.validate.scoring import QuestionScore
+
         self.path = path
+        self._score_type = QuestionScore
         self.entries: dict[str, Any] = self._load() if resume else {}
         if not resume:
             path.write_text("")
@@ -289,7 +292,7 @@ class ScoreCache:
         for line in self.path.read_text(encoding="utf-8").splitlines():
             try:
                 record = json.loads(line)
-                entries[record["key"]] = _score_from_dict(record["score"])
+                entries[record["key"]] = self._score_type(**record["score"])
             except (json.JSONDecodeError, KeyError, TypeError):
                 continue  # a line cut short by an interruption: that question is simply scored again
         return entries
@@ -324,34 +327,71 @@ def _score_backend(
     batch_size: int,
     resume: bool,
     scores: dict[str, dict[str, list[Any]]],
+    speed: dict[str, ScoringSpeed],
 ) -> None:
-    """Score every task's questions on one backend, loading it only when something is not cached yet."""
+    """Score every task's questions on one backend, loading it only when something is not cached yet; record how
+    fast the scoring calls ran in ``speed`` (nothing when every question was cached)."""
     caches = {name: ScoreCache(cache_dir / f"{backend.identity}-{name}.jsonl", resume) for name in task_data}
+    # questions the scorer declined (e.g. longer than the runtime's context): never cached, cheap to decide again
+    declined: dict[str, dict[str, Any]] = {name: {} for name in task_data}
     pending = {
         name: [item for item in loaded.items if item_key(item) not in caches[name].entries]
         for name, loaded in task_data.items()
     }
     if any(pending.values()):
+        measured = ScoringSpeed(0.0, 0, 0)
         with backend.runtime, console.progress() as bar:
             for name, items in pending.items():
                 loaded_items = task_data[name].items
                 label = f"{backend.info.label} · {name}"
                 task_bar = bar.add_task(label, total=len(loaded_items), completed=len(loaded_items) - len(items))
-                _score_in_batches(backend, items, caches[name], batch_size, functools.partial(bar.advance, task_bar))
+                seconds = _score_in_batches(
+                    backend, items, caches[name], declined[name], batch_size, functools.partial(bar.advance, task_bar)
+                )
+                scored = [item for item in items if item_key(item) not in declined[name]]
+                tokens = sum(_question_tokens(backend.tokenizer, item) for item in scored)
+                measured = ScoringSpeed(
+                    measured.seconds + seconds, measured.questions + len(scored), measured.tokens + tokens
+                )
+        speed[backend.info.label] = measured
     for name, loaded in task_data.items():
-        scores[name][backend.info.label] = [caches[name].entries[item_key(item)] for item in loaded.items]
+        entries = {**caches[name].entries, **declined[name]}
+        scores[name][backend.info.label] = [entries[item_key(item)] for item in loaded.items]
 
 
 def _score_in_batches(
-    backend: _Backend, items: list[Any], cache: ScoreCache, batch_size: int, advance: Callable[[int], None]
-) -> None:
+    backend: _Backend,
+    items: list[Any],
+    cache: ScoreCache,
+    declined: dict[str, Any],
+    batch_size: int,
+    advance: Callable[[int], None],
+) -> float:
+    """Score ``items`` batch by batch, caching the scores and putting the declined questions (entries without
+    log-likelihoods, see :func:`mexport.validate.reports.is_scored`) in ``declined``; returns the seconds spent
+    inside the scoring calls."""
     from mexport.validate.scoring import score_items
 
+    seconds = 0.0
     for start in range(0, len(items), batch_size):
         batch = items[start : start + batch_size]
+        started = time.perf_counter()
         batch_scores = score_items(backend.runtime, backend.tokenizer, batch, batch_size=batch_size, progress=False)
-        cache.append([item_key(item) for item in batch], batch_scores)
+        seconds += time.perf_counter() - started
+        keys = [item_key(item) for item in batch]
+        kept = [(key, entry) for key, entry in zip(keys, batch_scores, strict=True) if is_scored(entry)]
+        cache.append([key for key, _ in kept], [entry for _, entry in kept])
+        declined.update((key, entry) for key, entry in zip(keys, batch_scores) if not is_scored(entry))
         advance(len(batch))
+    return seconds
+
+
+def _question_tokens(tokenizer: Any, item: Any) -> int:
+    """Tokens a question costs a scorer that reads its prompt once: prompt tokens + every choice's continuation."""
+    from mexport.validate.scoring import encode_pair
+
+    pairs = [encode_pair(tokenizer, item.context, choice) for choice in item.choices]
+    return len(pairs[0][0]) + sum(len(continuation) for _, continuation in pairs)
 
 
 # ---------------------------------------------------------------------------------------------------- results
@@ -391,16 +431,15 @@ def _parity_result(
     margin_points = margin_for(info.recipe, margin, recipe_margins)
     if info.skip_reason is not None:
         return ParityResult(task.name, info.label, margin_points, agreement_floor, skipped_verdict(info.skip_reason))
-    from mexport.validate.scoring import SkippedQuestion
-
-    # only questions both backends scored are paired (a runtime skips prompts beyond its context)
-    pairs = [
-        (ref, cand)
-        for ref, cand in zip(scores[task.name][REFERENCE_LABEL], scores[task.name][info.label], strict=True)
-        if not isinstance(ref, SkippedQuestion) and not isinstance(cand, SkippedQuestion)
-    ]
-    reference = [ref for ref, _ in pairs]
-    candidate = [cand for _, cand in pairs]
+    pairs = list(zip(scores[task.name][REFERENCE_LABEL], scores[task.name][info.label], strict=True))
+    # only questions both sides scored are compared; the others are counted by reason
+    declined = Counter(
+        next(entry.reason for entry in (cand, ref) if not is_scored(entry))
+        for ref, cand in pairs
+        if not (is_scored(ref) and is_scored(cand))
+    )
+    reference = [ref for ref, cand in pairs if is_scored(ref) and is_scored(cand)]
+    candidate = [cand for ref, cand in pairs if is_scored(ref) and is_scored(cand)]
     pred_field = {"acc": "pred", "acc_norm": "pred_norm"}
     metrics = tuple(
         compare_metric(
@@ -415,4 +454,6 @@ def _parity_result(
     mean_kl, max_abs = distribution_drift([s.logliks for s in reference], [s.logliks for s in candidate])
     non_finite = sum(not all(math.isfinite(value) for value in s.logliks) for s in candidate)
     verdict = parity_verdict(metrics, margin_points, agreement_floor, non_finite)
-    return ParityResult(task.name, info.label, margin_points, agreement_floor, verdict, metrics, mean_kl, max_abs)
+    return ParityResult(
+        task.name, info.label, margin_points, agreement_floor, verdict, metrics, mean_kl, max_abs, dict(declined)
+    )

@@ -34,6 +34,7 @@ import numpy as np
 
 from mexport import console
 from mexport.errors import MexportError
+from mexport.numerics import log_softmax
 from mexport.runtime.base import DecoderRuntime, RuntimeLimits
 from mexport.validate.tasks import MCQItem
 
@@ -168,13 +169,6 @@ def _skip_reason(group: _Group, limits: RuntimeLimits) -> str | None:
 # ---- numerics ---------------------------------------------------------------------------------------------------
 
 
-def _log_softmax(rows: np.ndarray) -> np.ndarray:
-    """Row-wise log-softmax in float64 (rows: (..., V) float32 logits)."""
-    values = rows.astype(np.float64)
-    shifted = values - values.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
-
-
 def _pad_id(tokenizer) -> int:
     return int(tokenizer.pad_token_id) if tokenizer.pad_token_id is not None else 0
 
@@ -209,7 +203,7 @@ def _score_single_token_batch(
         input_ids[row, longest - len(group.context_ids) :] = group.context_ids
         mask[row, longest - len(group.context_ids) :] = 1
     logits, _ = runtime.forward(input_ids, mask, None, logits_to_keep=1)
-    logprobs = _log_softmax(logits[:, -1, :])
+    logprobs = log_softmax(logits[:, -1, :])
     best = logprobs.argmax(axis=-1)
     return [
         [(float(logprobs[row, tokens[0]]), bool(best[row] == tokens[0])) for tokens in group.continuations]
@@ -224,7 +218,7 @@ def _score_shared_context(runtime: DecoderRuntime, group: _Group, pad_id: int, m
     """
     context = np.asarray([group.context_ids], dtype=np.int64)
     logits, past = runtime.forward(context, np.ones_like(context), None, logits_to_keep=1)
-    first = _log_softmax(logits[0, -1, :])
+    first = log_softmax(logits[0, -1, :])
     best = int(first.argmax())
     scores = [(float(first[tokens[0]]), best == tokens[0]) if tokens else (0.0, True) for tokens in group.continuations]
     longer = [index for index, tokens in enumerate(group.continuations) if len(tokens) > 1]
@@ -242,7 +236,7 @@ def _score_shared_context(runtime: DecoderRuntime, group: _Group, pad_id: int, m
         step_logits, _ = runtime.forward(input_ids, mask, runtime.repeat_past(past, len(chunk)))
         for row, index in enumerate(chunk):
             targets = group.continuations[index][1:]
-            logprobs = _log_softmax(step_logits[row, : len(targets), :])
+            logprobs = log_softmax(step_logits[row, : len(targets), :])
             loglik, greedy = scores[index]
             scores[index] = (
                 loglik + float(logprobs[np.arange(len(targets)), targets].sum()),
@@ -372,6 +366,6 @@ def loglikelihood_naive(runtime: DecoderRuntime, tokenizer, requests: Sequence[t
         sequence = np.asarray([(context_ids + continuation_ids)[:-1]], dtype=np.int64)
         logits, _ = runtime.forward(sequence, np.ones_like(sequence), None)
         predicting = logits[0, len(context_ids) - 1 :, :]
-        logprobs = _log_softmax(predicting)
+        logprobs = log_softmax(predicting)
         scores.append(float(logprobs[np.arange(len(continuation_ids)), continuation_ids].sum()))
     return scores

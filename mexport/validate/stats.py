@@ -4,10 +4,14 @@ Conventions (documented in the report too):
 
 - Accuracy CI: Wilson score interval (stays inside [0, 1] and keeps its coverage on small sets, unlike the normal
   interval); the lm-eval stderr (sample std / sqrt(n)) is kept beside it for comparison with published tables.
-- Delta-accuracy CI: paired Wald interval on the per-question differences d_i = correct_cand - correct_ref,
-  mean ± z·sd/sqrt(n) with the sample sd (ddof=1). Pairing removes the between-question variance, so it is far
-  tighter than comparing two independent accuracies. It collapses to [0, 0] when no question flips: read that as
-  "no difference on these questions", not as a population guarantee (see :func:`single_flip_half_width`).
+- Delta-accuracy CI: Tango's asymptotic score interval for the difference of paired proportions (T. Tango, 1998,
+  "Equivalence test and confidence interval for the difference in proportions for the paired-sample design",
+  Statistics in Medicine 17:891-908), recommended for this design by Fagerland, Lydersen & Laake (2014, Statistical
+  Methods in Medical Research 23:1-22). It inverts the score test of delta = p_cand - p_ref with the restricted
+  maximum-likelihood variance, so it stays honest where the paired Wald interval collapses: with no discordant
+  question it is ±z²/(n + z²) (±39 points on 6 questions, ±0.95 on 400), not [0, 0].
+- Resolvable difference: that zero-flip half-width, the narrowest paired CI n questions can give. A margin below it
+  cannot be shown on this sample whatever the candidate does (the verdict is then at best inconclusive).
 - McNemar: exact two-sided binomial test of b (right->wrong) against b + c at 0.5; p = 1 when nothing flips.
 - Choice distributions: softmax over the choices' log-likelihoods; KL(ref || cand), averaged over questions.
 """
@@ -19,6 +23,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+from mexport.numerics import log_softmax
 
 CONFIDENCE = 0.95
 
@@ -50,28 +56,74 @@ def sample_stderr(values: Sequence[float]) -> float:
     return float(np.std(np.asarray(values, dtype=np.float64), ddof=1) / math.sqrt(n))
 
 
+def _tango_statistic(gains: int, losses: int, n: int, delta: float) -> float:
+    """Tango's score statistic for H0: p_cand - p_ref = delta (gains: wrong->right, losses: right->wrong).
+
+    The variance uses the maximum-likelihood estimate of the losses' cell probability restricted to ``delta``
+    (Tango 1998, eq. 4), the closed-form root of a quadratic.
+    """
+    excess = gains - losses - n * delta
+    if excess == 0:
+        return 0.0
+    b = -gains - losses + (2 * n - gains + losses) * delta
+    c = -losses * delta * (1 - delta)
+    p_losses = (math.sqrt(max(0.0, b * b - 8 * n * c)) - b) / (4 * n)
+    variance = n * (2 * p_losses + delta * (1 - delta))
+    return math.copysign(math.inf, excess) if variance <= 0 else excess / math.sqrt(variance)
+
+
+def tango_interval(
+    right_to_wrong: int, wrong_to_right: int, n: int, confidence: float = CONFIDENCE
+) -> tuple[float, float]:
+    """Tango's score CI for delta = p_cand - p_ref from the discordant counts of ``n`` paired questions.
+
+    The bounds are where the score statistic equals ±z (it falls monotonically in delta); (-1, 1) when n = 0.
+    """
+    from scipy.optimize import brentq
+
+    if n <= 0:
+        return (-1.0, 1.0)
+    if not 0 <= right_to_wrong + wrong_to_right <= n or min(right_to_wrong, wrong_to_right) < 0:
+        raise ValueError(f"discordant counts {right_to_wrong}/{wrong_to_right} do not fit {n} questions")
+    z = z_value(confidence)
+    estimate = (wrong_to_right - right_to_wrong) / n
+    edge = 1e-12
+
+    def bound(target: float, lo: float, hi: float, at_edge: float) -> float:
+        def f(delta: float) -> float:
+            return _tango_statistic(wrong_to_right, right_to_wrong, n, delta) - target
+
+        if lo >= hi or f(at_edge) * target < 0:  # the statistic never reaches ±z inside (-1, 1)
+            return at_edge
+        return float(brentq(f, lo, hi, xtol=1e-12))
+
+    low = -1.0 if estimate <= -1 else bound(z, -1 + edge, estimate, -1 + edge)
+    high = 1.0 if estimate >= 1 else bound(-z, estimate, 1 - edge, 1 - edge)
+    return (max(-1.0, low), min(1.0, high))
+
+
 def paired_difference_interval(
     candidate_correct: Sequence[int], reference_correct: Sequence[int], confidence: float = CONFIDENCE
 ) -> tuple[float, float, float]:
-    """Mean of d_i = cand_i - ref_i and its paired Wald interval; the whole [-1, 1] below two questions."""
+    """Mean of d_i = cand_i - ref_i and its Tango score interval; (0, -1, 1) with no question."""
     if len(candidate_correct) != len(reference_correct):
         raise ValueError("paired vectors differ in length")
-    d = np.asarray(candidate_correct, dtype=np.float64) - np.asarray(reference_correct, dtype=np.float64)
-    if d.size == 0:
-        return (0.0, -1.0, 1.0)
-    mean = float(d.mean())
-    if d.size < 2:
-        return (mean, -1.0, 1.0)
-    half = z_value(confidence) * sample_stderr(d.tolist())
-    return (mean, max(-1.0, mean - half), min(1.0, mean + half))
+    losses = sum(1 for c, r in zip(candidate_correct, reference_correct) if r and not c)
+    gains = sum(1 for c, r in zip(candidate_correct, reference_correct) if c and not r)
+    n = len(candidate_correct)
+    low, high = tango_interval(losses, gains, n, confidence)
+    return ((gains - losses) / n if n else 0.0, low, high)
 
 
-def single_flip_half_width(n: int, confidence: float = CONFIDENCE) -> float:
-    """Half-width of the paired CI when exactly one of ``n`` questions flips (z/n).
+def resolvable_difference(n: int, confidence: float = CONFIDENCE) -> float:
+    """Half-width of the paired CI on ``n`` questions when none flips: z²/(n + z²), the finest margin n can show.
 
-    The resolution of a question set: when this exceeds the margin, the verdict can only pass with zero flips.
+    Tango's statistic with b = c = 0 is -sqrt(n·delta / (1 - delta)) for delta > 0; setting it to -z gives this.
     """
-    return z_value(confidence) / n if n > 0 else 1.0
+    if n <= 0:
+        return 1.0
+    z2 = z_value(confidence) ** 2
+    return z2 / (n + z2)
 
 
 def mcnemar_exact_p(right_to_wrong: int, wrong_to_right: int) -> float:
@@ -82,12 +134,6 @@ def mcnemar_exact_p(right_to_wrong: int, wrong_to_right: int) -> float:
     from scipy.stats import binomtest
 
     return float(binomtest(right_to_wrong, discordant, 0.5, alternative="two-sided").pvalue)
-
-
-def log_softmax(logliks: Sequence[float]) -> np.ndarray:
-    values = np.asarray(logliks, dtype=np.float64)
-    shifted = values - values.max()
-    return shifted - math.log(float(np.exp(shifted).sum()))
 
 
 def choice_kl(reference_logliks: Sequence[float], candidate_logliks: Sequence[float]) -> float:
@@ -133,7 +179,7 @@ def compare_metric(
     cand_right = sum(int(x) for x in candidate_correct)
     b = sum(1 for r, c in zip(reference_correct, candidate_correct) if r and not c)
     c = sum(1 for r, c in zip(reference_correct, candidate_correct) if c and not r)
-    delta, low, high = paired_difference_interval(candidate_correct, reference_correct, confidence)
+    low, high = tango_interval(b, c, n, confidence)
     agree = sum(1 for r, c in zip(reference_pred, candidate_pred) if r == c)
     return MetricComparison(
         metric=metric,
@@ -144,7 +190,7 @@ def compare_metric(
         candidate_acc=cand_right / n if n else 0.0,
         candidate_ci=wilson_interval(cand_right, n, confidence),
         candidate_stderr=sample_stderr([float(x) for x in candidate_correct]),
-        delta=delta,
+        delta=(c - b) / n if n else 0.0,
         delta_ci=(low, high),
         right_to_wrong=b,
         wrong_to_right=c,

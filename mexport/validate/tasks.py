@@ -44,6 +44,8 @@ FEWSHOT_DELIMITER = "\n\n"  # lm-eval: between few-shot examples and before the 
 SAMPLE_DIR = Path(__file__).with_name("data")
 LETTERS = ("A", "B", "C", "D")
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+# names of the question sets shipped in SAMPLE_DIR (``--data TASK=sample`` / ``TASK=demo``), not file paths
+SHIPPED_SETS = ("sample", "demo")
 
 
 @dataclass(frozen=True)
@@ -133,6 +135,11 @@ class TaskSpec:
     def sample_path(self) -> Path:
         """The shipped sample, in the dataset's own schema (``--data TASK=sample``)."""
         return SAMPLE_DIR / f"{self.name}_sample.jsonl"
+
+    @property
+    def demo_path(self) -> Path:
+        """200 templated questions over one fact table (``--data TASK=demo``), see :mod:`mexport.validate.demo`."""
+        return SAMPLE_DIR / f"{self.name}_demo.jsonl"
 
 
 # ---- row helpers --------------------------------------------------------------------------------------------
@@ -425,7 +432,8 @@ def _resolve_source(spec: TaskSpec, data: str | Path | None) -> tuple[list[Any],
     """(rows, source description, sha256 of the file or None for the hub)."""
     if data is None:
         return _read_hub_rows(spec), _hub_source(spec), None
-    path = spec.sample_path if str(data) == "sample" else Path(data).expanduser()
+    shipped = dict(zip(SHIPPED_SETS, (spec.sample_path, spec.demo_path), strict=True))
+    path = shipped.get(str(data)) or Path(data).expanduser()
     return _read_rows(path), str(path), sha256_file(path)
 
 

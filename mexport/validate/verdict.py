@@ -1,9 +1,16 @@
 """Parity verdicts: does a candidate answer like the reference, within a margin, on the same questions?
 
-PASS needs, for every reported metric (acc, and acc_norm where it differs), the paired 95% CI of delta-accuracy
-inside ±margin points AND the share of identical predicted answers at or above the agreement floor. The CI says
-the accuracy did not move by more than the margin; the agreement floor catches a candidate that answers
-differently while keeping the same score (balanced flips, wrong->other-wrong changes).
+Per metric (acc, and acc_norm where it differs) the paired 95% CI of delta-accuracy (Tango's score interval) is
+compared with the band [-margin, +margin]:
+
+- PASS: the CI lies inside the band (equivalence shown), and the agreement floor below is met;
+- FAIL: the CI lies entirely outside the band (a difference larger than the margin shown), or the share of
+  identical predicted answers is below the agreement floor, or a log-likelihood is NaN/inf;
+- INCONCLUSIVE: the CI crosses a band edge: these questions cannot tell. With no flipped question the CI is
+  ±z²/(n + z²) (:func:`mexport.validate.stats.resolvable_difference`), so a margin below that is never PASS.
+
+The agreement floor catches a candidate that answers differently while keeping the same score (balanced flips,
+wrong->other-wrong changes).
 
 Default floor 0.90: a paired CI of ±1 point on a full set (n≈4000) already needs fewer than about 10% discordant
 questions (half-width ≈ 1.96·sqrt(f/n)), and published INT4/INT8 quantizations of 7-9B models change 2-10% of
@@ -15,16 +22,29 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from mexport.errors import MexportError
-from mexport.validate.stats import MetricComparison
+from mexport.errors import EXIT_CHECK_FAILED, EXIT_INCONCLUSIVE, EXIT_OK, MexportError
+from mexport.validate.stats import MetricComparison, resolvable_difference
 
 PASS = "pass"
 FAIL = "fail"
+INCONCLUSIVE = "inconclusive"
 SKIPPED = "skipped"
 
 DEFAULT_MARGIN_POINTS = 1.0
 DEFAULT_AGREEMENT_FLOOR = 0.90
-FAIL_ON_CHOICES = ("parity", "any", "never")
+# fail_on policy -> the verdicts that fail the run
+FAILING_STATUSES = {
+    "parity": frozenset({FAIL}),
+    "inconclusive": frozenset({FAIL, INCONCLUSIVE}),
+    "any": frozenset({FAIL, INCONCLUSIVE, SKIPPED}),
+    "never": frozenset(),
+}
+FAIL_ON_CHOICES = tuple(FAILING_STATUSES)
+DEFAULT_FAIL_ON = "inconclusive"
+FAIL_ON_HELP = (
+    "When the run fails: parity (a FAIL verdict), inconclusive (also a sample too small to resolve the margin; "
+    "the default), any (also a skipped backend) or never. Exit 1 on failed parity, 4 when only inconclusive."
+)
 _TOLERANCE = 1e-12
 
 
@@ -45,23 +65,32 @@ def points(fraction: float) -> float:
 def parity_verdict(
     metrics: Sequence[MetricComparison], margin_points: float, agreement_floor: float, non_finite: int = 0
 ) -> Verdict:
-    """PASS when every metric's paired delta CI lies within ±margin and its agreement reaches the floor.
+    """PASS, FAIL or INCONCLUSIVE for one candidate on one task (see the module docstring for the rule).
 
     ``non_finite`` counts candidate questions with a NaN/inf log-likelihood: argmax would silently pick the first
     choice for them, so any such question fails the candidate whatever its accuracy.
     """
-    reasons: list[str] = []
+    failures: list[str] = []
+    unresolved: list[str] = []
     if non_finite:
-        reasons.append(f"{non_finite} question(s) with non-finite log-likelihoods (NaN/inf)")
+        failures.append(f"{non_finite} question(s) with non-finite log-likelihoods (NaN/inf)")
     margin = margin_points / 100.0
     for metric in metrics:
         prefix = "" if metric.metric == "acc" else f"{metric.metric} "
         low, high = metric.delta_ci
-        if low < -margin - _TOLERANCE or high > margin + _TOLERANCE:
-            reasons.append(f"{prefix}paired CI [{points(low):+.2f}, {points(high):+.2f}] pts leaves ±{margin_points:g}")
+        ci = f"{prefix}paired CI [{points(low):+.2f}, {points(high):+.2f}] pts"
+        if high < -margin - _TOLERANCE or low > margin + _TOLERANCE:
+            failures.append(f"{ci} lies outside ±{margin_points:g}")
+        elif low < -margin - _TOLERANCE or high > margin + _TOLERANCE:
+            resolvable = points(resolvable_difference(metric.n))
+            unresolved.append(
+                f"{ci} crosses ±{margin_points:g} ({metric.n} questions resolve ±{resolvable:.2f} at best)"
+            )
         if metric.agreement < agreement_floor - _TOLERANCE:
-            reasons.append(f"{prefix}agreement {metric.agreement:.2f} < {agreement_floor:.2f}")
-    return Verdict(FAIL, tuple(reasons)) if reasons else Verdict(PASS)
+            failures.append(f"{prefix}agreement {metric.agreement:.2f} < {agreement_floor:.2f}")
+    if failures:
+        return Verdict(FAIL, tuple(failures + unresolved))
+    return Verdict(INCONCLUSIVE, tuple(unresolved)) if unresolved else Verdict(PASS)
 
 
 def skipped_verdict(reason: str) -> Verdict:
@@ -89,6 +118,13 @@ def check_policy(
 
 
 def run_fails(statuses: Iterable[str], fail_on: str) -> bool:
-    """Whether a run counts as failed: "parity" on any FAIL, "any" also on SKIPPED, "never" never."""
-    failing = {"parity": {FAIL}, "any": {FAIL, SKIPPED}, "never": set()}[fail_on]
-    return any(status in failing for status in statuses)
+    """Whether a run counts as failed: any verdict in ``FAILING_STATUSES[fail_on]``."""
+    return bool(set(statuses) & FAILING_STATUSES[fail_on])
+
+
+def run_exit_code(statuses: Iterable[str], fail_on: str) -> int:
+    """Exit code of a run: 1 when a FAIL (or, under "any", a SKIPPED) fails it, 4 when only INCONCLUSIVE does, else 0."""
+    failing = set(statuses) & FAILING_STATUSES[fail_on]
+    if failing - {INCONCLUSIVE}:
+        return EXIT_CHECK_FAILED
+    return EXIT_INCONCLUSIVE if failing else EXIT_OK

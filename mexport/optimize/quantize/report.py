@@ -15,19 +15,14 @@ import numpy as np
 
 from mexport.console import progress
 from mexport.fsutil import format_bytes
-
-
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
-    logits = logits.astype(np.float64)
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+from mexport.numerics import log_softmax
 
 
 def compare_logits(reference: list[np.ndarray], candidate: list[np.ndarray]) -> dict[str, float]:
     """Agreement of per-position next-token distributions (each array (S, V)); KL is KL(reference || candidate)."""
     ref = np.concatenate(reference)
     cand = np.concatenate(candidate)
-    ref_log, cand_log = _log_softmax(ref), _log_softmax(cand)
+    ref_log, cand_log = log_softmax(ref), log_softmax(cand)
     kl = (np.exp(ref_log) * (ref_log - cand_log)).sum(axis=-1)
     return {
         "positions": int(ref.shape[0]),
