@@ -161,20 +161,20 @@ def test_manifest_io_signature_matches_the_graph(tiny_export_fp32: Path) -> None
     by_name = {entry["name"]: entry for entry in io["inputs"] + io["outputs"]}
     assert by_name["attention_mask"]["shape"] == ["batch_size", "past_sequence_length + sequence_length"]
     assert by_name["past_key_values.0.key"] == {
-        "name": "past_key_values.0.key", "dtype": "float32", "shape": ["batch_size", 2, "past_sequence_length", 16]
+        "name": "past_key_values.0.key", "dtype": "float32", "shape": ["batch_size", 2, "past_sequence_length", 32]
     }
     assert by_name["logits"]["shape"] == ["batch_size", "sequence_length", 1024]
     graph = onnx.load(str(tiny_export_fp32 / "model.onnx"), load_external_data=False).graph
     assert [v.name for v in graph.input] == names
     assert [v.name for v in graph.output] == [entry["name"] for entry in io["outputs"]]
-    assert manifest["model_config"]["parameter_count"] == 214080
+    assert manifest["model_config"]["parameter_count"] == 263232
 
 
 def test_validation_memory_is_one_copy_of_the_larger_weights(tiny_checkpoint: Path) -> None:
     from mexport.export.verify import VALIDATION_OVERHEAD_BYTES, validation_memory_bytes
 
     checkpoint = resolve_checkpoint(tiny_checkpoint)  # bf16
-    parameters = 214080
+    parameters = 263232
     overhead = VALIDATION_OVERHEAD_BYTES
     assert validation_memory_bytes(checkpoint, "bf16") == int(1.1 * checkpoint.weight_bytes) + overhead
     assert validation_memory_bytes(checkpoint, "fp32") == int(1.1 * 4 * parameters) + overhead  # the fp32 export

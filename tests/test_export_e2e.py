@@ -111,6 +111,23 @@ def test_bf16_gelu_is_traced_in_fp32_as_pytorch_computes_it(tiny_export_bf16: Pa
     assert "Cast" not in {node.op_type for node in activation(tiny_export_fp32)}  # fp32 traces are left as they were
 
 
+def test_bf16_attention_scale_is_an_fp32_multiply(tiny_export_bf16: Path) -> None:
+    """query_pre_attn_scalar 28 (not head_dim 32): 28**-0.5 is not exact in bf16, so it must stay fp32 in the graph."""
+    import onnx
+    from onnx import TensorProto, numpy_helper
+
+    graph = onnx.load(str(tiny_export_bf16 / "model.onnx"), load_external_data=False).graph
+    constants = {node.output[0]: node.attribute[0].t for node in graph.node if node.op_type == "Constant"}
+    scales = [
+        constants[name] for node in graph.node if node.op_type == "Mul" and "self_attn" in node.name
+        for name in node.input if name in constants and constants[name].dims == []
+        and abs(float(numpy_helper.to_array(constants[name])) - 28**-0.5) < 1e-3
+    ]
+    assert len(scales) == 4  # one per layer
+    assert {tensor.data_type for tensor in scales} == {TensorProto.FLOAT}
+    np.testing.assert_allclose([float(numpy_helper.to_array(t)) for t in scales], 28**-0.5, rtol=1e-7)
+
+
 def test_wide_bf16_stores_the_embedding_once_in_one_file(wide_checkpoint: Path, wide_export_bf16: Path) -> None:
     import onnx
 

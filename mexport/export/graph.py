@@ -11,7 +11,10 @@ bf16 / fp16 traces: PyTorch computes a low-precision GELU in fp32 ("opmath": upc
 the result), but the TorchScript exporter decomposes it into ops of the input dtype, baking sqrt(2/pi) and 0.044715 in
 as bf16 constants (0.797 and 0.0447: ~0.1% off, in every MLP). :func:`_gelu_in_opmath` makes the trace say what
 PyTorch does: Cast to fp32, the GELU with exact constants, Cast back (plain ops any runtime, TensorRT included, runs).
-Constants PyTorch itself keeps in the model dtype stay so (Gemma's sqrt(hidden) embedding scale).
+Constants PyTorch itself keeps in the model dtype stay so (Gemma's sqrt(hidden) embedding scale). The attention scale
+``query_pre_attn_scalar ** -0.5`` is the same case as GELU: PyTorch multiplies the bf16 scores by it in fp32, the trace
+would bake it as a bf16 constant (224**-0.5 of the 9B, 28**-0.5 of the tiny fixture: up to 0.2% off in every score);
+:func:`_attention_scale_in_opmath` traces Cast, fp32 Mul, Cast.
 """
 
 from __future__ import annotations
@@ -104,6 +107,26 @@ def _gelu_in_opmath(torch: Any, model: Any) -> None:
             module.act = functools.partial(_activation_in_fp32, activation)
 
 
+class _OpmathScale:
+    """An attention scale that multiplies a low-precision tensor in fp32 and rounds once, as PyTorch's opmath does.
+
+    transformers' eager attention computes ``scores * module.scaling``; a Python float would be traced as a constant
+    of the scores' dtype. A tensor's ``__mul__`` refuses this object, so Python calls :meth:`__rmul__`."""
+
+    def __init__(self, value: float) -> None:
+        self.value = value
+
+    def __rmul__(self, tensor: Any) -> Any:
+        return (tensor.float() * self.value).to(tensor.dtype)
+
+
+def _attention_scale_in_opmath(model: Any) -> None:
+    """Trace each attention's ``scaling`` of a bf16 / fp16 model as an fp32 multiply between casts."""
+    for module in model.modules():
+        if isinstance(getattr(module, "scaling", None), float):
+            module.scaling = _OpmathScale(module.scaling)
+
+
 def _weightless_model(checkpoint_dir: Path, dtype: str) -> Any:
     """The causal LM built from config with lazily-committed zero parameters (tied ones stay one object)."""
     torch = require("torch", "tracing the model")
@@ -127,6 +150,7 @@ def _weightless_model(checkpoint_dir: Path, dtype: str) -> Any:
         raise RuntimeError(f"buffers left on the meta device after rebuilding: {meta_buffers}")
     if dtype != "fp32":
         _gelu_in_opmath(torch, model)
+        _attention_scale_in_opmath(model)
     return model.eval()
 
 
