@@ -153,4 +153,4 @@ def test_native_fp16_keeps_the_cache_in_fp16(tiny_export_fp16: Path) -> None:
         _, past = decoder.forward(token_ids(5, 5), np.ones((1, 5), np.int64))
         repeated = decoder.repeat_past(past, 2)
     assert {value.data_type() for value in [*past, *repeated]} == {"tensor(float16)"}
-    assert {tuple(value.shape()) for value in repeated} == {(2, 2, 5, 16)}
+    assert {tuple(value.shape()) for value in repeated} == {(2, 2, 5, 32)}

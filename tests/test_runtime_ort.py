@@ -38,10 +38,10 @@ def test_empty_past_is_sized_by_kv_heads(request: pytest.FixtureRequest, export:
         past = decoder.empty_past(3)
         assert len(past) == 2 * decoder.spec.num_layers
         # (batch, num_key_value_heads=2, 0, head_dim): the query-head count (4) would not fit the graph
-        assert {tuple(value.shape()) for value in past} == {(3, 2, 0, 16)}
+        assert {tuple(value.shape()) for value in past} == {(3, 2, 0, 32)}
         assert {value.data_type() for value in past} == {"tensor(float)"}  # bf16 runs emulated in fp32 on CPU
         _, present = decoder.forward(IDS[:, :5], MASK[:, :5])
-        assert {tuple(value.shape()) for value in present} == {(2, 2, 5, 16)}
+        assert {tuple(value.shape()) for value in present} == {(2, 2, 5, 32)}
 
 
 def test_fp32_export_matches_pytorch(tiny_export_fp32: Path, torch_logits: dict[str, np.ndarray]) -> None:

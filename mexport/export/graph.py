@@ -36,6 +36,8 @@ from mexport.formats import (
     EXPORT_DTYPES,
     LARGE_ALIGNMENT,
     LARGE_TENSOR_BYTES,
+    LOGITS_INDICES,
+    LOGITS_LENGTH_AXIS,
     ONNX_ELEMENT_TYPES,
     SMALL_ALIGNMENT,
     TRANSPOSED_SUFFIX,
@@ -187,8 +189,14 @@ def _shape_inference_without_weight_values(torch: Any) -> Iterator[None]:
         torch._C._jit_pass_onnx_graph_shape_type_inference = original
 
 
-def trace_graph(checkpoint_dir: Path, dtype: str, opset: int) -> TracedGraph:
-    """Trace the decoder (task text-generation-with-past, position_ids input) to a weightless ONNX graph."""
+def trace_graph(checkpoint_dir: Path, dtype: str, opset: int, full_logits: bool = False) -> TracedGraph:
+    """Trace the decoder (task text-generation-with-past, position_ids input) to a weightless ONNX graph.
+
+    Lean (default): an int64 input ``logits_indices`` ["logits_length"] names the positions among the new tokens
+    whose logits are computed, so ``logits`` is [batch, logits_length, vocab] (transformers' tensor
+    ``logits_to_keep``: a Gather before the LM head). A prefill that needs the next token pays for one row of
+    ``vocab`` logits, not ``sequence_length`` rows. ``full_logits``: the LM head over every position, as before.
+    """
     torch = require("torch", "tracing the model")
     onnx = require("onnx", "building the ONNX graph")
     model = _weightless_model(checkpoint_dir, dtype)
@@ -199,19 +207,28 @@ def trace_graph(checkpoint_dir: Path, dtype: str, opset: int) -> TracedGraph:
     for key, value in (onnx_config.values_override or {}).items():
         setattr(model.config, key, value)
     dummy_inputs = onnx_config.rename_ambiguous_inputs(onnx_config.generate_dummy_inputs(framework="pt"))
+    inputs = onnx_config.ordered_inputs(model)
+    outputs = dict(onnx_config.outputs)
+    model_kwargs: dict[str, Any] = {"logits_to_keep": 0}
+    if not full_logits:
+        new_tokens = dummy_inputs["input_ids"].shape[1]
+        # logits_to_keep is the forward's last argument: the traced input comes after the cache inputs
+        dummy_inputs["logits_to_keep"] = torch.arange(new_tokens - 2, new_tokens)
+        inputs[LOGITS_INDICES] = {0: LOGITS_LENGTH_AXIS}
+        outputs["logits"] = {0: "batch_size", 1: LOGITS_LENGTH_AXIS}
+        model_kwargs = {}
     buffer = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # TracerWarnings about Python-constant shapes are expected here
-        with onnx_config.patch_model_for_export(model, model_kwargs={"logits_to_keep": 0}), \
+        with onnx_config.patch_model_for_export(model, model_kwargs=model_kwargs), \
                 _shape_inference_without_weight_values(torch):
-            inputs = onnx_config.ordered_inputs(model)
             torch.onnx.export(
                 model,
                 (dummy_inputs,),
                 f=buffer,
                 input_names=list(inputs),
-                output_names=list(onnx_config.outputs),
-                dynamic_axes={**inputs, **onnx_config.outputs},
+                output_names=list(outputs),
+                dynamic_axes={**inputs, **outputs},
                 opset_version=opset,
                 dynamo=False,
                 export_params=False,

@@ -141,8 +141,8 @@ class TorchDecoder(DecoderRuntime):
     def _loaded_model(self) -> Any:
         return self._activated(self._model)
 
-    def forward(
-        self, input_ids: np.ndarray, attention_mask: np.ndarray, past: PastKV = None, logits_to_keep: int = 0
+    def _forward(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, past: PastKV, logits_to_keep: int
     ) -> tuple[np.ndarray, PastKV]:
         model = self._loaded_model()
         torch = require("torch")
