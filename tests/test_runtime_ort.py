@@ -104,6 +104,36 @@ def test_quantized_model_precision_names_its_recipe(tmp_path: Path, tiny_export_
     assert OrtDecoder(model_dir).precision == "int8-wo Q/DQ weights over bf16, fp32 compute (CPU emulation)"
 
 
+def test_lean_graph_computes_only_the_rows_logits_indices_names(tiny_export_fp32: Path) -> None:
+    from mexport.optimize.quantize.calibration import prefill_feeds
+
+    manifest = json.loads((tiny_export_fp32 / "mexport.json").read_text())
+    by_name = {entry["name"]: entry for entry in manifest["io"]["inputs"] + manifest["io"]["outputs"]}
+    assert by_name["logits_indices"] == {"name": "logits_indices", "dtype": "int64", "shape": ["logits_length"]}
+    assert by_name["logits"]["shape"] == ["batch_size", "logits_length", 1024]
+    session = ort.InferenceSession(str(tiny_export_fp32 / "model.onnx"), providers=["CPUExecutionProvider"])
+    feeds = prefill_feeds(manifest, IDS[:1])
+    full = session.run(["logits"], feeds)[0]
+    assert full.shape == (1, 20, 1024)  # calibration feeds every position
+    for rows in ([19], [3, 10]):
+        feeds["logits_indices"] = np.array(rows, dtype=np.int64)
+        lean = session.run(["logits"], feeds)[0]
+        assert lean.shape == (1, len(rows), 1024)
+        np.testing.assert_allclose(lean, full[:, rows], atol=1e-5, rtol=0)
+
+
+def test_quantized_lean_graph_keeps_logits_indices(tmp_path: Path, tiny_export_bf16: Path) -> None:
+    from mexport.optimize.quantize import quantize
+
+    result = quantize(tiny_export_bf16, tmp_path / "q", "int8-sq", calib_size=4, check_prompts=1, include_lm_head=True)
+    with OrtDecoder(result.output) as decoder:
+        assert decoder.lean_logits
+        full, _ = decoder.forward(IDS, MASK)
+        last, _ = decoder.forward(IDS, MASK, logits_to_keep=1)
+    assert last.shape == (2, 1, 1024)
+    np.testing.assert_allclose(last, full[:, -1:], atol=1e-4, rtol=0)
+
+
 def test_bf16_without_fp32_compute_on_cpu_points_to_the_emulation(tiny_export_bf16: Path) -> None:
     decoder = OrtDecoder(tiny_export_bf16, fp32_compute=False)
     try:
