@@ -213,3 +213,41 @@ def test_tolerance_follows_what_is_computed(dtype: str, compute: str, hidden_siz
 
     tolerance = tolerance_for(dtype, compute, hidden_size)
     assert tolerance == (ROUNDED_SCALE_TOLERANCE if expected == "rounded" else TOLERANCES[expected])
+
+
+GEMMA2_9B_CONFIG = {
+    "num_hidden_layers": 42, "hidden_size": 3584, "intermediate_size": 14336, "num_attention_heads": 16,
+    "num_key_value_heads": 8, "head_dim": 256, "sliding_window": 4096,
+}
+NARROW_WINDOW_CONFIG = {
+    "num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "head_dim": 32, "sliding_window": 4096,
+}
+
+
+def test_forward_flops_counts_projections_mlp_and_attention() -> None:
+    from mexport.export.verify import forward_flops
+
+    # q,k,v,o: 64 x 32 x (4 + 4 + 2 + 2); MLP: 3 x 64 x 128; scores and weighted sum: 2 x 2 x 4 heads x 32 x S^2
+    per_token = 64 * 32 * 12 + 3 * 64 * 128
+    assert forward_flops(NARROW_WINDOW_CONFIG, 10) == 2 * 2 * 10 * per_token + 4 * 2 * 4 * 32 * 100
+
+
+@pytest.mark.parametrize(
+    ("config", "long_check", "length", "exercised", "forced"),
+    [
+        (NARROW_WINDOW_CONFIG, False, 4096 + 64, True, False),  # ~1.1e11 FLOPs: within the budget
+        (GEMMA2_9B_CONFIG, False, 24, False, False),  # ~4.6e14 FLOPs: short check, window not exercised
+        (GEMMA2_9B_CONFIG, True, 4096 + 64, True, True),  # --long-check
+        ({**NARROW_WINDOW_CONFIG, "sliding_window": 8}, False, 14, True, False),  # the tiny fixture: short check
+    ],
+)
+def test_the_check_passes_the_window_when_affordable_or_forced(
+    config: dict, long_check: bool, length: int, exercised: bool, forced: bool
+) -> None:
+    from mexport.export.verify import LONG_CHECK_CHUNK, LONG_CHECK_FLOPS, plan_check
+
+    plan = plan_check(config, long_check)
+    assert (plan.length, plan.window_exercised, plan.forced) == (length, exercised, forced)
+    assert (plan.estimated_flops > LONG_CHECK_FLOPS) == (config is GEMMA2_9B_CONFIG)
+    assert plan.prefill_chunk == (LONG_CHECK_CHUNK if length > 64 else None)

@@ -54,6 +54,22 @@ def test_fp32_export_matches_pytorch_past_the_window(tiny_export_fp32: Path) -> 
         assert case["top1_agreement"] == 1.0
 
 
+def test_window_4096_fixture_is_checked_past_its_window(tmp_path: Path) -> None:
+    """The 9B's window on a narrow 2-layer model: the export check runs 4,160 tokens (chunked prefill included)."""
+    from mexport.export import export_onnx
+    from mexport.fixtures import write_fixture
+
+    checkpoint = write_fixture("window-gemma2", tmp_path / "window-gemma2")
+    validation = export_onnx(checkpoint, tmp_path / "out", dtype="bf16").validation
+    assert validation is not None and validation["status"] == "passed"
+    inputs = validation["inputs"]
+    assert inputs["window_exercised"] and not inputs["long_check_forced"]
+    assert inputs["sliding_window"] == 4096 and inputs["sequence_length"] == 4160
+    assert inputs["decode_prompt"] + inputs["decode_steps"] == 4160 and inputs["decode_prompt"] > 4096
+    assert inputs["prefill_chunk"] == 1024 and inputs["compared_positions"] == 96
+    assert validation["max_abs"] <= validation["tolerance"]["max_abs"] == 1e-4
+
+
 def test_fp32_greedy_generation_equals_pytorch(tiny_checkpoint: Path, tiny_export_fp32: Path) -> None:
     """Independent of the exporter's own validation: same greedy tokens from both runtimes."""
     from mexport.runtime.ort import OrtDecoder
