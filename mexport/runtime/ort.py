@@ -1,5 +1,8 @@
 """ONNX Runtime decoder over an mexport model directory (export or quantize output).
 
+On ``cuda`` a graph with compute nodes the CUDA provider has no kernel for (bf16 Q/DQ, for one) is refused with the
+nodes named, instead of running them on the CPU (:mod:`mexport.runtime.cuda_kernels`).
+
 Everything about the graph comes from ``mexport.json`` (IO names and dtypes, model config, float dtype); nothing is
 guessed from names. The KV cache is a tuple of ``OrtValue`` (one per ``past_key_values.*`` input, in manifest
 order) that stays where the provider put it (host or GPU memory) between steps, bound with IO binding.
@@ -44,6 +47,7 @@ from mexport.runtime.base import (
     kept_logits,
     position_ids_from_mask,
 )
+from mexport.runtime.cuda_kernels import cuda_unsupported_nodes
 from mexport.runtime.upcast import (
     BOUNDED_UPCAST_DISABLED_OPTIMIZERS,
     LOW_PRECISION_NAMES,
@@ -53,6 +57,7 @@ from mexport.runtime.upcast import (
 )
 
 LOW_MEMORY_MIN_BYTES = 1 << 30
+SHOWN_UNSUPPORTED_NODES = 3
 # device -> (ORT providers in priority order, where OrtValues live)
 DEVICE_PROVIDERS: dict[str, tuple[list[str], str]] = {
     "cpu": (["CPUExecutionProvider"], "cpu"),
@@ -211,9 +216,28 @@ class OrtDecoder(DecoderRuntime):
             cast_outputs_to_float32(model, ["logits"])
         return model.SerializeToString()
 
+    def _refuse_cpu_fallback(self) -> None:
+        """On CUDA, refuse a graph with compute nodes the CUDA provider has no kernel for (ONNX Runtime would run
+        them on the CPU without a word; see :mod:`mexport.runtime.cuda_kernels`)."""
+        onnx = require("onnx")
+        unsupported = cuda_unsupported_nodes(onnx.load(str(self.model_path), load_external_data=False))
+        if unsupported:
+            shown = "; ".join(node.describe() for node in unsupported[:SHOWN_UNSUPPORTED_NODES])
+            more = f" and {len(unsupported) - SHOWN_UNSUPPORTED_NODES} more" * (
+                len(unsupported) > SHOWN_UNSUPPORTED_NODES
+            )
+            raise MexportError(
+                f"ONNX Runtime's CUDA provider has no kernel for {len(unsupported)} nodes of {self.model_path}, "
+                f"which would silently run on the CPU: {shown}{more}",
+                hint="run this model on the GPU through its TensorRT engine (mexport engine), "
+                "or validate it with --backend-device cpu",
+            )
+
     def activate(self) -> None:
         ort = require("onnxruntime", "running ONNX models")
         self._check_providers(ort)
+        if self.device == "cuda":
+            self._refuse_cpu_fallback()
         try:
             session = external_data_session(
                 self._model_source(), self.model_dir, self.providers, self.low_memory, self.intra_op_threads
