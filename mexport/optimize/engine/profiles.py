@@ -18,11 +18,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from mexport.errors import MexportError
+from mexport.formats import LOGITS_LENGTH_AXIS
 
 BATCH = "batch_size"
 SEQUENCE = "sequence_length"
 PAST = "past_sequence_length"
-SYMBOLS = (BATCH, SEQUENCE, PAST)
+LOGITS = LOGITS_LENGTH_AXIS  # rows of logits a lean graph computes (its logits_indices input)
+SYMBOLS = (BATCH, SEQUENCE, PAST, LOGITS)
 
 PREFILL = 0
 DECODE = 1
@@ -121,8 +123,14 @@ def symbol_ranges(limits: EngineLimits) -> list[tuple[str, dict[str, tuple[int, 
     """(profile name, {symbol: (min, opt, max)}) for prefill and decode."""
     batch = (1, limits.opt_batch, limits.max_batch)
     longest_past = limits.max_context - 1
-    prefill = {BATCH: batch, SEQUENCE: (1, max(1, limits.max_input_len // 2), limits.max_input_len), PAST: (0, 0, 0)}
-    decode = {BATCH: batch, SEQUENCE: (1, 1, 1), PAST: (0, min(limits.max_context // 2, longest_past), longest_past)}
+    prefill = {
+        BATCH: batch, SEQUENCE: (1, max(1, limits.max_input_len // 2), limits.max_input_len), PAST: (0, 0, 0),
+        LOGITS: (1, 1, limits.max_input_len),  # a prefill usually needs the next token only
+    }
+    decode = {
+        BATCH: batch, SEQUENCE: (1, 1, 1), PAST: (0, min(limits.max_context // 2, longest_past), longest_past),
+        LOGITS: (1, 1, 1),
+    }
     return [("prefill", prefill), ("decode", decode)]
 
 
