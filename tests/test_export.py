@@ -240,6 +240,7 @@ def test_forward_flops_counts_projections_mlp_and_attention() -> None:
         (GEMMA2_9B_CONFIG, False, 24, False, False),  # ~4.6e14 FLOPs: short check, window not exercised
         (GEMMA2_9B_CONFIG, True, 4096 + 64, True, True),  # --long-check
         ({**NARROW_WINDOW_CONFIG, "sliding_window": 8}, False, 14, True, False),  # the tiny fixture: short check
+        ({**NARROW_WINDOW_CONFIG, "sliding_window": None}, True, 24, False, False),  # no window to pass
     ],
 )
 def test_the_check_passes_the_window_when_affordable_or_forced(

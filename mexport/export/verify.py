@@ -136,15 +136,18 @@ class CheckPlan:
 
 
 def plan_check(config: dict[str, Any], long_check: bool = False) -> CheckPlan:
-    """Short check when the window fits in MAX_VALIDATION_TOKENS; else the long one when affordable or forced."""
+    """Short check when the window fits in MAX_VALIDATION_TOKENS; else the long one when affordable or forced; else
+    (or without a window) SHORT_VALIDATION_TOKENS, the window not exercised."""
     window = config.get("sliding_window")
-    short = (window or MAX_VALIDATION_TOKENS) + PAST_WINDOW_TOKENS
-    if short <= MAX_VALIDATION_TOKENS:
+    if window and window + PAST_WINDOW_TOKENS <= MAX_VALIDATION_TOKENS:
+        short = window + PAST_WINDOW_TOKENS
         return CheckPlan(short, True, 0, None, LONG_CHECK_PASSES * forward_flops(config, short), False)
-    long = window + LONG_PAST_WINDOW_TOKENS
-    flops = LONG_CHECK_PASSES * forward_flops(config, long)
-    if long_check or flops <= LONG_CHECK_FLOPS:
-        return CheckPlan(long, True, COMPARED_TAIL, LONG_CHECK_CHUNK, flops, long_check and flops > LONG_CHECK_FLOPS)
+    if window:
+        long = window + LONG_PAST_WINDOW_TOKENS
+        flops = LONG_CHECK_PASSES * forward_flops(config, long)
+        if long_check or flops <= LONG_CHECK_FLOPS:
+            forced = long_check and flops > LONG_CHECK_FLOPS
+            return CheckPlan(long, True, COMPARED_TAIL, LONG_CHECK_CHUNK, flops, forced)
     short_flops = LONG_CHECK_PASSES * forward_flops(config, SHORT_VALIDATION_TOKENS)
     return CheckPlan(SHORT_VALIDATION_TOKENS, False, 0, None, short_flops, False)
 
