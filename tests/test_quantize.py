@@ -28,9 +28,11 @@ pytestmark = pytest.mark.slow
 ELEMENT_TYPES = {"fp8": onnx.TensorProto.FLOAT8E4M3FN, "int8": onnx.TensorProto.INT8, "int4": onnx.TensorProto.INT4}
 LAYERS_PER_BLOCK = 7  # q, k, v, o, gate, up, down
 LM_HEAD = "/lm_head/MatMul"
-# top-1 agreement with the export on random prompts, measured 0.95 / 0.92-0.95 / 0.85-0.90 / 0.53-0.60 on the
-# tiny fixture (whose near-flat next-token distributions make top-1 fragile); floors leave room for seeds
-MIN_TOP1 = {"int8-wo": 0.85, "int8-sq": 0.8, "fp8": 0.75, "int4-wo": 0.35}
+# top-1 agreement with the export on random prompts, measured 0.95 / 0.86-0.89 / 0.73-0.76 / 0.47 (fp32 and bf16
+# exports) on the tiny fixture since it carries the 9B's head_dim 32 != hidden / heads and query_pre_attn_scalar
+# (0.95 / 0.92-0.95 / 0.85-0.90 / 0.53-0.60 before); its near-flat next-token distributions make top-1 fragile;
+# floors leave room for seeds
+MIN_TOP1 = {"int8-wo": 0.85, "int8-sq": 0.8, "fp8": 0.65, "int4-wo": 0.35}
 runner = CliRunner()
 
 
