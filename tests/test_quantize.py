@@ -332,10 +332,11 @@ def test_bounded_calibration_session_gives_the_folded_statistics(
     monkeypatch.setattr(ort, "LOW_MEMORY_MIN_BYTES", 0)  # the size rule OrtDecoder applies picks the bounded path
     by_size = stats()
     assert len(bounded_graphs) == 2
-    # gate/up/down (32 KiB in fp32) of each of the 4 layers run in two slices of 16 KiB
+    # q/o (64 x 4 heads x 32) and gate/up/down, 32 KiB each in fp32, of each of the 4 layers run in two slices of
+    # 16 KiB (k/v, 16 KiB, in one)
     nodes = bounded_graphs[0].graph.node
     weight_slices = [node for node in nodes if node.op_type == "Slice" and upcast.SLICE_SUFFIX in node.output[0]]
-    assert len(weight_slices) == 4 * 3 * 2
+    assert len(weight_slices) == 4 * 5 * 2
     for bounded in (forced, by_size):
         assert bounded.keys() == folded.keys()
         for tensor, expected in folded.items():
