@@ -157,13 +157,15 @@ def test_manifest_io_signature_matches_the_graph(tiny_export_fp32: Path) -> None
     names = [entry["name"] for entry in io["inputs"]]
     assert names[:3] == ["input_ids", "attention_mask", "position_ids"]
     layers = manifest["model_config"]["num_hidden_layers"]
-    assert names[3:] == [f"past_key_values.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+    past = [f"past_key_values.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+    assert names[3:] == [*past, "logits_indices"]
     by_name = {entry["name"]: entry for entry in io["inputs"] + io["outputs"]}
     assert by_name["attention_mask"]["shape"] == ["batch_size", "past_sequence_length + sequence_length"]
     assert by_name["past_key_values.0.key"] == {
         "name": "past_key_values.0.key", "dtype": "float32", "shape": ["batch_size", 2, "past_sequence_length", 32]
     }
-    assert by_name["logits"]["shape"] == ["batch_size", "sequence_length", 1024]
+    assert by_name["logits_indices"] == {"name": "logits_indices", "dtype": "int64", "shape": ["logits_length"]}
+    assert by_name["logits"]["shape"] == ["batch_size", "logits_length", 1024]
     graph = onnx.load(str(tiny_export_fp32 / "model.onnx"), load_external_data=False).graph
     assert [v.name for v in graph.input] == names
     assert [v.name for v in graph.output] == [entry["name"] for entry in io["outputs"]]
