@@ -54,20 +54,41 @@ def test_fp32_export_matches_pytorch_past_the_window(tiny_export_fp32: Path) -> 
         assert case["top1_agreement"] == 1.0
 
 
-def test_window_4096_fixture_is_checked_past_its_window(tmp_path: Path) -> None:
-    """The 9B's window on a narrow 2-layer model: the export check runs 4,160 tokens (chunked prefill included)."""
+@pytest.fixture(scope="module")
+def window_export(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     from mexport.export import export_onnx
     from mexport.fixtures import write_fixture
 
-    checkpoint = write_fixture("window-gemma2", tmp_path / "window-gemma2")
-    validation = export_onnx(checkpoint, tmp_path / "out", dtype="bf16").validation
-    assert validation is not None and validation["status"] == "passed"
+    checkpoint = write_fixture("window-gemma2", tmp_path_factory.mktemp("ckpt") / "window-gemma2")
+    out = tmp_path_factory.mktemp("export") / "window-bf16"
+    export_onnx(checkpoint, out, dtype="bf16")
+    return checkpoint, out
+
+
+def test_window_4096_fixture_is_checked_past_its_window(window_export: tuple[Path, Path]) -> None:
+    """The 9B's window on a narrow 2-layer model: the export check runs 4,160 tokens (chunked prefill included)."""
+    validation = _manifest(window_export[1])["validation"]
+    assert validation["status"] == "passed"
     inputs = validation["inputs"]
     assert inputs["window_exercised"] and not inputs["long_check_forced"]
     assert inputs["sliding_window"] == 4096 and inputs["sequence_length"] == 4160
     assert inputs["decode_prompt"] + inputs["decode_steps"] == 4160 and inputs["decode_prompt"] > 4096
     assert inputs["prefill_chunk"] == 1024 and inputs["compared_positions"] == 96
     assert validation["max_abs"] <= validation["tolerance"]["max_abs"] == 1e-4
+
+
+def test_the_long_check_sees_a_window_off_by_32(window_export: tuple[Path, Path], tmp_path: Path) -> None:
+    """A reference whose window is 4064 instead of the graph's 4096 fails the check: a wrong traced sliding mask
+    (a transformers upgrade changing the masking code) would be caught the same way."""
+    from mexport.export.verify import validate_export
+
+    checkpoint, export = window_export
+    shifted = shutil.copytree(checkpoint, tmp_path / "shifted")
+    config = json.loads((shifted / "config.json").read_text())
+    (shifted / "config.json").write_text(json.dumps({**config, "sliding_window": 4096 - 32}))
+    summary = validate_export(shifted, export, "bf16", "cpu")
+    assert summary["status"] == "failed" and summary["inputs"]["window_exercised"]
+    assert summary["cases"]["prefill"]["max_abs"] > 10 * summary["tolerance"]["max_abs"]
 
 
 def test_fp32_greedy_generation_equals_pytorch(tiny_checkpoint: Path, tiny_export_fp32: Path) -> None:
