@@ -14,7 +14,7 @@ Memory: each side holds the weights once, as stored. The PyTorch reference keeps
 (memory-mapped) and upcasts them module by module when it computes in fp32
 (:class:`~mexport.runtime.torch_runtime.TorchDecoder` ``upcast_at_run_time``); ONNX Runtime runs a large bf16 export
 with its weights memory-mapped and cast per node (:class:`~mexport.runtime.ort.OrtDecoder` low-memory mode). Measured
-by bench/export_memory.py at full width, peak RSS of export + validation / bf16 checkpoint: 1.37 with 2 layers
+by bench/export_memory.py at full width, peak RSS of export + validation / bf16 checkpoint: 1.45 with 2 layers
 (2.63 GB; 4.58 when both sides held fp32 weights), 1.23 with 8 layers (5.01 GB): the weights plus ~1 GB.
 
 Tolerances depend on what is actually computed. Where ONNX Runtime computes in fp32 (fp32 exports; bf16/fp16
