@@ -157,24 +157,26 @@ def test_manifest_io_signature_matches_the_graph(tiny_export_fp32: Path) -> None
     names = [entry["name"] for entry in io["inputs"]]
     assert names[:3] == ["input_ids", "attention_mask", "position_ids"]
     layers = manifest["model_config"]["num_hidden_layers"]
-    assert names[3:] == [f"past_key_values.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+    past = [f"past_key_values.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+    assert names[3:] == [*past, "logits_indices"]
     by_name = {entry["name"]: entry for entry in io["inputs"] + io["outputs"]}
     assert by_name["attention_mask"]["shape"] == ["batch_size", "past_sequence_length + sequence_length"]
     assert by_name["past_key_values.0.key"] == {
-        "name": "past_key_values.0.key", "dtype": "float32", "shape": ["batch_size", 2, "past_sequence_length", 16]
+        "name": "past_key_values.0.key", "dtype": "float32", "shape": ["batch_size", 2, "past_sequence_length", 32]
     }
-    assert by_name["logits"]["shape"] == ["batch_size", "sequence_length", 1024]
+    assert by_name["logits_indices"] == {"name": "logits_indices", "dtype": "int64", "shape": ["logits_length"]}
+    assert by_name["logits"]["shape"] == ["batch_size", "logits_length", 1024]
     graph = onnx.load(str(tiny_export_fp32 / "model.onnx"), load_external_data=False).graph
     assert [v.name for v in graph.input] == names
     assert [v.name for v in graph.output] == [entry["name"] for entry in io["outputs"]]
-    assert manifest["model_config"]["parameter_count"] == 214080
+    assert manifest["model_config"]["parameter_count"] == 263232
 
 
 def test_validation_memory_is_one_copy_of_the_larger_weights(tiny_checkpoint: Path) -> None:
     from mexport.export.verify import VALIDATION_OVERHEAD_BYTES, validation_memory_bytes
 
     checkpoint = resolve_checkpoint(tiny_checkpoint)  # bf16
-    parameters = 214080
+    parameters = 263232
     overhead = VALIDATION_OVERHEAD_BYTES
     assert validation_memory_bytes(checkpoint, "bf16") == int(1.1 * checkpoint.weight_bytes) + overhead
     assert validation_memory_bytes(checkpoint, "fp32") == int(1.1 * 4 * parameters) + overhead  # the fp32 export
@@ -213,3 +215,42 @@ def test_tolerance_follows_what_is_computed(dtype: str, compute: str, hidden_siz
 
     tolerance = tolerance_for(dtype, compute, hidden_size)
     assert tolerance == (ROUNDED_SCALE_TOLERANCE if expected == "rounded" else TOLERANCES[expected])
+
+
+GEMMA2_9B_CONFIG = {
+    "num_hidden_layers": 42, "hidden_size": 3584, "intermediate_size": 14336, "num_attention_heads": 16,
+    "num_key_value_heads": 8, "head_dim": 256, "sliding_window": 4096,
+}
+NARROW_WINDOW_CONFIG = {
+    "num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "head_dim": 32, "sliding_window": 4096,
+}
+
+
+def test_forward_flops_counts_projections_mlp_and_attention() -> None:
+    from mexport.export.verify import forward_flops
+
+    # q,k,v,o: 64 x 32 x (4 + 4 + 2 + 2); MLP: 3 x 64 x 128; scores and weighted sum: 2 x 2 x 4 heads x 32 x S^2
+    per_token = 64 * 32 * 12 + 3 * 64 * 128
+    assert forward_flops(NARROW_WINDOW_CONFIG, 10) == 2 * 2 * 10 * per_token + 4 * 2 * 4 * 32 * 100
+
+
+@pytest.mark.parametrize(
+    ("config", "long_check", "length", "exercised", "forced"),
+    [
+        (NARROW_WINDOW_CONFIG, False, 4096 + 64, True, False),  # ~1.1e11 FLOPs: within the budget
+        (GEMMA2_9B_CONFIG, False, 24, False, False),  # ~4.6e14 FLOPs: short check, window not exercised
+        (GEMMA2_9B_CONFIG, True, 4096 + 64, True, True),  # --long-check
+        ({**NARROW_WINDOW_CONFIG, "sliding_window": 8}, False, 14, True, False),  # the tiny fixture: short check
+        ({**NARROW_WINDOW_CONFIG, "sliding_window": None}, True, 24, False, False),  # no window to pass
+    ],
+)
+def test_the_check_passes_the_window_when_affordable_or_forced(
+    config: dict, long_check: bool, length: int, exercised: bool, forced: bool
+) -> None:
+    from mexport.export.verify import LONG_CHECK_CHUNK, LONG_CHECK_FLOPS, plan_check
+
+    plan = plan_check(config, long_check)
+    assert (plan.length, plan.window_exercised, plan.forced) == (length, exercised, forced)
+    assert (plan.estimated_flops > LONG_CHECK_FLOPS) == (config is GEMMA2_9B_CONFIG)
+    assert plan.prefill_chunk == (LONG_CHECK_CHUNK if length > 64 else None)

@@ -16,7 +16,8 @@ runner = CliRunner()
 def test_onnx_help_lists_the_options() -> None:
     result = runner.invoke(app, ["onnx", "--help"], terminal_width=200)
     assert result.exit_code == 0
-    for option in ("--output", "--dtype", "--opset", "--revision", "--device", "--no-validate", "--overwrite", "--json"):
+    options = ("--output", "--dtype", "--opset", "--revision", "--device", "--no-validate", "--overwrite", "--json")
+    for option in (*options, "--full-logits", "--long-check"):
         assert option in result.output
     assert "Export a Gemma2 checkpoint to ONNX" in result.output
 

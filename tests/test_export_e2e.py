@@ -54,6 +54,43 @@ def test_fp32_export_matches_pytorch_past_the_window(tiny_export_fp32: Path) -> 
         assert case["top1_agreement"] == 1.0
 
 
+@pytest.fixture(scope="module")
+def window_export(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    from mexport.export import export_onnx
+    from mexport.fixtures import write_fixture
+
+    checkpoint = write_fixture("window-gemma2", tmp_path_factory.mktemp("ckpt") / "window-gemma2")
+    out = tmp_path_factory.mktemp("export") / "window-bf16"
+    export_onnx(checkpoint, out, dtype="bf16")
+    return checkpoint, out
+
+
+def test_window_4096_fixture_is_checked_past_its_window(window_export: tuple[Path, Path]) -> None:
+    """The 9B's window on a narrow 2-layer model: the export check runs 4,160 tokens (chunked prefill included)."""
+    validation = _manifest(window_export[1])["validation"]
+    assert validation["status"] == "passed"
+    inputs = validation["inputs"]
+    assert inputs["window_exercised"] and not inputs["long_check_forced"]
+    assert inputs["sliding_window"] == 4096 and inputs["sequence_length"] == 4160
+    assert inputs["decode_prompt"] + inputs["decode_steps"] == 4160 and inputs["decode_prompt"] > 4096
+    assert inputs["prefill_chunk"] == 1024 and inputs["compared_positions"] == 96
+    assert validation["max_abs"] <= validation["tolerance"]["max_abs"] == 1e-4
+
+
+def test_the_long_check_sees_a_window_off_by_32(window_export: tuple[Path, Path], tmp_path: Path) -> None:
+    """A reference whose window is 4064 instead of the graph's 4096 fails the check: a wrong traced sliding mask
+    (a transformers upgrade changing the masking code) would be caught the same way."""
+    from mexport.export.verify import validate_export
+
+    checkpoint, export = window_export
+    shifted = shutil.copytree(checkpoint, tmp_path / "shifted")
+    config = json.loads((shifted / "config.json").read_text())
+    (shifted / "config.json").write_text(json.dumps({**config, "sliding_window": 4096 - 32}))
+    summary = validate_export(shifted, export, "bf16", "cpu")
+    assert summary["status"] == "failed" and summary["inputs"]["window_exercised"]
+    assert summary["cases"]["prefill"]["max_abs"] > 10 * summary["tolerance"]["max_abs"]
+
+
 def test_fp32_greedy_generation_equals_pytorch(tiny_checkpoint: Path, tiny_export_fp32: Path) -> None:
     """Independent of the exporter's own validation: same greedy tokens from both runtimes."""
     from mexport.runtime.ort import OrtDecoder
@@ -109,6 +146,23 @@ def test_bf16_gelu_is_traced_in_fp32_as_pytorch_computes_it(tiny_export_bf16: Pa
     values = sorted(float(numpy_helper.to_array(tensor)) for tensor in constants)
     np.testing.assert_allclose(values, [0.044715, 0.5, np.sqrt(2 / np.pi), 1.0], rtol=1e-7)  # not 0.0447, 0.797
     assert "Cast" not in {node.op_type for node in activation(tiny_export_fp32)}  # fp32 traces are left as they were
+
+
+def test_bf16_attention_scale_is_an_fp32_multiply(tiny_export_bf16: Path) -> None:
+    """query_pre_attn_scalar 28 (not head_dim 32): 28**-0.5 is not exact in bf16, so it must stay fp32 in the graph."""
+    import onnx
+    from onnx import TensorProto, numpy_helper
+
+    graph = onnx.load(str(tiny_export_bf16 / "model.onnx"), load_external_data=False).graph
+    constants = {node.output[0]: node.attribute[0].t for node in graph.node if node.op_type == "Constant"}
+    scales = [
+        constants[name] for node in graph.node if node.op_type == "Mul" and "self_attn" in node.name
+        for name in node.input if name in constants and constants[name].dims == []
+        and abs(float(numpy_helper.to_array(constants[name])) - 28**-0.5) < 1e-3
+    ]
+    assert len(scales) == 4  # one per layer
+    assert {tensor.data_type for tensor in scales} == {TensorProto.FLOAT}
+    np.testing.assert_allclose([float(numpy_helper.to_array(t)) for t in scales], 28**-0.5, rtol=1e-7)
 
 
 def test_wide_bf16_stores_the_embedding_once_in_one_file(wide_checkpoint: Path, wide_export_bf16: Path) -> None:

@@ -28,9 +28,11 @@ pytestmark = pytest.mark.slow
 ELEMENT_TYPES = {"fp8": onnx.TensorProto.FLOAT8E4M3FN, "int8": onnx.TensorProto.INT8, "int4": onnx.TensorProto.INT4}
 LAYERS_PER_BLOCK = 7  # q, k, v, o, gate, up, down
 LM_HEAD = "/lm_head/MatMul"
-# top-1 agreement with the export on random prompts, measured 0.95 / 0.92-0.95 / 0.85-0.90 / 0.53-0.60 on the
-# tiny fixture (whose near-flat next-token distributions make top-1 fragile); floors leave room for seeds
-MIN_TOP1 = {"int8-wo": 0.85, "int8-sq": 0.8, "fp8": 0.75, "int4-wo": 0.35}
+# top-1 agreement with the export on random prompts, measured 0.95 / 0.86-0.89 / 0.73-0.76 / 0.47 (fp32 and bf16
+# exports) on the tiny fixture since it carries the 9B's head_dim 32 != hidden / heads and query_pre_attn_scalar
+# (0.95 / 0.92-0.95 / 0.85-0.90 / 0.53-0.60 before); its near-flat next-token distributions make top-1 fragile;
+# floors leave room for seeds
+MIN_TOP1 = {"int8-wo": 0.85, "int8-sq": 0.8, "fp8": 0.65, "int4-wo": 0.35}
 runner = CliRunner()
 
 
@@ -330,10 +332,11 @@ def test_bounded_calibration_session_gives_the_folded_statistics(
     monkeypatch.setattr(ort, "LOW_MEMORY_MIN_BYTES", 0)  # the size rule OrtDecoder applies picks the bounded path
     by_size = stats()
     assert len(bounded_graphs) == 2
-    # gate/up/down (32 KiB in fp32) of each of the 4 layers run in two slices of 16 KiB
+    # q/o (64 x 4 heads x 32) and gate/up/down, 32 KiB each in fp32, of each of the 4 layers run in two slices of
+    # 16 KiB (k/v, 16 KiB, in one)
     nodes = bounded_graphs[0].graph.node
     weight_slices = [node for node in nodes if node.op_type == "Slice" and upcast.SLICE_SUFFIX in node.output[0]]
-    assert len(weight_slices) == 4 * 3 * 2
+    assert len(weight_slices) == 4 * 5 * 2
     for bounded in (forced, by_size):
         assert bounded.keys() == folded.keys()
         for tensor, expected in folded.items():

@@ -3,7 +3,7 @@
 Backends: PyTorch fp32 (an fp32 copy of the weights, or the bf16 weights upcast at run time); ORT fp32; ORT bf16 with
 fp32 compute (CPU emulation: casts folded at load, or the low-memory session casting weights per node); ORT fp16 with
 native fp16 compute, which takes the code path GPUs take (low-precision cache OrtValues, logits cast to float32 in
-the graph). The run-time upcasts use slices small enough that the tiny fixture's weights are cut in several. The
+the graph); ORT fp32 of a ``--full-logits`` export (no ``logits_indices`` input: the runtime slices). The run-time upcasts use slices small enough that the tiny fixture's weights are cut in several. The
 tiny fixture's sliding window is 8, so every sequence here runs past it: cache handling of sliding-window layers is
 exercised in step decoding, padding and cache repetition.
 """
@@ -19,7 +19,10 @@ import pytest
 
 from mexport.runtime.base import DecoderRuntime
 
-RUNTIMES = ["torch-fp32", "torch-fp32-upcast", "ort-fp32", "ort-bf16", "ort-bf16-low-memory", "ort-fp16-native"]
+RUNTIMES = [
+    "torch-fp32", "torch-fp32-upcast", "ort-fp32", "ort-bf16", "ort-bf16-low-memory", "ort-fp16-native",
+    "ort-fp32-full-logits",
+]
 # different chunkings / batchings only reorder sums: tiny differences in fp32, fp16 rounding in fp16
 ATOL = {runtime: 2e-2 if runtime == "ort-fp16-native" else 1e-4 for runtime in RUNTIMES}
 SLICE_BYTES = 16 << 10  # 16 slices of the 1024 x 64 embedding in fp32
@@ -31,6 +34,15 @@ def tiny_export_fp16(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: 
 
     out = tmp_path_factory.mktemp("export") / "tiny-fp16"
     export_onnx(tiny_checkpoint, out, dtype="fp16", validate=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_export_full_logits(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> Path:
+    from mexport.export import export_onnx
+
+    out = tmp_path_factory.mktemp("export") / "tiny-fp32-full-logits"
+    export_onnx(tiny_checkpoint, out, dtype="fp32", full_logits=True, validate=False)
     return out
 
 
@@ -50,6 +62,8 @@ def backend(request: pytest.FixtureRequest, tiny_checkpoint: Path) -> Iterator[B
         decoder: DecoderRuntime = TorchDecoder(tiny_checkpoint, dtype="fp32", upcast_at_run_time=upcast_at_run_time)
     elif request.param == "ort-fp16-native":
         decoder = OrtDecoder(request.getfixturevalue("tiny_export_fp16"), fp32_compute=False)
+    elif request.param == "ort-fp32-full-logits":
+        decoder = OrtDecoder(request.getfixturevalue("tiny_export_full_logits"))
     else:
         export = request.getfixturevalue(f"tiny_export_{request.param.split('-')[1]}")
         decoder = OrtDecoder(export, low_memory=request.param.endswith("low-memory"))
@@ -90,6 +104,43 @@ def test_step_decoding_past_the_sliding_window_matches_full_forward(backend: Bac
     full, _ = runtime.forward(ids, np.ones_like(ids))
     stepped = decode_in_chunks(runtime, ids, [5, 3, 3, 1, 1, 1, 6])
     np.testing.assert_allclose(stepped, full, atol=backend.atol, rtol=0)
+
+
+@pytest.mark.parametrize("keep", [1, 3, 20])
+def test_logits_to_keep_returns_the_trailing_rows_of_the_full_forward(backend: Backend, keep: int) -> None:
+    runtime = backend.runtime
+    ids = token_ids(20, 2)
+    full, full_past = runtime.forward(ids, np.ones_like(ids))
+    lean, lean_past = runtime.forward(ids, np.ones_like(ids), logits_to_keep=keep)
+    assert lean.shape == (1, keep, runtime.spec.vocab_size)
+    np.testing.assert_allclose(lean, full[:, -keep:], atol=backend.atol, rtol=0)
+    step = np.array([[5]], dtype=np.int64)
+    mask = np.ones((1, 21), dtype=np.int64)  # the cache is the same whatever logits were kept
+    np.testing.assert_allclose(
+        runtime.forward(step, mask, lean_past)[0], runtime.forward(step, mask, full_past)[0], atol=backend.atol, rtol=0
+    )
+
+
+@pytest.mark.parametrize(("chunk", "keep"), [(4, 0), (4, 1), (6, 9), (7, 20)])
+def test_chunked_prefill_matches_one_shot_prefill(backend: Backend, chunk: int, keep: int) -> None:
+    """More new tokens than prefill_chunk run as chunks through the cache, with the same logits and cache; any length
+    is still accepted (limits.max_input_len stays None)."""
+    runtime = backend.runtime
+    ids = token_ids(20, 8)
+    one_shot, one_shot_past = runtime.forward(ids, np.ones_like(ids), logits_to_keep=keep)
+    runtime.prefill_chunk = chunk
+    try:
+        assert runtime.limits.max_input_len is None
+        chunked, chunked_past = runtime.forward(ids, np.ones_like(ids), logits_to_keep=keep)
+    finally:
+        runtime.prefill_chunk = None
+    assert chunked.shape == one_shot.shape == (1, keep or 20, runtime.spec.vocab_size)
+    np.testing.assert_allclose(chunked, one_shot, atol=backend.atol, rtol=0)
+    step, mask = np.array([[9]], dtype=np.int64), np.ones((1, 21), dtype=np.int64)
+    np.testing.assert_allclose(
+        runtime.forward(step, mask, chunked_past)[0], runtime.forward(step, mask, one_shot_past)[0],
+        atol=backend.atol, rtol=0,
+    )
 
 
 def test_left_padded_rows_match_unpadded_singles(backend: Backend) -> None:
@@ -153,4 +204,4 @@ def test_native_fp16_keeps_the_cache_in_fp16(tiny_export_fp16: Path) -> None:
         _, past = decoder.forward(token_ids(5, 5), np.ones((1, 5), np.int64))
         repeated = decoder.repeat_past(past, 2)
     assert {value.data_type() for value in [*past, *repeated]} == {"tensor(float16)"}
-    assert {tuple(value.shape()) for value in repeated} == {(2, 2, 5, 16)}
+    assert {tuple(value.shape()) for value in repeated} == {(2, 2, 5, 32)}

@@ -38,10 +38,10 @@ def test_empty_past_is_sized_by_kv_heads(request: pytest.FixtureRequest, export:
         past = decoder.empty_past(3)
         assert len(past) == 2 * decoder.spec.num_layers
         # (batch, num_key_value_heads=2, 0, head_dim): the query-head count (4) would not fit the graph
-        assert {tuple(value.shape()) for value in past} == {(3, 2, 0, 16)}
+        assert {tuple(value.shape()) for value in past} == {(3, 2, 0, 32)}
         assert {value.data_type() for value in past} == {"tensor(float)"}  # bf16 runs emulated in fp32 on CPU
         _, present = decoder.forward(IDS[:, :5], MASK[:, :5])
-        assert {tuple(value.shape()) for value in present} == {(2, 2, 5, 16)}
+        assert {tuple(value.shape()) for value in present} == {(2, 2, 5, 32)}
 
 
 def test_fp32_export_matches_pytorch(tiny_export_fp32: Path, torch_logits: dict[str, np.ndarray]) -> None:
@@ -102,6 +102,41 @@ def test_quantized_model_precision_names_its_recipe(tmp_path: Path, tiny_export_
     manifest.update(kind="quantize", recipe={"name": "int8-wo"})
     (model_dir / "mexport.json").write_text(json.dumps(manifest))
     assert OrtDecoder(model_dir).precision == "int8-wo Q/DQ weights over bf16, fp32 compute (CPU emulation)"
+
+
+def test_lean_graph_computes_only_the_rows_logits_indices_names(tiny_export_fp32: Path) -> None:
+    from mexport.optimize.quantize.calibration import prefill_feeds
+
+    manifest = json.loads((tiny_export_fp32 / "mexport.json").read_text())
+    by_name = {entry["name"]: entry for entry in manifest["io"]["inputs"] + manifest["io"]["outputs"]}
+    assert by_name["logits_indices"] == {"name": "logits_indices", "dtype": "int64", "shape": ["logits_length"]}
+    assert by_name["logits"]["shape"] == ["batch_size", "logits_length", 1024]
+    session = ort.InferenceSession(str(tiny_export_fp32 / "model.onnx"), providers=["CPUExecutionProvider"])
+    feeds = prefill_feeds(manifest, IDS[:1])
+    full = session.run(["logits"], feeds)[0]
+    assert full.shape == (1, 20, 1024)  # calibration feeds every position
+    for rows in ([19], [3, 10]):
+        feeds["logits_indices"] = np.array(rows, dtype=np.int64)
+        lean = session.run(["logits"], feeds)[0]
+        assert lean.shape == (1, len(rows), 1024)
+        np.testing.assert_allclose(lean, full[:, rows], atol=1e-5, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def quantized_bf16(tmp_path_factory: pytest.TempPathFactory, tiny_export_bf16: Path) -> Path:
+    from mexport.optimize.quantize import quantize
+
+    out = tmp_path_factory.mktemp("quantize") / "int8-sq"
+    return quantize(tiny_export_bf16, out, "int8-sq", calib_size=4, check_prompts=1, include_lm_head=True).output
+
+
+def test_quantized_lean_graph_keeps_logits_indices(quantized_bf16: Path) -> None:
+    with OrtDecoder(quantized_bf16) as decoder:
+        assert decoder.lean_logits
+        full, _ = decoder.forward(IDS, MASK)
+        last, _ = decoder.forward(IDS, MASK, logits_to_keep=1)
+    assert last.shape == (2, 1, 1024)
+    np.testing.assert_allclose(last, full[:, -1:], atol=1e-4, rtol=0)
 
 
 def test_bf16_without_fp32_compute_on_cpu_points_to_the_emulation(tiny_export_bf16: Path) -> None:
@@ -172,3 +207,56 @@ def test_bf16_export_runs_natively_on_cuda(tiny_export_bf16: Path, torch_logits:
     assert logits.dtype == np.float32
     np.testing.assert_array_equal(next_logits[0], next_logits[1])
     assert np.abs(logits - torch_logits["fp32"]).max() < 0.25  # bf16 compute: within bf16 rounding of fp32
+
+
+def test_cuda_refuses_nodes_without_a_cuda_kernel_naming_them(
+    quantized_bf16: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bf16 Q/DQ has no CUDA kernel: the session is never made (ORT would run those nodes on the CPU)."""
+    import mexport.runtime.ort as ort_module
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(ort_module, "external_data_session", lambda *args, **kwargs: pytest.fail("session made"))
+    with pytest.raises(MexportError) as caught:
+        OrtDecoder(quantized_bf16, device="cuda").activate()
+    message = caught.value.message
+    assert "CUDA provider has no kernel for" in message and "would silently run on the CPU" in message
+    assert "MatMul_weight_DequantizeLinear (DequantizeLinear: bfloat16 scales" in message and " more" in message
+    assert caught.value.hint is not None
+    assert "TensorRT engine" in caught.value.hint and "--backend-device cpu" in caught.value.hint
+
+
+def test_plain_exports_have_every_node_on_cuda(tiny_export_bf16: Path, tiny_export_fp32: Path) -> None:
+    import onnx
+
+    from mexport.runtime.cuda_kernels import cuda_unsupported_nodes
+
+    for export in (tiny_export_bf16, tiny_export_fp32):  # the bf16 graph's norms and rotary compute in fp32
+        assert cuda_unsupported_nodes(onnx.load(str(export / "model.onnx"), load_external_data=False)) == []
+
+
+@pytest.mark.parametrize(
+    ("op", "quantized", "scale", "opset", "blocked", "expected"),
+    [
+        ("DequantizeLinear", "float8e4m3fn", "float16", 19, False, None),
+        ("DequantizeLinear", "float8e4m3fn", "float32", 18, False, "float8e4m3fn at opset 18"),
+        ("DequantizeLinear", "int4", "float16", 21, True, None),
+        ("DequantizeLinear", "int8", "float32", 21, True, "blocked int8"),
+        ("QuantizeLinear", "int8", "bfloat16", 21, False, "bfloat16 scales"),
+    ],
+)
+def test_qdq_kernel_table(op: str, quantized: str, scale: str, opset: int, blocked: bool, expected: str | None) -> None:
+    from mexport.runtime.cuda_kernels import qdq_gap
+
+    gap = qdq_gap(op, quantized, scale, opset, blocked)
+    assert gap is None if expected is None else (gap is not None and gap.startswith(expected))
+
+
+def test_recipes_the_cuda_provider_can_run() -> None:
+    from mexport.runtime.cuda_kernels import cuda_supported_recipes
+
+    assert cuda_supported_recipes("fp16") == {"fp8": None, "int8-sq": None, "int8-wo": None, "int4-wo": None}
+    assert cuda_supported_recipes("fp32") == cuda_supported_recipes("fp16")
+    bf16 = cuda_supported_recipes("bf16")
+    assert set(bf16) == {"fp8", "int8-sq", "int8-wo", "int4-wo"}
+    assert all(reason is not None and reason.startswith("bfloat16 scales") for reason in bf16.values())

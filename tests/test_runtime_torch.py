@@ -23,7 +23,7 @@ def test_dtype_defaults_to_the_checkpoint_dtype(tiny_checkpoint: Path) -> None:
 def test_spec_comes_from_the_config(tiny_checkpoint: Path) -> None:
     spec = TorchDecoder(tiny_checkpoint).spec
     assert spec == DecoderSpec(
-        num_layers=4, num_kv_heads=2, head_dim=16, vocab_size=1024, sliding_window=8, max_context=512
+        num_layers=4, num_kv_heads=2, head_dim=32, vocab_size=1024, sliding_window=8, max_context=512
     )
 
 

@@ -46,6 +46,12 @@ def onnx_export(
     untie_embeddings: bool = typer.Option(
         False, "--untie-embeddings", help="Store the LM head as its own transposed matrix (tied models store it once)."
     ),
+    full_logits: bool = typer.Option(
+        False, "--full-logits", help="Compute logits at every position (default: only where logits_indices asks)."
+    ),
+    long_check: bool = typer.Option(
+        False, "--long-check", help="Check past the sliding window even when that run is costly (GPU or patience)."
+    ),
     as_json: bool = json_option(),
 ) -> None:
     """Export a Gemma2 checkpoint to ONNX (text generation with KV cache) and check its logits against PyTorch.
@@ -58,7 +64,7 @@ def onnx_export(
 
     result = export_onnx(
         model, output, dtype=dtype, opset=opset, revision=revision, device=device, validate=not no_validate,
-        overwrite=overwrite, untie_embeddings=untie_embeddings,
+        overwrite=overwrite, untie_embeddings=untie_embeddings, full_logits=full_logits, long_check=long_check,
     )
     if as_json:
         emit_json(result.manifest)

@@ -136,8 +136,14 @@ def export_onnx(
     validate: bool = True,
     overwrite: bool = False,
     untie_embeddings: bool = False,
+    full_logits: bool = False,
+    long_check: bool = False,
 ) -> ExportResult:
     """Export checkpoint ``model`` (local dir or hub id) to ``output``: model.onnx + model.onnx.data + manifest.
+
+    The graph computes logits only at the positions its ``logits_indices`` input names (see
+    :func:`~mexport.export.graph.trace_graph`) unless ``full_logits``. ``long_check`` runs the check past the
+    sliding window even when its estimated cost is over the budget (see :mod:`mexport.export.verify`).
 
     Raises :class:`ValidationFailedError` (after writing the manifest with status "failed") when the logits
     differ from PyTorch beyond the dtype's tolerance.
@@ -155,7 +161,7 @@ def export_onnx(
 
     clock = time.perf_counter()
     with console.phase(f"tracing {checkpoint.path.name} ({dtype}, opset {opset})"):
-        traced = trace_graph(checkpoint.path, dtype, opset)
+        traced = trace_graph(checkpoint.path, dtype, opset, full_logits)
     stored, sources, data_bytes = _plan(checkpoint, traced, dtype, untie_embeddings)
     timings["trace_s"] = time.perf_counter() - clock
     check_free_space(
@@ -205,7 +211,10 @@ def export_onnx(
                     for file in checkpoint.weight_files
                 },
             },
-            export={"untie_embeddings": untie_embeddings, "device": device, "fp16_overflow_probe": overflow_probe},
+            export={
+                "untie_embeddings": untie_embeddings, "full_logits": full_logits, "device": device,
+                "fp16_overflow_probe": overflow_probe,
+            },
             timings=timings,
             validation=None,
         )
@@ -213,7 +222,7 @@ def export_onnx(
         write_manifest(staging, manifest)
         if validate:
             clock = time.perf_counter()
-            summary = validate_export(checkpoint.path, staging, dtype, device)
+            summary = validate_export(checkpoint.path, staging, dtype, device, long_check=long_check)
             timings["validate_s"] = time.perf_counter() - clock
             manifest.update(status=summary["status"], validation=summary)
         timings["total_s"] = time.perf_counter() - started

@@ -11,7 +11,10 @@ bf16 / fp16 traces: PyTorch computes a low-precision GELU in fp32 ("opmath": upc
 the result), but the TorchScript exporter decomposes it into ops of the input dtype, baking sqrt(2/pi) and 0.044715 in
 as bf16 constants (0.797 and 0.0447: ~0.1% off, in every MLP). :func:`_gelu_in_opmath` makes the trace say what
 PyTorch does: Cast to fp32, the GELU with exact constants, Cast back (plain ops any runtime, TensorRT included, runs).
-Constants PyTorch itself keeps in the model dtype stay so (Gemma's sqrt(hidden) embedding scale).
+Constants PyTorch itself keeps in the model dtype stay so (Gemma's sqrt(hidden) embedding scale). The attention scale
+``query_pre_attn_scalar ** -0.5`` is the same case as GELU: PyTorch multiplies the bf16 scores by it in fp32, the trace
+would bake it as a bf16 constant (224**-0.5 of the 9B, 28**-0.5 of the tiny fixture: up to 0.2% off in every score);
+:func:`_attention_scale_in_opmath` traces Cast, fp32 Mul, Cast.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ from mexport.formats import (
     EXPORT_DTYPES,
     LARGE_ALIGNMENT,
     LARGE_TENSOR_BYTES,
+    LOGITS_INDICES,
+    LOGITS_LENGTH_AXIS,
     ONNX_ELEMENT_TYPES,
     SMALL_ALIGNMENT,
     TRANSPOSED_SUFFIX,
@@ -104,6 +109,26 @@ def _gelu_in_opmath(torch: Any, model: Any) -> None:
             module.act = functools.partial(_activation_in_fp32, activation)
 
 
+class _OpmathScale:
+    """An attention scale that multiplies a low-precision tensor in fp32 and rounds once, as PyTorch's opmath does.
+
+    transformers' eager attention computes ``scores * module.scaling``; a Python float would be traced as a constant
+    of the scores' dtype. A tensor's ``__mul__`` refuses this object, so Python calls :meth:`__rmul__`."""
+
+    def __init__(self, value: float) -> None:
+        self.value = value
+
+    def __rmul__(self, tensor: Any) -> Any:
+        return (tensor.float() * self.value).to(tensor.dtype)
+
+
+def _attention_scale_in_opmath(model: Any) -> None:
+    """Trace each attention's ``scaling`` of a bf16 / fp16 model as an fp32 multiply between casts."""
+    for module in model.modules():
+        if isinstance(getattr(module, "scaling", None), float):
+            module.scaling = _OpmathScale(module.scaling)
+
+
 def _weightless_model(checkpoint_dir: Path, dtype: str) -> Any:
     """The causal LM built from config with lazily-committed zero parameters (tied ones stay one object)."""
     torch = require("torch", "tracing the model")
@@ -127,6 +152,7 @@ def _weightless_model(checkpoint_dir: Path, dtype: str) -> Any:
         raise RuntimeError(f"buffers left on the meta device after rebuilding: {meta_buffers}")
     if dtype != "fp32":
         _gelu_in_opmath(torch, model)
+        _attention_scale_in_opmath(model)
     return model.eval()
 
 
@@ -163,8 +189,14 @@ def _shape_inference_without_weight_values(torch: Any) -> Iterator[None]:
         torch._C._jit_pass_onnx_graph_shape_type_inference = original
 
 
-def trace_graph(checkpoint_dir: Path, dtype: str, opset: int) -> TracedGraph:
-    """Trace the decoder (task text-generation-with-past, position_ids input) to a weightless ONNX graph."""
+def trace_graph(checkpoint_dir: Path, dtype: str, opset: int, full_logits: bool = False) -> TracedGraph:
+    """Trace the decoder (task text-generation-with-past, position_ids input) to a weightless ONNX graph.
+
+    Lean (default): an int64 input ``logits_indices`` ["logits_length"] names the positions among the new tokens
+    whose logits are computed, so ``logits`` is [batch, logits_length, vocab] (transformers' tensor
+    ``logits_to_keep``: a Gather before the LM head). A prefill that needs the next token pays for one row of
+    ``vocab`` logits, not ``sequence_length`` rows. ``full_logits``: the LM head over every position, as before.
+    """
     torch = require("torch", "tracing the model")
     onnx = require("onnx", "building the ONNX graph")
     model = _weightless_model(checkpoint_dir, dtype)
@@ -175,19 +207,28 @@ def trace_graph(checkpoint_dir: Path, dtype: str, opset: int) -> TracedGraph:
     for key, value in (onnx_config.values_override or {}).items():
         setattr(model.config, key, value)
     dummy_inputs = onnx_config.rename_ambiguous_inputs(onnx_config.generate_dummy_inputs(framework="pt"))
+    inputs = onnx_config.ordered_inputs(model)
+    outputs = dict(onnx_config.outputs)
+    model_kwargs: dict[str, Any] = {"logits_to_keep": 0}
+    if not full_logits:
+        new_tokens = dummy_inputs["input_ids"].shape[1]
+        # logits_to_keep is the forward's last argument: the traced input comes after the cache inputs
+        dummy_inputs["logits_to_keep"] = torch.arange(new_tokens - 2, new_tokens)
+        inputs[LOGITS_INDICES] = {0: LOGITS_LENGTH_AXIS}
+        outputs["logits"] = {0: "batch_size", 1: LOGITS_LENGTH_AXIS}
+        model_kwargs = {}
     buffer = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # TracerWarnings about Python-constant shapes are expected here
-        with onnx_config.patch_model_for_export(model, model_kwargs={"logits_to_keep": 0}), \
+        with onnx_config.patch_model_for_export(model, model_kwargs=model_kwargs), \
                 _shape_inference_without_weight_values(torch):
-            inputs = onnx_config.ordered_inputs(model)
             torch.onnx.export(
                 model,
                 (dummy_inputs,),
                 f=buffer,
                 input_names=list(inputs),
-                output_names=list(onnx_config.outputs),
-                dynamic_axes={**inputs, **onnx_config.outputs},
+                output_names=list(outputs),
+                dynamic_axes={**inputs, **outputs},
                 opset_version=opset,
                 dynamo=False,
                 export_params=False,

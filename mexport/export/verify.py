@@ -3,13 +3,18 @@
 Three cases, all compared position by position with a PyTorch full-sequence forward of the same tokens:
 prefill longer than the sliding window; step-by-step decoding with the KV cache past the window; a left-padded
 batch of two prompts of different lengths then a few decode steps (each row against that row run alone, unpadded).
-The reference runs first and is freed before the ONNX Runtime session exists, so they never share RAM.
+The reference runs first and is freed before the ONNX Runtime session exists, so they never share RAM. The export's
+lean logits input is what every case exercises (all positions, or the compared tail).
+
+Past a long window (Gemma2's 4096) the check runs window + 64 tokens when :func:`plan_check` estimates it affordable
+(or ``long_check`` forces it): it compares the last positions around the window's edge, prefilling in chunks. A
+transformers upgrade can change the traced masking code; this is where a wrong sliding-window mask would show.
 
 Memory: each side holds the weights once, as stored. The PyTorch reference keeps the checkpoint's bf16 weights
 (memory-mapped) and upcasts them module by module when it computes in fp32
 (:class:`~mexport.runtime.torch_runtime.TorchDecoder` ``upcast_at_run_time``); ONNX Runtime runs a large bf16 export
 with its weights memory-mapped and cast per node (:class:`~mexport.runtime.ort.OrtDecoder` low-memory mode). Measured
-by bench/export_memory.py at full width, peak RSS of export + validation / bf16 checkpoint: 1.37 with 2 layers
+by bench/export_memory.py at full width, peak RSS of export + validation / bf16 checkpoint: 1.45 with 2 layers
 (2.63 GB; 4.58 when both sides held fp32 weights), 1.23 with 8 layers (5.01 GB): the weights plus ~1 GB.
 
 Tolerances depend on what is actually computed. Where ONNX Runtime computes in fp32 (fp32 exports; bf16/fp16
@@ -38,10 +43,21 @@ from mexport.fsutil import format_bytes
 from mexport.lazy import require
 
 FP16_MAX = 65504.0
-# the longest validation sequence; a sliding window longer than this is not exercised (large real models on CPU)
+# short check: every position compared; used whole when the window fits in it
 MAX_VALIDATION_TOKENS = 64
 SHORT_VALIDATION_TOKENS = 24
 PAST_WINDOW_TOKENS = 6
+# long check (a window longer than the short check, e.g. Gemma2's 4096): window + LONG_PAST_WINDOW_TOKENS tokens; the
+# last COMPARED_TAIL positions (straddling the window's edge) are compared, the prompts prefilled in chunks of
+# LONG_CHECK_CHUNK new tokens (bounding the S x S attention scores, and checking chunked prefill against PyTorch's
+# one-shot forward). It runs when its estimated cost is within LONG_CHECK_FLOPS (or is forced): measured on a 2-core
+# host, the window-4096 fixture's (1.1e11 FLOPs) took 18 s; the full-width 2-layer model's (2.2e13) would take
+# tens of minutes there, so it needs --long-check (a GPU host, or patience).
+LONG_PAST_WINDOW_TOKENS = 64
+COMPARED_TAIL = 96
+LONG_CHECK_CHUNK = 1024
+LONG_CHECK_PASSES = 6  # full-length sequences run: 2 reference forwards, ONNX prefill, decode case, padded pair
+LONG_CHECK_FLOPS = 1e12
 DECODE_PROMPT_TOKENS = 4
 PADDED_ROW_SHORTER_BY = 5
 PADDED_DECODE_STEPS = 3
@@ -98,28 +114,64 @@ def check_validation_memory(checkpoint: Checkpoint, dtype: str, device: str) -> 
         )
 
 
-def validation_tokens(vocab_size: int, sliding_window: int | None, seed: int = 0) -> tuple[np.ndarray, np.ndarray, bool]:
-    """Two seeded token sequences (the second shorter) and whether they are long enough to pass the window."""
-    past_window = (sliding_window or MAX_VALIDATION_TOKENS) + PAST_WINDOW_TOKENS
-    exercised = past_window <= MAX_VALIDATION_TOKENS
-    length = past_window if exercised else SHORT_VALIDATION_TOKENS
+def forward_flops(config: dict[str, Any], tokens: int) -> float:
+    """Estimated FLOPs of a prefill of ``tokens`` (no past, lean logits): projections, MLP and eager attention's
+    S x S scores (computed in full for sliding layers too)."""
+    layers, hidden = config["num_hidden_layers"], config["hidden_size"]
+    heads, kv_heads, head_dim = config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]
+    per_token = hidden * head_dim * 2 * (heads + kv_heads) + 3 * hidden * config["intermediate_size"]
+    return 2.0 * layers * tokens * per_token + 4.0 * layers * heads * head_dim * tokens**2
+
+
+@dataclass(frozen=True)
+class CheckPlan:
+    """The sequence length the export check uses and whether (and at what estimated cost) it passes the window."""
+
+    length: int
+    window_exercised: bool
+    compared_tail: int  # positions compared at the end of each sequence; 0: all
+    prefill_chunk: int | None
+    estimated_flops: float
+    forced: bool
+
+
+def plan_check(config: dict[str, Any], long_check: bool = False) -> CheckPlan:
+    """Short check when the window fits in MAX_VALIDATION_TOKENS; else the long one when affordable or forced; else
+    (or without a window) SHORT_VALIDATION_TOKENS, the window not exercised."""
+    window = config.get("sliding_window")
+    if window and window + PAST_WINDOW_TOKENS <= MAX_VALIDATION_TOKENS:
+        short = window + PAST_WINDOW_TOKENS
+        return CheckPlan(short, True, 0, None, LONG_CHECK_PASSES * forward_flops(config, short), False)
+    if window:
+        long = window + LONG_PAST_WINDOW_TOKENS
+        flops = LONG_CHECK_PASSES * forward_flops(config, long)
+        if long_check or flops <= LONG_CHECK_FLOPS:
+            forced = long_check and flops > LONG_CHECK_FLOPS
+            return CheckPlan(long, True, COMPARED_TAIL, LONG_CHECK_CHUNK, flops, forced)
+    short_flops = LONG_CHECK_PASSES * forward_flops(config, SHORT_VALIDATION_TOKENS)
+    return CheckPlan(SHORT_VALIDATION_TOKENS, False, 0, None, short_flops, False)
+
+
+def validation_tokens(vocab_size: int, length: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Two seeded token sequences, the second PADDED_ROW_SHORTER_BY shorter."""
     rng = np.random.default_rng(seed)
     full = rng.integers(FIRST_ORDINARY_TOKEN, vocab_size, size=length, dtype=np.int64)
     other = rng.integers(FIRST_ORDINARY_TOKEN, vocab_size, size=length - PADDED_ROW_SHORTER_BY, dtype=np.int64)
-    return full, other, exercised
+    return full, other
 
 
-def run_rows(decoder: Any, rows: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
-    """Logits of every real position of each row: left-padded batched prefill of the prompts, then the
-    continuations one token per step through the KV cache (all continuations the same length)."""
+def run_rows(decoder: Any, rows: list[tuple[np.ndarray, np.ndarray]], keep: int = 0) -> list[np.ndarray]:
+    """Logits of each row: of its last ``keep`` prompt positions (0: every real one) from a left-padded batched
+    prefill of the prompts, then of the continuations run one token per step through the KV cache (all
+    continuations the same length)."""
     width = max(len(prompt) for prompt, _ in rows)
     ids = np.zeros((len(rows), width), dtype=np.int64)
     mask = np.zeros((len(rows), width), dtype=np.int64)
     for row, (prompt, _) in enumerate(rows):
         ids[row, width - len(prompt) :] = prompt
         mask[row, width - len(prompt) :] = 1
-    logits, past = decoder.forward(ids, mask, None)
-    per_row = [[logits[row, width - len(prompt) :]] for row, (prompt, _) in enumerate(rows)]
+    logits, past = decoder.forward(ids, mask, None, logits_to_keep=keep)
+    per_row = [[logits[row, -(keep or len(prompt)) :]] for row, (prompt, _) in enumerate(rows)]
     for step in range(len(rows[0][1])):
         tokens = np.array([[continuation[step]] for _, continuation in rows], dtype=np.int64)
         mask = np.concatenate([mask, np.ones((len(rows), 1), dtype=np.int64)], axis=1)
@@ -130,9 +182,10 @@ def run_rows(decoder: Any, rows: list[tuple[np.ndarray, np.ndarray]]) -> list[np
 
 
 def compare_logits(candidates: list[np.ndarray], references: list[np.ndarray]) -> dict[str, Any]:
-    """Max-abs difference, max-abs relative to the largest reference logit, top-1 agreement over all positions."""
+    """Max-abs difference, max-abs relative to the largest reference logit, top-1 agreement over all positions;
+    each candidate is compared with the same number of trailing positions of its reference."""
     candidate = np.concatenate(candidates)
-    reference = np.concatenate(references)
+    reference = np.concatenate([ref[len(ref) - len(cand) :] for cand, ref in zip(candidates, references, strict=True)])
     difference = float(np.max(np.abs(candidate - reference)))
     return {
         "max_abs": difference,
@@ -143,13 +196,14 @@ def compare_logits(candidates: list[np.ndarray], references: list[np.ndarray]) -
 
 
 def _reference_logits(
-    checkpoint_path: Path, dtype: str, device: str, sequences: list[np.ndarray]
+    checkpoint_path: Path, dtype: str, device: str, sequences: list[np.ndarray], keep: int = 0
 ) -> tuple[list[np.ndarray], str]:
-    """PyTorch full-sequence logits of each sequence, and how they were computed; the model is freed on return."""
+    """PyTorch one-shot logits of each sequence (its last ``keep`` positions, 0: all), and how they were computed;
+    the model is freed on return."""
     from mexport.runtime.torch_runtime import TorchDecoder
 
     with TorchDecoder(checkpoint_path, dtype=dtype, device=device, upcast_at_run_time=True) as reference:
-        return [run_rows(reference, [(tokens, tokens[:0])])[0] for tokens in sequences], reference.precision
+        return [run_rows(reference, [(tokens, tokens[:0])], keep)[0] for tokens in sequences], reference.precision
 
 
 def tolerance_for(dtype: str, compute: str, hidden_size: int) -> Tolerance:
@@ -163,25 +217,34 @@ def tolerance_for(dtype: str, compute: str, hidden_size: int) -> Tolerance:
     return TOLERANCES[compute] if rounded == scale else ROUNDED_SCALE_TOLERANCE
 
 
-def validate_export(checkpoint_path: Path, export_dir: Path, dtype: str, device: str) -> dict[str, Any]:
+def validate_export(
+    checkpoint_path: Path, export_dir: Path, dtype: str, device: str, long_check: bool = False
+) -> dict[str, Any]:
     """Compare the export's logits with PyTorch's; returns the summary stored in the manifest."""
     from mexport.runtime.ort import OrtDecoder
 
     decoder = OrtDecoder(export_dir, device=device)
     compute = decoder.compute_dtype
-    tolerance = tolerance_for(dtype, compute, decoder.manifest["model_config"]["hidden_size"])
-    spec = decoder.spec
-    full, other, exercised = validation_tokens(spec.vocab_size, spec.sliding_window)
+    config = decoder.manifest["model_config"]
+    tolerance = tolerance_for(dtype, compute, config["hidden_size"])
+    plan = plan_check(config, long_check)
+    full, other = validation_tokens(decoder.spec.vocab_size, plan.length)
+    tail = plan.compared_tail
+    # short check: decode from a 4-token prompt; long check: the last steps after a (chunked) prefill
+    decode_prompt = len(full) - tail // 2 if tail else DECODE_PROMPT_TOKENS
     with console.phase(f"validating against PyTorch ({compute} compute, {len(full)} tokens)"):
         (reference_full, reference_other), reference_precision = _reference_logits(
-            checkpoint_path, compute, device, [full, other]
+            checkpoint_path, compute, device, [full, other], tail
         )
+        decoder.prefill_chunk = plan.prefill_chunk
         with decoder:
-            prefill = run_rows(decoder, [(full, full[:0])])
-            decode = run_rows(decoder, [(full[:DECODE_PROMPT_TOKENS], full[DECODE_PROMPT_TOKENS:])])
+            prefill = run_rows(decoder, [(full, full[:0])], tail)
+            decode = run_rows(decoder, [(full[:decode_prompt], full[decode_prompt:])], tail and tail // 2)
             split_full, split_other = len(full) - PADDED_DECODE_STEPS, len(other) - PADDED_DECODE_STEPS
             padded = run_rows(
-                decoder, [(full[:split_full], full[split_full:]), (other[:split_other], other[split_other:])]
+                decoder,
+                [(full[:split_full], full[split_full:]), (other[:split_other], other[split_other:])],
+                tail and tail - PADDED_DECODE_STEPS,
             )
     cases = {
         "prefill": compare_logits(prefill, [reference_full]),
@@ -203,10 +266,15 @@ def validate_export(checkpoint_path: Path, export_dir: Path, dtype: str, device:
         "tolerance": asdict(tolerance),
         "inputs": {
             "sequence_length": len(full),
-            "sliding_window": spec.sliding_window,
-            "window_exercised": exercised,
-            "decode_prompt": DECODE_PROMPT_TOKENS,
-            "decode_steps": len(full) - DECODE_PROMPT_TOKENS,
+            "sliding_window": decoder.spec.sliding_window,
+            "window_exercised": plan.window_exercised,
+            "compared_positions": tail or len(full),
+            "prefill_chunk": plan.prefill_chunk,
+            "estimated_flops": plan.estimated_flops,
+            "long_check_flops_budget": LONG_CHECK_FLOPS,
+            "long_check_forced": plan.forced,
+            "decode_prompt": decode_prompt,
+            "decode_steps": len(full) - decode_prompt,
             "padded_rows": [len(full), len(other)],
             "padded_decode_steps": PADDED_DECODE_STEPS,
         },
@@ -248,7 +316,7 @@ def fp16_overflow_probe(checkpoint_path: Path, device: str) -> dict[str, Any]:
                 largest = max(largest, float(tensor.abs().max()))
 
     reference = TorchDecoder(checkpoint_path, dtype="fp16", device=device)
-    full, other, _ = validation_tokens(reference.spec.vocab_size, reference.spec.sliding_window)
+    full, other = validation_tokens(reference.spec.vocab_size, plan_check(reference.config).length)
     with console.phase("probing fp16 activations for overflow"):
         handle = torch.nn.modules.module.register_module_forward_hook(watch)
         try:

@@ -8,7 +8,10 @@ e.g. device buffers) and only passed back to the same runtime, expanded with :me
 ``forward(..., logits_to_keep=K)`` returns logits for the last K new positions only (0: all), as Hugging Face's
 ``logits_to_keep`` does: a prefill whose caller needs the next-token distribution asks for 1 and never pays for
 ``S x vocab`` logits. :attr:`DecoderRuntime.limits` says what one call may hold (a TensorRT engine's profiles, the
-model's context); callers split batches and skip prompts to fit, and the runtime splits long inputs itself.
+model's context); callers split batches and skip prompts to fit, and the runtime splits long inputs itself:
+:meth:`DecoderRuntime.forward` runs more new tokens than :attr:`DecoderRuntime.prefill_chunk` as consecutive chunks
+through the cache (chunked prefill), so a prompt reaches the context with bounded prefill activations. Backends implement one call
+within the limits, :meth:`DecoderRuntime._forward`.
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ class RuntimeLimits:
 
     max_batch: int | None = None  # rows per call (a TensorRT profile's largest batch)
     max_context: int | None = None  # cached + new tokens per row (the model's or the engine's context)
-    max_input_len: int | None = None  # new tokens per backend call; forward() chunks longer inputs
+    max_input_len: int | None = None  # longest input (new tokens) one forward() accepts; None: any, chunked inside
 
     def to_dict(self) -> dict[str, int | None]:
         return {"max_batch": self.max_batch, "max_context": self.max_context, "max_input_len": self.max_input_len}
@@ -105,10 +108,12 @@ class DecoderRuntime(abc.ABC):
         """Release heavy state; called on ``__exit__``."""
 
     spec: DecoderSpec  # set by each backend's __init__ from its manifest or config
+    # new tokens per backend call (None: all at once); set it to bound the prefill's activations (attention is S x S)
+    prefill_chunk: int | None = None
 
     @property
     def limits(self) -> RuntimeLimits:
-        """What one forward call may hold: by default the model's context and any batch."""
+        """What one forward call may hold: by default the model's context, any batch, any input length."""
         return RuntimeLimits(max_batch=None, max_context=self.spec.max_context)
 
     def _activated(self, state: T | None) -> T:
@@ -118,7 +123,6 @@ class DecoderRuntime(abc.ABC):
             raise RuntimeError(f"{name} used outside its context: use `with {name}(...) as runtime:`")
         return state
 
-    @abc.abstractmethod
     def forward(
         self, input_ids: np.ndarray, attention_mask: np.ndarray, past: PastKV = None, logits_to_keep: int = 0
     ) -> tuple[np.ndarray, PastKV]:
@@ -126,8 +130,33 @@ class DecoderRuntime(abc.ABC):
 
         Returns float32 logits (B, K, V) of the last K = ``logits_to_keep`` new positions (all S when 0, see
         :func:`kept_logits`) and the cache extended to P+S positions. Position ids are derived from the mask with
-        :func:`position_ids_from_mask`.
+        :func:`position_ids_from_mask`. More than :attr:`prefill_chunk` new tokens run as chunks, each after the
+        cache of the previous one; a chunk before the kept tail computes one logits row, dropped.
         """
+        new_tokens = input_ids.shape[1]
+        kept = kept_logits(new_tokens, logits_to_keep)
+        chunk = self.prefill_chunk
+        if chunk is None or new_tokens <= chunk:
+            return self._forward(input_ids, attention_mask, past, logits_to_keep)
+        past_length = attention_mask.shape[1] - new_tokens
+        pieces = []
+        for start in range(0, new_tokens, chunk):
+            stop = min(start + chunk, new_tokens)
+            wanted = stop - max(start, new_tokens - kept)  # rows of this chunk inside the kept tail
+            logits, past = self._forward(
+                input_ids[:, start:stop], attention_mask[:, : past_length + stop], past, max(wanted, 1)
+            )
+            if wanted > 0:
+                pieces.append(logits)
+        return np.concatenate(pieces, axis=1), past
+
+    def _forward(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, past: PastKV, logits_to_keep: int
+    ) -> tuple[np.ndarray, PastKV]:
+        """One backend call of :meth:`forward` (same arguments and result), its new tokens within the limits.
+
+        Not abstract only so that a runtime overriding :meth:`forward` itself (test doubles) needs no stub."""
+        raise NotImplementedError(f"{type(self).__name__} implements neither _forward nor forward")
 
     @abc.abstractmethod
     def repeat_past(self, past: PastKV, repeats: int) -> PastKV:

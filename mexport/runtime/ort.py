@@ -1,8 +1,15 @@
 """ONNX Runtime decoder over an mexport model directory (export or quantize output).
 
+On ``cuda`` a graph with compute nodes the CUDA provider has no kernel for (bf16 Q/DQ, for one) is refused with the
+nodes named, instead of running them on the CPU (:mod:`mexport.runtime.cuda_kernels`).
+
 Everything about the graph comes from ``mexport.json`` (IO names and dtypes, model config, float dtype); nothing is
 guessed from names. The KV cache is a tuple of ``OrtValue`` (one per ``past_key_values.*`` input, in manifest
 order) that stays where the provider put it (host or GPU memory) between steps, bound with IO binding.
+
+A lean graph (input ``logits_indices``, the export default) is bound ``arange(S-K, S)`` for ``logits_to_keep=K``
+and computes only those rows of the LM head; a full-logits graph (``--full-logits``, older exports) computes all S
+and is sliced here.
 
 An empty past (prefill) has shape (batch, num_key_value_heads, 0, head_dim) in the graph's past dtype; sizing it
 with the query-head count, as Optimum's ORTModelForCausalLM does, breaks grouped-query models such as Gemma2.
@@ -29,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from mexport.errors import MexportError, MissingDependencyError
-from mexport.formats import DATA_FILE, GRAPH_FILE, PAST_PREFIX, PRESENT_PREFIX
+from mexport.formats import DATA_FILE, GRAPH_FILE, LOGITS_INDICES, PAST_PREFIX, PRESENT_PREFIX
 from mexport.lazy import require
 from mexport.manifest import read_manifest
 from mexport.runtime.base import (
@@ -40,6 +47,7 @@ from mexport.runtime.base import (
     kept_logits,
     position_ids_from_mask,
 )
+from mexport.runtime.cuda_kernels import cuda_unsupported_nodes
 from mexport.runtime.upcast import (
     BOUNDED_UPCAST_DISABLED_OPTIMIZERS,
     LOW_PRECISION_NAMES,
@@ -49,6 +57,7 @@ from mexport.runtime.upcast import (
 )
 
 LOW_MEMORY_MIN_BYTES = 1 << 30
+SHOWN_UNSUPPORTED_NODES = 3
 # device -> (ORT providers in priority order, where OrtValues live)
 DEVICE_PROVIDERS: dict[str, tuple[list[str], str]] = {
     "cpu": (["CPUExecutionProvider"], "cpu"),
@@ -166,6 +175,7 @@ class OrtDecoder(DecoderRuntime):
             raise MexportError(f"{self.model_dir}: manifest io has mixed KV-cache dtypes {sorted(past_dtypes)}")
         self.past_dtype = "float32" if self.emulated else past_dtypes.pop()
         self.uses_position_ids = "position_ids" in self.input_names
+        self.lean_logits = LOGITS_INDICES in self.input_names  # older and --full-logits exports: sliced here
         self.spec = DecoderSpec.from_model_config(self.manifest["model_config"])
         self._session: Any = None
         self._repeat_session: Any = None
@@ -206,9 +216,28 @@ class OrtDecoder(DecoderRuntime):
             cast_outputs_to_float32(model, ["logits"])
         return model.SerializeToString()
 
+    def _refuse_cpu_fallback(self) -> None:
+        """On CUDA, refuse a graph with compute nodes the CUDA provider has no kernel for (ONNX Runtime would run
+        them on the CPU without a word; see :mod:`mexport.runtime.cuda_kernels`)."""
+        onnx = require("onnx")
+        unsupported = cuda_unsupported_nodes(onnx.load(str(self.model_path), load_external_data=False))
+        if unsupported:
+            shown = "; ".join(node.describe() for node in unsupported[:SHOWN_UNSUPPORTED_NODES])
+            more = f" and {len(unsupported) - SHOWN_UNSUPPORTED_NODES} more" * (
+                len(unsupported) > SHOWN_UNSUPPORTED_NODES
+            )
+            raise MexportError(
+                f"ONNX Runtime's CUDA provider has no kernel for {len(unsupported)} nodes of {self.model_path}, "
+                f"which would silently run on the CPU: {shown}{more}",
+                hint="run this model on the GPU through its TensorRT engine (mexport engine), "
+                "or validate it with --backend-device cpu",
+            )
+
     def activate(self) -> None:
         ort = require("onnxruntime", "running ONNX models")
         self._check_providers(ort)
+        if self.device == "cuda":
+            self._refuse_cpu_fallback()
         try:
             session = external_data_session(
                 self._model_source(), self.model_dir, self.providers, self.low_memory, self.intra_op_threads
@@ -250,8 +279,8 @@ class OrtDecoder(DecoderRuntime):
             ort.OrtValue.ortvalue_from_shape_and_type(shape, element_type, self._value_device) for _ in self.past_names
         )
 
-    def forward(
-        self, input_ids: np.ndarray, attention_mask: np.ndarray, past: PastKV = None, logits_to_keep: int = 0
+    def _forward(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, past: PastKV, logits_to_keep: int
     ) -> tuple[np.ndarray, PastKV]:
         session = self._active_session()
         kept = kept_logits(input_ids.shape[1], logits_to_keep)
@@ -263,8 +292,11 @@ class OrtDecoder(DecoderRuntime):
         binding = session.io_binding()
         binding.bind_cpu_input("input_ids", input_ids)
         binding.bind_cpu_input("attention_mask", attention_mask)
+        new_tokens = input_ids.shape[1]
         if self.uses_position_ids:
-            binding.bind_cpu_input("position_ids", position_ids_from_mask(attention_mask, input_ids.shape[1]))
+            binding.bind_cpu_input("position_ids", position_ids_from_mask(attention_mask, new_tokens))
+        if self.lean_logits:
+            binding.bind_cpu_input(LOGITS_INDICES, np.arange(new_tokens - kept, new_tokens, dtype=np.int64))
         for name, value in zip(self.past_names, past, strict=True):
             binding.bind_ortvalue_input(name, value)
         binding.bind_output("logits", "cpu")
@@ -272,7 +304,6 @@ class OrtDecoder(DecoderRuntime):
             binding.bind_output(name, self._value_device)
         session.run_with_iobinding(binding)
         logits, *present = binding.get_outputs()  # in binding order
-        # TODO(issue 12): graphs with a logits-positions input compute only the kept positions
         return logits.numpy()[:, -kept:], tuple(present)
 
     def repeat_past(self, past: PastKV, repeats: int) -> PastKV:

@@ -52,18 +52,23 @@ def checkpoint_dtype(config: dict[str, Any]) -> str:
 
 
 def _upcast_linear_forward(torch: Any, linear: Any, compute_dtype: Any, hidden: Any) -> Any:
-    """``linear(hidden)`` in ``compute_dtype`` with the weight cast one slice of output rows at a time."""
+    """``linear(hidden)`` in ``compute_dtype`` with the weight cast one slice of output rows at a time.
+
+    The slices share one buffer: a fresh 16 MiB block per slice left glibc's heap fragmented, so that in about half
+    of identical runs the LM head kept one fp32 copy of Gemma's embedding allocated (2-layer full width: a
+    reference forward peaking at 6.6 GB instead of 3.1 GB)."""
     weight, bias = linear.weight, linear.bias
-    rows = max(1, UPCAST_SLICE_BYTES // (weight.shape[1] * torch.finfo(compute_dtype).bits // 8))
-    pieces = [
-        torch.nn.functional.linear(
-            hidden,
-            weight[start : start + rows].to(compute_dtype),
-            None if bias is None else bias[start : start + rows].to(compute_dtype),
+    rows = min(weight.shape[0], max(1, UPCAST_SLICE_BYTES // (weight.shape[1] * torch.finfo(compute_dtype).bits // 8)))
+    buffer = torch.empty((rows, weight.shape[1]), dtype=compute_dtype, device=weight.device)
+    output = torch.empty((*hidden.shape[:-1], weight.shape[0]), dtype=compute_dtype, device=hidden.device)
+    for start in range(0, weight.shape[0], rows):
+        stop = min(start + rows, weight.shape[0])
+        piece = buffer[: stop - start]
+        piece.copy_(weight[start:stop])
+        output[..., start:stop] = torch.nn.functional.linear(
+            hidden, piece, None if bias is None else bias[start:stop].to(compute_dtype)
         )
-        for start in range(0, weight.shape[0], rows)
-    ]
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)
+    return output
 
 
 def _upcast_at_run_time(torch: Any, model: Any, compute_dtype: Any) -> None:
@@ -141,8 +146,8 @@ class TorchDecoder(DecoderRuntime):
     def _loaded_model(self) -> Any:
         return self._activated(self._model)
 
-    def forward(
-        self, input_ids: np.ndarray, attention_mask: np.ndarray, past: PastKV = None, logits_to_keep: int = 0
+    def _forward(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, past: PastKV, logits_to_keep: int
     ) -> tuple[np.ndarray, PastKV]:
         model = self._loaded_model()
         torch = require("torch")

@@ -26,12 +26,12 @@ import numpy as np
 
 from mexport import console
 from mexport.errors import MexportError
-from mexport.formats import ENGINE_FILE, PAST_PREFIX, PRESENT_PREFIX
+from mexport.formats import ENGINE_FILE, LOGITS_INDICES, PAST_PREFIX, PRESENT_PREFIX
 from mexport.lazy import require
 from mexport.manifest import read_manifest
 from mexport.optimize.engine.builder import require_tensorrt
 from mexport.optimize.engine.precision import version_tuple
-from mexport.optimize.engine.profiles import BATCH, LOGITS, LOGITS_INDICES, PAST, SEQUENCE, EngineLimits, resolve_shape
+from mexport.optimize.engine.profiles import BATCH, LOGITS, PAST, SEQUENCE, EngineLimits, resolve_shape
 from mexport.runtime.base import (
     DecoderRuntime,
     DecoderSpec,

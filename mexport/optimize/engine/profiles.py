@@ -21,13 +21,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from mexport.errors import MexportError
+from mexport.formats import LOGITS_INDICES, LOGITS_LENGTH_AXIS
 
 BATCH = "batch_size"
 SEQUENCE = "sequence_length"
 PAST = "past_sequence_length"
-LOGITS = "logits_length"
+LOGITS = LOGITS_LENGTH_AXIS  # rows of logits a lean graph computes (its logits_indices input)
 SYMBOLS = (BATCH, SEQUENCE, PAST, LOGITS)
-LOGITS_INDICES = "logits_indices"  # lean-logits graphs: positions (within the new tokens) whose logits are computed
 
 DEFAULT_MAX_INPUT_LEN = 2048
 DEFAULT_PREFILL_CHUNK = 256  # keeps the 9B's batch-8 prefill activations near 1.5 GB (docs/engine.md)

@@ -29,6 +29,13 @@ PASS_THROUGH_OPS = {"Cast", "Identity"}
 SHAPE_ONLY_OPS = {"Shape", "Size"}
 
 
+def _selects_positions(node: Any) -> bool:
+    """A Gather of whole positions (axis 1), as lean graphs select the LM head's rows with ``logits_indices``:
+    per-channel scaling commutes with it."""
+    axes = [attribute.i for attribute in node.attribute if attribute.name == "axis"]
+    return node.op_type == "Gather" and axes == [1]
+
+
 def _element_type(scheme: str) -> int:
     return getattr(require("onnx").TensorProto, SCHEME_ELEMENT_TYPES[scheme])
 
@@ -63,7 +70,7 @@ def _foldable_norm_scale(
         producer = producers.get(current)
         if producer is None:
             return None
-        if producer.op_type in PASS_THROUGH_OPS:
+        if producer.op_type in PASS_THROUGH_OPS or _selects_positions(producer):
             current, expected = producer.input[0], {id(producer)}
             continue
         if producer.op_type != "Mul":
