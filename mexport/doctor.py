@@ -87,6 +87,28 @@ def check_onnxruntime_providers() -> Check:
     )
 
 
+def check_ort_cuda_recipes() -> list[Check]:
+    """Which recipes ONNX Runtime's CUDA provider runs on the GPU without falling back to the CPU, per export dtype
+    (static: from its kernel table, so it answers on a CPU machine too); the others validate through TensorRT."""
+    from mexport.formats import EXPORT_DTYPES
+    from mexport.runtime.cuda_kernels import cuda_supported_recipes
+
+    checks = []
+    for dtype in EXPORT_DTYPES:
+        support = cuda_supported_recipes(dtype)
+        runs = [name for name, gap in support.items() if gap is None]
+        gaps: dict[str, list[str]] = {}
+        for name, gap in support.items():
+            if gap is not None:
+                gaps.setdefault(gap, []).append(name)
+        detail = f"{dtype} exports: CUDA runs {', '.join(runs) or 'no recipe'}"
+        if gaps:
+            detail += "; not " + "; ".join(f"{', '.join(names)}: {gap}" for gap, names in gaps.items())
+        fix = "validate those through their TensorRT engine, or with --backend-device cpu" if gaps else ""
+        checks.append(Check(f"onnxruntime-cuda recipes ({dtype})", INFO if gaps else OK, detail, fix))
+    return checks
+
+
 def check_cuda_devices() -> list[Check]:
     try:
         torch = importlib.import_module("torch")
@@ -179,6 +201,7 @@ def diagnose(path: Path = Path(".")) -> list[Check]:
         check_python(),
         *check_packages(),
         check_onnxruntime_providers(),
+        *check_ort_cuda_recipes(),
         *check_cuda_devices(),
         *check_tensorrt(),
         *check_resources(Path(path).resolve()),

@@ -487,7 +487,11 @@ def _run_steps(runner: _Runner, config: PipelineConfig) -> PipelineResult:
         candidates.append((f"quant-{recipe}", quant_dir, quant_hash))
 
     engines = _engine_steps(runner, config, candidates)
-    validated = [(path, digest) for _, path, digest in candidates] + engines
+    engine_labels = {path.name.removeprefix("engine-") for path, _ in engines}
+    validated = [
+        (path, digest) for label, path, digest in candidates
+        if _runs_on_validate_device(runner, config, label, label in engine_labels)
+    ] + engines
 
     report_dir = out / "report"
     validation: dict[str, Any] | None = None
@@ -532,6 +536,21 @@ def _run_steps(runner: _Runner, config: PipelineConfig) -> PipelineResult:
     result = PipelineResult(out, runner.steps, validation, failed)
     write_pipeline_reports(result)
     return result
+
+
+def _runs_on_validate_device(runner: _Runner, config: PipelineConfig, label: str, has_engine: bool) -> bool:
+    """On a GPU, ONNX Runtime may not fall back to the CPU (hours for the 9B): a quantized model its CUDA provider
+    cannot run is left to its TensorRT engine, and the skip is recorded with the reason."""
+    recipe = label.removeprefix("quant-")
+    if config.device != "cuda" or recipe == label:
+        return True
+    from mexport.runtime.cuda_kernels import cuda_recipe_support
+
+    gap = cuda_recipe_support(recipe, config.dtype)
+    if gap is not None:
+        instead = "its TensorRT engine is validated instead" if has_engine else "no engine was built (engine.mode)"
+        runner.skip(f"validate-ort:{label}", f"ONNX Runtime's CUDA provider cannot run it ({gap}); {instead}")
+    return gap is None
 
 
 def _checkpoint_step(runner: _Runner, config: PipelineConfig) -> tuple[str, str]:

@@ -82,3 +82,11 @@ def test_doctor_reports_stub_only_tensorrt_as_not_installed(monkeypatch) -> None
     assert trt.status == "info"  # not a fault: CI installs the stubs for mypy
     assert trt.detail == "TensorRT not installed (only type stubs)"
     assert "mexport[gpu]" in trt.fix
+
+
+def test_doctor_says_which_recipes_onnx_runtime_cuda_runs() -> None:
+    checks = {check.name: check for check in diagnose()}
+    bf16 = checks["onnxruntime-cuda recipes (bf16)"]
+    assert bf16.status == "info" and "int4-wo" in bf16.detail and "bfloat16 scales" in bf16.detail
+    assert "TensorRT engine" in bf16.fix
+    assert checks["onnxruntime-cuda recipes (fp16)"].status == "ok"

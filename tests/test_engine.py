@@ -661,3 +661,17 @@ def test_cli_plans_for_another_tensorrt_version(tmp_path: Path) -> None:
     plan = json.loads(on_10.stdout)
     assert plan["build"]["builder_flags"] == ["BF16"] and plan["tensorrt"]["source"] == "--tensorrt-version"
     assert "weak typing is deprecated in TensorRT 10.13" in on_10.output
+
+
+def test_plan_says_whether_onnx_runtime_cuda_can_run_the_model(tmp_path: Path) -> None:
+    """A GPU validation must not fall back to the CPU: the plan says when the engine is the way to run it."""
+    bf16_int4 = plan_engine(model_dir(tmp_path, recipe="int4-wo"), EngineSettings()).to_dict()["onnxruntime_cuda"]
+    assert bf16_int4["runs"] is False and "bfloat16 scales" in bf16_int4["reason"]
+    fp16_int8 = plan_engine(model_dir(tmp_path, dtype="fp16", recipe="int8-wo"), EngineSettings(max_context=512))
+    assert fp16_int8.to_dict()["onnxruntime_cuda"] == {"runs": True, "reason": None}
+    assert plan_engine(model_dir(tmp_path), EngineSettings()).ort_cuda_gap is None  # plain exports run on CUDA
+    result = runner.invoke(app, ["engine", str(model_dir(tmp_path, recipe="fp8")), "-o", str(tmp_path / "e"),
+                                 "--plan", "--max-context", "256"])
+    assert result.exit_code == 0, result.output
+    output = " ".join(result.output.replace("│", " ").split())
+    assert "ONNX Runtime CUDA" in output and "validate on the GPU through this engine" in output

@@ -31,6 +31,7 @@ BAD_INPUT = {
     ),
     "pipeline": (["pipeline", "--model", "fixture:nope", "-o", "{tmp}/p"], "unknown fixture 'fixture:nope'"),
     "doctor": (["doctor", "--path", "{tmp}/file"], "is a file; pass the directory"),
+    "lm-eval": (["lm-eval", "/nonexistent", "--tasks", "medqa"], "/nonexistent: not a model"),
 }
 
 

@@ -227,3 +227,18 @@ def test_pipeline_exit_code_follows_the_validation_outcome(
 
     result = PipelineResult(tmp_path, [StepRecord("export", step_status)], {"outcome": outcome}, failed)
     assert result.exit_code == code
+
+
+def test_gpu_validation_routes_quantized_models_cuda_cannot_run_to_their_engines(tmp_path: Path) -> None:
+    from mexport.pipeline import _runs_on_validate_device, _Runner
+
+    runner_ = _Runner(config_from({"model": "fixture:tiny-gemma2", "output": tmp_path, "device": "cuda"}), False)
+    assert _runs_on_validate_device(runner_, runner_.config, "onnx-bf16", has_engine=True)
+    assert not _runs_on_validate_device(runner_, runner_.config, "quant-fp8", has_engine=True)
+    assert not _runs_on_validate_device(runner_, runner_.config, "quant-int4-wo", has_engine=False)
+    skipped = {step.name: step.detail for step in runner_.steps}
+    assert "bfloat16 scales" in skipped["validate-ort:quant-fp8"]
+    assert skipped["validate-ort:quant-fp8"].endswith("its TensorRT engine is validated instead")
+    assert skipped["validate-ort:quant-int4-wo"].endswith("no engine was built (engine.mode)")
+    on_cpu = _Runner(config_from({"model": "fixture:tiny-gemma2", "output": tmp_path / "cpu"}), False)
+    assert _runs_on_validate_device(on_cpu, on_cpu.config, "quant-fp8", has_engine=False) and not on_cpu.steps

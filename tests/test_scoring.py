@@ -403,3 +403,13 @@ def test_tokenizer_fingerprint_matches_export_and_catches_a_changed_tokenizer(
     changed = load_tokenizer(tiny_checkpoint)
     changed.add_tokens(["<extra_token>"])
     assert tokenizer_fingerprint(changed) != reference
+
+
+def test_prefill_batches_count_logits_rows_only_where_the_graph_computes_them() -> None:
+    """A lean runtime computes one row per question, so the 1 GiB logits budget never splits a 9B batch of 8
+    2000-token prompts; a full-logits graph computes every position and must be split."""
+    from mexport.validate.scoring import _Group, _prefill_batches
+
+    groups = [(index, _Group(tuple(range(2000)), ((1,), (2,)))) for index in range(8)]
+    assert [len(batch) for batch in _prefill_batches(groups, 8, 256_000, lean_logits=True)] == [8]
+    assert [len(batch) for batch in _prefill_batches(groups, 8, 256_000, lean_logits=False)] == [1] * 8

@@ -54,6 +54,9 @@ def _plan_tables(plan: EnginePlan) -> list[Table]:
     compatibility = plan.compatibility
     checked = compatibility["reason"] if not compatibility["checked"] else f"passes {compatibility['rules']} rules"
     build.add_row("compatibility", escape(checked))
+    gap = plan.ort_cuda_gap
+    build.add_row("ONNX Runtime CUDA", "runs this model on the GPU" if gap is None else escape(
+        f"cannot run it on the GPU ({gap}): validate on the GPU through this engine, or with --backend-device cpu"))
     build.add_row("GPU", f"compute capability >= {mode.min_capability[0]}.{mode.min_capability[1]}")
     for note in mode.notes:
         build.add_row("why", note)

@@ -24,6 +24,9 @@ def lmeval_command(
     as_json: bool = json_option(),
 ) -> None:
     """Run lm-eval's own evaluator with mexport's runtime and prompt-cached scoring; print lm-eval's table."""
+    from mexport.validate.backends import detect_kind
+
+    detect_kind(model_dir)  # a wrong path is bad input (exit 2) even where lm-eval is not installed
     from mexport.lmeval import results_tables, run_lm_eval, serializable
 
     results = run_lm_eval(

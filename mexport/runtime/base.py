@@ -108,6 +108,9 @@ class DecoderRuntime(abc.ABC):
         """Release heavy state; called on ``__exit__``."""
 
     spec: DecoderSpec  # set by each backend's __init__ from its manifest or config
+    # True when forward computes logits only at the kept positions (PyTorch, lean graphs); False when the graph computes
+    # every position's logits and the runtime slices them (older and --full-logits exports): callers size batches by it
+    lean_logits: bool = True
     # new tokens per backend call (None: all at once); set it to bound the prefill's activations (attention is S x S)
     prefill_chunk: int | None = None
 

@@ -220,7 +220,7 @@ class TrtDecoder(DecoderRuntime):
         self.output_names = [entry["name"] for entry in io["outputs"]]
         self.past_names = [name for name in self.input_shapes if name.startswith(PAST_PREFIX)]
         self.present_names = {name: PRESENT_PREFIX + name[len(PAST_PREFIX) :] for name in self.past_names}
-        self.lean = LOGITS_INDICES in self.input_shapes
+        self.lean_logits = LOGITS_INDICES in self.input_shapes
         self.spec = DecoderSpec.from_model_config(self.manifest["model_config"])
         self._session: _Session | None = None
 
@@ -324,7 +324,7 @@ class TrtDecoder(DecoderRuntime):
             best: _Piece | None = None
             for profile in profiles:
                 stop = min(new_tokens, start + profile.most("input_ids", 1))
-                if self.lean:
+                if self.lean_logits:
                     stop = min(stop, max(keep_from, start) + profile.most(LOGITS_INDICES, 0))
                 kept = max(0, stop - max(keep_from, start))
                 shapes = self._shapes(batch, stop - start, cached + start, max(kept, 1))
@@ -372,7 +372,7 @@ class TrtDecoder(DecoderRuntime):
         host_inputs = {"input_ids": input_ids[:, piece.start : piece.stop], "attention_mask": attention_mask}
         if "position_ids" in self.input_shapes:
             host_inputs["position_ids"] = position_ids_from_mask(attention_mask, new_tokens)
-        if self.lean:
+        if self.lean_logits:
             first = min(piece.keep_from - piece.start, new_tokens - 1)  # no kept position: compute the last one
             host_inputs[LOGITS_INDICES] = np.arange(first, new_tokens, dtype=np.int64)
 

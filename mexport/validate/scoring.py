@@ -174,15 +174,17 @@ def _pad_id(tokenizer) -> int:
 
 
 def _prefill_batches(
-    groups: list[tuple[int, _Group]], batch_size: int, vocab_size: int
+    groups: list[tuple[int, _Group]], batch_size: int, vocab_size: int, lean_logits: bool
 ) -> list[list[tuple[int, _Group]]]:
     """Split groups (sorted longest first, so each batch holds similar lengths) into batches bounded by
-    ``batch_size`` and the logits budget (every position counted: a graph without lean logits computes them all)."""
+    ``batch_size`` and the logits budget: one row per question, or every position for a runtime without lean logits
+    (it computes them all before keeping the last)."""
     batches: list[list[tuple[int, _Group]]] = []
     current: list[tuple[int, _Group]] = []
     for entry in groups:
         longest = len(current[0][1].context_ids) if current else len(entry[1].context_ids)
-        over_budget = (len(current) + 1) * longest * vocab_size * 4 > LOGITS_BUDGET_BYTES
+        positions = 1 if lean_logits else longest
+        over_budget = (len(current) + 1) * positions * vocab_size * 4 > LOGITS_BUDGET_BYTES
         if current and (len(current) >= batch_size or over_budget):
             batches.append(current)
             current = []
@@ -275,7 +277,7 @@ def _score_groups(
     multi = [(index, group) for index, group in runnable if not group.single_token]
     with _progress(progress, label, len(groups)) as advance:
         advance(len(groups) - len(runnable))
-        for batch in _prefill_batches(single, batch_size, runtime.spec.vocab_size):
+        for batch in _prefill_batches(single, batch_size, runtime.spec.vocab_size, runtime.lean_logits):
             for (index, _), scores in zip(batch, _score_single_token_batch(runtime, batch, pad_id), strict=True):
                 results[index] = scores
             advance(len(batch))

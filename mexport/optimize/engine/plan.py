@@ -166,6 +166,9 @@ class EnginePlan:
     opset: int
     tensorrt: TensorRTTarget
     compatibility: dict[str, Any]
+    # why ONNX Runtime's CUDA provider cannot run this model on the GPU (None: it can), so a GPU validation of it
+    # goes through this engine instead of silently falling back to the CPU
+    ort_cuda_gap: str | None = None
 
     @property
     def warnings(self) -> list[str]:
@@ -192,6 +195,7 @@ class EnginePlan:
             "tensorrt_min": self.min_tensorrt,
             "tensorrt": self.tensorrt.to_dict(),
             "compatibility": self.compatibility,
+            "onnxruntime_cuda": {"runs": self.ort_cuda_gap is None, "reason": self.ort_cuda_gap},
             "opset": self.opset,
             "profiles": [profile.to_dict() for profile in self.profiles],
             "memory": self.memory.to_dict(),
@@ -301,6 +305,14 @@ def _check_settings(settings: EngineSettings) -> None:
         raise MexportError(f"--workspace must be positive, got {settings.workspace_gb}")
 
 
+def _ort_cuda_gap(manifest: dict[str, Any]) -> str | None:
+    """Why ONNX Runtime's CUDA provider cannot run a quantized model on the GPU (None: it can, or not quantized)."""
+    from mexport.runtime.cuda_kernels import cuda_recipe_support
+
+    recipe = recipe_name(manifest)
+    return None if recipe is None else cuda_recipe_support(recipe, manifest["dtype"])
+
+
 def plan_engine(model_dir: Path, settings: EngineSettings, local_gpu: GpuInfo | None = None) -> EnginePlan:
     """Plan a build of ``model_dir``; raises :class:`MexportError` when it cannot run on the chosen GPU.
 
@@ -337,7 +349,7 @@ def plan_engine(model_dir: Path, settings: EngineSettings, local_gpu: GpuInfo | 
         compatibility = {"checked": False, "reason": f"no {GRAPH_FILE} (only the manifest was planned from)"}
     plan = EnginePlan(
         model_dir, manifest["kind"], settings, mode, profiles, memory, gpu, min_tensorrt, opset, tensorrt,
-        compatibility,
+        compatibility, _ort_cuda_gap(manifest),
     )
     if gpu is not None:
         check_capability(mode, gpu.name, gpu.compute_capability)
