@@ -230,7 +230,7 @@ def test_pipeline_exit_code_follows_the_validation_outcome(
 
 
 def test_gpu_validation_routes_quantized_models_cuda_cannot_run_to_their_engines(tmp_path: Path) -> None:
-    from mexport.pipeline import _runs_on_validate_device, _Runner
+    from mexport.pipeline import _Runner, _runs_on_validate_device
 
     runner_ = _Runner(config_from({"model": "fixture:tiny-gemma2", "output": tmp_path, "device": "cuda"}), False)
     assert _runs_on_validate_device(runner_, runner_.config, "onnx-bf16", has_engine=True)
