@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import glob
+import inspect
 import json
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import ParamSpec, TypeVar
 
 from mexport.errors import EnvironmentFailure, MexportError, ValidationFailedError
 
@@ -61,6 +64,30 @@ def output_lock(out_dir: Path, wait: bool = False) -> Iterator[None]:
         yield
     finally:
         lock.release()
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def locks_output(parameter: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Decorate a stage function so it holds the lock of its output (the argument named ``parameter``) from its first
+    step: a second writer fails in seconds instead of after the first one's hours of tracing or quantizing."""
+
+    def decorate(function: Callable[P, R]) -> Callable[P, R]:
+        signature = inspect.signature(function)
+
+        @functools.wraps(function)
+        def locked(*args: P.args, **kwargs: P.kwargs) -> R:
+            output = Path(signature.bind(*args, **kwargs).arguments[parameter]).resolve()
+            check_output_location(output)
+            output.parent.mkdir(parents=True, exist_ok=True)
+            with output_lock(output):
+                return function(*args, **kwargs)
+
+        return locked
+
+    return decorate
 
 
 def _process_alive(pid: int) -> bool:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import json
 from pathlib import Path
 
@@ -47,12 +46,11 @@ def runtime_eos(model_dir: Path) -> int:
 @pytest.fixture(scope="module")
 def genai_export(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An fp32 export GenAI can run: with every position's logits (GenAI cannot feed a lean graph's
-    logits_indices input; ``full_logits`` exists once the lean-logits export has landed)."""
+    logits_indices input)."""
     from mexport.export import export_onnx
 
-    options = {"full_logits": True} if "full_logits" in inspect.signature(export_onnx).parameters else {}
     out = tmp_path_factory.mktemp("genai") / "fp32"
-    export_onnx(tiny_checkpoint, out, dtype="fp32", validate=False, **options)
+    export_onnx(tiny_checkpoint, out, dtype="fp32", validate=False, full_logits=True)
     return out
 
 

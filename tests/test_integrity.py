@@ -273,3 +273,37 @@ def test_validate_prints_dropped_rows_by_reason(tmp_path: Path, monkeypatch: pyt
                                  "-o", str(tmp_path / "report"), "--json"])
     assert result.exit_code == 0, result.output
     assert "medmcqa: dropped 3 of 43 rows (1 label, 2 missing option)" in result.stderr
+
+
+def test_stages_take_the_output_lock_before_any_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     tiny_export_fp32: Path) -> None:
+    """A second writer fails before tracing, calibrating or building, not after hours of it."""
+    from mexport.export import exporter
+    from mexport.optimize import quantize
+    from mexport.optimize.engine import EngineSettings, build_engine, builder
+    from mexport.optimize.quantize import api
+
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("work started while another run held the output")
+
+    monkeypatch.setattr(exporter, "resolve_checkpoint", never)
+    monkeypatch.setattr(api, "read_export", never)
+    monkeypatch.setattr(builder, "read_source_manifest", never)
+    out = tmp_path / "out"
+    script = (
+        f"import time\nfrom mexport.fsutil import output_lock\nwith output_lock({str(out)!r}):\n"
+        "    print('locked', flush=True)\n    time.sleep(60)"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        for stage in (
+            lambda: exporter.export_onnx("fixture-dir", out),
+            lambda: quantize(tiny_export_fp32, out, "int8-wo"),
+            lambda: build_engine(tiny_export_fp32, out, EngineSettings()),
+        ):
+            with pytest.raises(EnvironmentFailure, match="another mexport run is writing this output"):
+                stage()
+    finally:
+        holder.kill()
+        holder.wait()

@@ -65,7 +65,7 @@ def make_report(created: str = "2025-01-01T00:00:00+00:00", fail_on: str = "inco
     ]
     tasks = [
         TaskInfo("medmcqa", "sample.jsonl", "cd" * 32, "ef" * 32, N, N + 3, {"missing option": 2, "label": 1}),
-        TaskInfo("pubmedqa", "sample2.jsonl", None, "01" * 32, N, N, {}),
+        TaskInfo("pubmedqa", "sample2.jsonl", None, "01" * 32, N, N, {}, rules="an 'n/a' option dropped"),
     ]
     results, scores = [], {}
     for task in tasks:
@@ -155,6 +155,8 @@ def test_markdown_table(tmp_path: Path) -> None:
     unsure_row = next(line for line in markdown.splitlines() if line.startswith("| unsure | 60.0"))
     assert "8/0" in unsure_row and "INCONCLUSIVE" in unsure_row and "crosses ±5" in unsure_row
     assert "Resolvable difference: ±3.10 pts" in markdown
+    assert markdown.count("Rules: an 'n/a' option dropped.") == 1  # only the task that has rules says so
+    assert json.loads((tmp_path / "report.json").read_text())["tasks"]["pubmedqa"]["rules"] == "an 'n/a' option dropped"
     assert "skipped `engine`: TensorRT is not installed" in markdown
     assert "**Result: FAILED**" in markdown
 

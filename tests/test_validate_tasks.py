@@ -268,3 +268,10 @@ def test_calibration_texts_append_the_correct_answer() -> None:
     items = load_task("afrimedqa", "sample", limit=3, seed=0).items
     assert texts == [item.context + item.choices[item.gold] for item in items]
     assert texts[0].startswith("Question: ") and "\nAnswer: " in texts[0]
+
+
+def test_afrimedqa_scoring_rules_travel_with_the_loaded_task() -> None:
+    """The report states how AfriMedQA rows were turned into questions (the authors' rules), not only the docs."""
+    loaded = load_task("afrimedqa", "sample")
+    assert "'n/a' fifth option dropped" in loaded.rules and "first answer" in loaded.rules
+    assert load_task("medmcqa", "sample").rules == ""

@@ -37,7 +37,7 @@ from mexport.export.graph import (
 from mexport.export.verify import check_validation_memory, fp16_overflow_probe, validate_export
 from mexport.export.weights import write_weights
 from mexport.formats import DATA_FILE, EXPORT_DTYPES, GRAPH_FILE, LARGE_ALIGNMENT, SMALL_ALIGNMENT, TASK
-from mexport.fsutil import check_free_space, check_output_dir, staged_output_dir
+from mexport.fsutil import check_free_space, check_output_dir, locks_output, staged_output_dir
 from mexport.lazy import require
 from mexport.manifest import new_manifest, sha256_file, write_manifest
 
@@ -125,6 +125,7 @@ def _weights_entry(stored: list[StoredTensor], sources: dict[str, TensorLocation
     }
 
 
+@locks_output("output")
 def export_onnx(
     model: str | Path,
     output: Path,

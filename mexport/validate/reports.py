@@ -101,6 +101,7 @@ class TaskInfo:
     total_rows: int
     skipped: dict[str, int] = field(default_factory=dict)
     metrics: tuple[str, ...] = ("acc",)
+    rules: str = ""  # the task's scoring rules (e.g. AfriMedQA as its authors score it)
 
 
 def is_scored(entry: Any) -> bool:
@@ -235,6 +236,7 @@ def _task_dict(task: TaskInfo, scores: dict[str, list[Any]]) -> dict[str, Any]:
         "total_rows": task.total_rows,
         "skipped": dict(sorted(task.skipped.items())),
         "metrics": list(task.metrics),
+        "rules": task.rules,
         "resolvable_difference_points": points(resolvable_difference(task.n_items)),
         "questions": questions,
     }
@@ -359,7 +361,7 @@ def _task_provenance(task: TaskInfo, margin_points: float) -> str:
         resolution += f", wider than the ±{margin_points:g} margin: at that margin the verdict can only be inconclusive"
     return (
         f"{task.n_items} questions from `{task.source}` (questions sha256 `{task.items_sha256[:12]}`); "
-        f"rows dropped: {dropped}. {resolution}."
+        f"rows dropped: {dropped}. {resolution}." + (f" Rules: {task.rules}." if task.rules else "")
     )
 
 

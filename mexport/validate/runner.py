@@ -416,6 +416,7 @@ def _task_info(loaded: Any) -> TaskInfo:
         total_rows=loaded.total_rows,
         skipped=dict(loaded.skip_reasons),
         metrics=("acc", "acc_norm") if lengths_differ else ("acc",),
+        rules=loaded.rules,
     )
 
 

@@ -79,6 +79,7 @@ class TaskData:
     shots: int = 0
     limit: int | None = None
     seed: int = 1234
+    rules: str = ""  # how rows become questions where the dataset's authors say so (e.g. AfriMedQA)
 
 
 class RowSkipped(Exception):
@@ -515,6 +516,7 @@ def load_task(
         shots=shots,
         limit=limit,
         seed=seed,
+        rules=spec.notes,
     )
 
 

@@ -21,7 +21,7 @@ from mexport import console
 from mexport.errors import MexportError
 from mexport.formats import ENGINE_FILE
 from mexport.formats import GRAPH_FILE as ONNX_FILE
-from mexport.fsutil import check_free_space, staged_output_dir
+from mexport.fsutil import check_free_space, locks_output, staged_output_dir
 from mexport.lazy import require
 from mexport.manifest import (
     MANIFEST_NAME,
@@ -167,6 +167,7 @@ def _holds_only_plan(out: Path) -> bool:
     return out.is_dir() and [path.name for path in out.iterdir()] == [PLAN_FILE]
 
 
+@locks_output("out")
 def build_engine(model_dir: Path, out: Path, settings: EngineSettings, overwrite: bool = False) -> EngineResult:
     """Build a TensorRT engine directory ``out`` from the export / quantize directory ``model_dir``."""
     model_dir, out = Path(model_dir), Path(out)

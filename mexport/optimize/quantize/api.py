@@ -15,7 +15,7 @@ from mexport.errors import MexportError, ValidationFailedError
 from mexport.export.genai import write_genai_config
 from mexport.export.graph import io_signature
 from mexport.formats import DATA_FILE, GRAPH_FILE
-from mexport.fsutil import check_free_space, check_output_dir, staged_output_dir
+from mexport.fsutil import check_free_space, check_output_dir, locks_output, staged_output_dir
 from mexport.lazy import require
 from mexport.manifest import (
     MANIFEST_NAME,
@@ -263,6 +263,7 @@ def _numeric_check(
     return {"prompts": len(prompts), **compare_logits(reference, candidate)}
 
 
+@locks_output("output")
 def quantize(
     model_dir: str | Path,
     output: str | Path,

@@ -1,0 +1,83 @@
+"""Planned TensorRT engine memory of Meditron3-Gemma2-9B at H100 defaults, full vs lean logits (issue 12).
+
+The 9B's real graph is traced (weightless, ~20 s on 2 cores: no checkpoint download) from its ``config.json`` in
+both forms, the full-logits graph (``--full-logits``: the LM head over every new position, as every export was
+before issue 12) and the default lean graph (``logits_indices``), and :func:`mexport.optimize.engine.plan_engine`
+plans each at ``--target h100-80gb`` with the default limits (batch 8, input 2048, context 4096). Planning is
+deterministic arithmetic, so one run is the figure; there is nothing to repeat. The first row plans the full graph
+with 2048-token prefill calls (``--prefill-chunk 2048``), the call size engines had before chunked prefill (today's
+plan adds a chunk profile of that size after a past, so it is larger than the 14.09 GB the plan code before issue
+12 gave); ratios are given against both.
+
+    python bench/engine_plan_memory.py
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+# Meditron3-Gemma2-9B's config.json (the fields the trace and the plan read)
+GEMMA2_9B_CONFIG = {
+    "architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2", "num_hidden_layers": 42,
+    "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 256, "hidden_size": 3584,
+    "intermediate_size": 14336, "vocab_size": 256000, "sliding_window": 4096, "query_pre_attn_scalar": 224,
+    "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0, "max_position_embeddings": 8192,
+    "tie_word_embeddings": True, "torch_dtype": "bfloat16", "hidden_activation": "gelu_pytorch_tanh",
+    "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0,
+    "cache_implementation": "hybrid",
+}
+PARAMETERS_9B = 9_241_705_984
+ISSUE_BEFORE_BYTES = 14.09e9  # `engine --plan --target h100-80gb` of the full-width model before issue 12
+
+
+def traced_manifest_dir(workdir: Path, full_logits: bool) -> Path:
+    """A directory holding the manifest an export of the 9B would write (its io from the real trace)."""
+    from mexport.export.graph import io_signature, trace_graph
+    from mexport.manifest import new_manifest, write_manifest
+
+    checkpoint = workdir / "checkpoint"
+    checkpoint.mkdir(exist_ok=True)
+    (checkpoint / "config.json").write_text(json.dumps(GEMMA2_9B_CONFIG))
+    traced = trace_graph(checkpoint, "bf16", 18, full_logits=full_logits)
+    io = io_signature(traced.model)
+    io["inputs"] = [entry for entry in io["inputs"] if entry["name"] not in traced.parameters]  # weights: stored
+    directory = workdir / ("full" if full_logits else "lean")
+    directory.mkdir()
+    config = {**GEMMA2_9B_CONFIG, "parameter_count": PARAMETERS_9B}
+    write_manifest(directory, new_manifest("export", status="passed", dtype="bf16", opset=18, model_config=config,
+                                           io=io, files={}))
+    return directory
+
+
+def plan_row(label: str, directory: Path, **settings: Any) -> dict[str, Any]:
+    from mexport.optimize.engine import EngineSettings, plan_engine
+
+    plan = plan_engine(directory, EngineSettings(target="h100-80gb", **settings))
+    memory = plan.memory
+    return {"label": label, "activations": memory.activation_bytes, "total": memory.total_bytes,
+            "profiles": [profile.name for profile in plan.profiles]}
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory(prefix="mexport-bench-plan-") as scratch:
+        full = traced_manifest_dir(Path(scratch), full_logits=True)
+        lean = traced_manifest_dir(Path(scratch), full_logits=False)
+        rows = [
+            plan_row("full logits, 2048-token calls", full, prefill_chunk=2048),
+            plan_row("full logits, 256-token chunks", full),
+            plan_row("lean logits, 256-token chunks (default)", lean),
+        ]
+    print("Meditron3-Gemma2-9B (traced), bf16, h100-80gb, batch 8, input 2048, context 4096")
+    print(f"{'plan':<42} {'activations GB':>15} {'total GB':>9} {'vs row 1':>9} {'vs 14.09 GB':>12}")
+    for row in rows:
+        activations = row["activations"]
+        print(f"{row['label']:<42} {activations / 1e9:>15.2f} {row['total'] / 1e9:>9.2f} "
+              f"{activations / rows[0]['activations']:>8.3f}x {activations / ISSUE_BEFORE_BYTES:>11.3f}x")
+    print("issue 12 target: activations <= 2.5 GB")
+
+
+if __name__ == "__main__":
+    main()
