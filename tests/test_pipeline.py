@@ -23,7 +23,7 @@ def test_example_configs_parse_with_every_table() -> None:
     assert tiny.recipes == ["fp8", "int8-sq", "int8-wo", "int4-wo"]
     assert tiny.max_context == 512 and tiny.target == "l4-24gb"
     assert tiny.data == {task: "demo" for task in ("medmcqa", "medqa", "pubmedqa", "afrimedqa")}
-    assert tiny.margin == 5.0 and tiny.recipe_margins == {"int4-wo": 0.5} and tiny.fail_on == "inconclusive"
+    assert tiny.margin == 5.0 and tiny.recipe_margins == {"int4-wo": 2.0} and tiny.fail_on == "inconclusive"
     assert tiny.output == (EXAMPLES.parent / "out" / "pipeline-tiny").resolve()
     real = load_config(EXAMPLES / "pipeline-meditron.toml")
     assert real.model == "OpenMeditron/Meditron3-Gemma2-9B" and real.engine == "build" and real.data == {}
