@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -138,8 +140,9 @@ def test_stale_staging_is_removed_and_an_interrupted_commit_restored(tmp_path: P
     assert (out / "kept.txt").read_text() == "the previous artifact"
 
 
-def test_a_second_writer_fails_fast(tmp_path: Path) -> None:
-    out = tmp_path / "out"
+@contextlib.contextmanager
+def another_run_writing(out: Path) -> Iterator[None]:
+    """A second process holding ``out``'s lock, as a concurrent mexport run does."""
     script = (
         f"import time\nfrom mexport.fsutil import output_lock\nwith output_lock({str(out)!r}):\n"
         "    print('locked', flush=True)\n    time.sleep(60)"
@@ -147,13 +150,19 @@ def test_a_second_writer_fails_fast(tmp_path: Path) -> None:
     holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        yield
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_second_writer_fails_fast(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    with another_run_writing(out):
         with pytest.raises(EnvironmentFailure, match="another mexport run is writing this output"), staged_output_dir(out):
             pass
         result = runner.invoke(app, ["fixture", "tiny-gemma2", str(out)])
         assert result.exit_code == 3 and "another mexport run" in result.output
-    finally:
-        holder.kill()
-        holder.wait()
     with output_lock(out), staged_output_dir(out) as staging:  # one process may nest its own locks
         (staging / "a").write_text("a")
     assert (out / "a").is_file()
@@ -290,13 +299,7 @@ def test_stages_take_the_output_lock_before_any_work(tmp_path: Path, monkeypatch
     monkeypatch.setattr(api, "read_export", never)
     monkeypatch.setattr(builder, "read_source_manifest", never)
     out = tmp_path / "out"
-    script = (
-        f"import time\nfrom mexport.fsutil import output_lock\nwith output_lock({str(out)!r}):\n"
-        "    print('locked', flush=True)\n    time.sleep(60)"
-    )
-    holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+    with another_run_writing(out):
         for stage in (
             lambda: exporter.export_onnx("fixture-dir", out),
             lambda: quantize(tiny_export_fp32, out, "int8-wo"),
@@ -304,6 +307,3 @@ def test_stages_take_the_output_lock_before_any_work(tmp_path: Path, monkeypatch
         ):
             with pytest.raises(EnvironmentFailure, match="another mexport run is writing this output"):
                 stage()
-    finally:
-        holder.kill()
-        holder.wait()
