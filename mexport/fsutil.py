@@ -66,6 +66,16 @@ def output_lock(out_dir: Path, wait: bool = False) -> Iterator[None]:
         lock.release()
 
 
+@contextlib.contextmanager
+def claimed_output(out_dir: Path) -> Iterator[Path]:
+    """Hold the lock of an output that may not exist yet (its folder is created, a path under a file refused)."""
+    out_dir = Path(out_dir).resolve()
+    check_output_location(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with output_lock(out_dir):
+        yield out_dir
+
+
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -79,10 +89,7 @@ def locks_output(parameter: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
 
         @functools.wraps(function)
         def locked(*args: P.args, **kwargs: P.kwargs) -> R:
-            output = Path(signature.bind(*args, **kwargs).arguments[parameter]).resolve()
-            check_output_location(output)
-            output.parent.mkdir(parents=True, exist_ok=True)
-            with output_lock(output):
+            with claimed_output(signature.bind(*args, **kwargs).arguments[parameter]):
                 return function(*args, **kwargs)
 
         return locked
@@ -134,8 +141,7 @@ def staged_output_dir(out_dir: Path, overwrite: bool = False) -> Iterator[Path]:
     """
     out_dir = Path(out_dir).resolve()
     check_output_dir(out_dir, overwrite)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with output_lock(out_dir):
+    with claimed_output(out_dir):
         remove_stale_staging(out_dir)
         check_output_dir(out_dir, overwrite)  # again under the lock: a run that just finished may have written it
         staging = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"

@@ -30,7 +30,7 @@ from mexport.errors import (
     MexportError,
 )
 from mexport.fixtures import FIXTURE_NAMES
-from mexport.fsutil import check_output_location, output_lock, write_atomic
+from mexport.fsutil import claimed_output, write_atomic
 from mexport.manifest import MANIFEST_NAME, file_records, read_manifest, settings_hash, utc_now, verify_files
 from mexport.validate.tasks import SHIPPED_SETS
 from mexport.validate.verdict import DEFAULT_FAIL_ON
@@ -455,10 +455,7 @@ def run_pipeline(config: PipelineConfig, force: bool = False) -> PipelineResult:
     """Run every step of ``config``; raises on a step error, returns the result (with ``failed``) otherwise.
 
     Holds the output's lock throughout: a second pipeline into the same output fails at once."""
-    out = config.output.resolve()
-    check_output_location(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with output_lock(out):
+    with claimed_output(config.output):
         return _run_steps(_Runner(config, force), config)
 
 
