@@ -12,7 +12,6 @@ from mexport.validate.stats import (
     compare_metric,
     distribution_drift,
     mcnemar_exact_p,
-    paired_difference_interval,
     resolvable_difference,
     sample_stderr,
     tango_interval,
@@ -69,7 +68,8 @@ def test_tango_interval_reproduces_published_example() -> None:
 
 def test_zero_flips_on_six_questions_is_wide_not_zero() -> None:
     same = [1, 0, 1, 1, 0, 1]
-    mean, low, high = paired_difference_interval(same, same)
+    comparison = compare_metric("acc", same, same, same, same)
+    mean, (low, high) = comparison.delta, comparison.delta_ci
     z2 = z_value() ** 2
     assert mean == 0.0
     assert (low, high) == pytest.approx((-z2 / (6 + z2), z2 / (6 + z2)), abs=1e-9)
@@ -80,7 +80,8 @@ def test_zero_flips_on_six_questions_is_wide_not_zero() -> None:
 
 
 def test_tango_interval_edges() -> None:
-    assert paired_difference_interval([], []) == (0.0, -1.0, 1.0)
+    empty = compare_metric("acc", [], [], [], [])
+    assert (empty.delta, empty.delta_ci) == (0.0, (-1.0, 1.0))
     low, high = tango_interval(6, 0, 6)  # every question lost
     assert low == -1.0 and -1.0 < high < 0.0
     low, high = tango_interval(0, 1, 40)  # one gain in 40: the interval covers 0 and is skewed upwards

@@ -102,19 +102,6 @@ def tango_interval(
     return (max(-1.0, low), min(1.0, high))
 
 
-def paired_difference_interval(
-    candidate_correct: Sequence[int], reference_correct: Sequence[int], confidence: float = CONFIDENCE
-) -> tuple[float, float, float]:
-    """Mean of d_i = cand_i - ref_i and its Tango score interval; (0, -1, 1) with no question."""
-    if len(candidate_correct) != len(reference_correct):
-        raise ValueError("paired vectors differ in length")
-    losses = sum(1 for c, r in zip(candidate_correct, reference_correct) if r and not c)
-    gains = sum(1 for c, r in zip(candidate_correct, reference_correct) if c and not r)
-    n = len(candidate_correct)
-    low, high = tango_interval(losses, gains, n, confidence)
-    return ((gains - losses) / n if n else 0.0, low, high)
-
-
 def resolvable_difference(n: int, confidence: float = CONFIDENCE) -> float:
     """Half-width of the paired CI on ``n`` questions when none flips: z²/(n + z²), the finest margin n can show.
 
