@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mexport.errors import EXIT_CHECK_FAILED, EXIT_INCONCLUSIVE
 from mexport.fsutil import replace_files_as_set
 from mexport.validate.stats import CONFIDENCE, MetricComparison, resolvable_difference, wilson_interval
 from mexport.validate.verdict import (
@@ -155,7 +156,7 @@ class ValidationReport:
     @property
     def outcome(self) -> str:
         """One word for the run: PASSED, FAILED or INCONCLUSIVE (under its ``fail_on`` policy)."""
-        return {1: "FAILED", 4: "INCONCLUSIVE"}.get(self.exit_code, "PASSED")
+        return {EXIT_CHECK_FAILED: "FAILED", EXIT_INCONCLUSIVE: "INCONCLUSIVE"}.get(self.exit_code, "PASSED")
 
     def backend(self, label: str) -> BackendInfo:
         return next(b for b in self.backends if b.label == label)
@@ -261,7 +262,7 @@ def _result_dict(result: ParityResult) -> dict[str, Any]:
 
 
 def write_reports(report: ValidationReport, out_dir: Path) -> dict[str, Path]:
-    """Write all four report files into ``out_dir``, replacing an earlier report as one set; returns name -> path."""
+    """Write every report file (``REPORT_FILES``) into ``out_dir``, replacing an earlier report as one set; returns name -> path."""
     rendered = {
         "report.json": render_json(report).encode(),
         "report.md": render_markdown(report).encode(),
