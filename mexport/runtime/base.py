@@ -10,8 +10,8 @@ e.g. device buffers) and only passed back to the same runtime, expanded with :me
 ``S x vocab`` logits. :attr:`DecoderRuntime.limits` says what one call may hold (a TensorRT engine's profiles, the
 model's context); callers split batches and skip prompts to fit, and the runtime splits long inputs itself:
 :meth:`DecoderRuntime.forward` runs more new tokens than :attr:`DecoderRuntime.prefill_chunk` as consecutive chunks
-through the cache (chunked prefill), so a prompt reaches the context with bounded prefill activations. Backends implement one call
-within the limits, :meth:`DecoderRuntime._forward`.
+through the cache (chunked prefill), so a prompt reaches the context with bounded prefill activations. Backends
+implement one call within the limits, :meth:`DecoderRuntime._forward`.
 """
 
 from __future__ import annotations
