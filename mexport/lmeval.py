@@ -115,12 +115,12 @@ def run_lm_eval(
     included."""
     from lm_eval import simple_evaluate
     from lm_eval.loggers import EvaluationTracker
-    from lm_eval.tasks import TaskManager
 
     from mexport.validate.backends import open_backend
+    from mexport.validate.lmeval_tasks import task_manager
 
-    task_manager = TaskManager(include_path=str(include_path) if include_path else None)
-    unknown = [task for task in tasks if not task_manager.match_tasks([task])]
+    manager = task_manager(include_path)
+    unknown = [task for task in tasks if not manager.match_tasks([task])]
     if unknown:
         raise MexportError(
             f"lm-eval knows no task {', '.join(map(repr, unknown))}",
@@ -135,7 +135,7 @@ def run_lm_eval(
             tasks=list(tasks),
             num_fewshot=num_fewshot,
             limit=limit,
-            task_manager=task_manager,
+            task_manager=manager,
             log_samples=True,
             evaluation_tracker=tracker,
         )

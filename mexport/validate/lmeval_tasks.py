@@ -17,18 +17,19 @@ from mexport.errors import MexportError
 from mexport.lazy import require
 
 
-def _task_manager(include_path: Path | str | None) -> Any:
+def task_manager(include_path: Path | str | None) -> Any:
+    """lm-eval's task index, with the task YAMLs under ``include_path`` added."""
     tasks = require("lm_eval.tasks", "lm-eval task names in validation")
     return tasks.TaskManager(include_path=str(include_path) if include_path else None)
 
 
 def is_lmeval_task(name: str, include_path: Path | str | None = None) -> bool:
     """Whether lm-eval (with ``include_path``'s YAMLs) defines a task or group called ``name``."""
-    return bool(_task_manager(include_path).match_tasks([name]))
+    return bool(task_manager(include_path).match_tasks([name]))
 
 
 def _single_task(name: str, include_path: Path | str | None) -> Any:
-    manager = _task_manager(include_path)
+    manager = task_manager(include_path)
     if name not in manager.all_subtasks:  # a group or a tag: its tasks have their own names
         raise MexportError(
             f"lm-eval name {name!r} is a group, not a task",
