@@ -29,8 +29,7 @@ from mexport.errors import MexportError
 from mexport.formats import ENGINE_FILE, LOGITS_INDICES, PAST_PREFIX, PRESENT_PREFIX
 from mexport.lazy import require
 from mexport.manifest import read_manifest
-from mexport.optimize.engine.builder import require_tensorrt
-from mexport.optimize.engine.precision import version_tuple
+from mexport.optimize.engine.precision import require_tensorrt, version_tuple
 from mexport.optimize.engine.profiles import BATCH, LOGITS, PAST, SEQUENCE, EngineLimits, resolve_shape
 from mexport.runtime.base import (
     DecoderRuntime,
