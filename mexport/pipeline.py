@@ -159,10 +159,11 @@ class PipelineConfig(BaseModel):
     @field_validator("calib")
     @classmethod
     def _calib_exists(cls, calib: str | None) -> str | None:
-        from mexport.validate.tasks import TASKS
+        from mexport.optimize.quantize.calibration import calibration_task_names
 
-        if calib is not None and calib not in TASKS and not Path(calib).is_file():
-            raise ValueError(f"calibration file not found: {calib} (nor is it a task name: {', '.join(TASKS)})")
+        names = calibration_task_names()
+        if calib is not None and calib not in names and not Path(calib).is_file():
+            raise ValueError(f"calibration file not found: {calib} (nor is it a task name: {', '.join(names)})")
         return calib
 
     @field_validator("engine")

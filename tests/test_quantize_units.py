@@ -101,14 +101,15 @@ def test_recipe_table_and_unknown_recipe() -> None:
 # ---- calibration data ------------------------------------------------------------------------------------------
 
 
-def test_jsonl_uses_text_field_else_first_string(tmp_path: Path) -> None:
+def test_jsonl_reads_the_text_field_and_refuses_rows_without_one(tmp_path: Path) -> None:
     path = tmp_path / "calib.jsonl"
-    rows = [{"text": "first sample"}, {"id": 3, "body": "second sample", "other": "x"}, {}]
-    path.write_text("\n".join(json.dumps(row) for row in rows[:2]) + "\n\n")
-    assert read_text_file(path) == ["first sample", "second sample"]
-    path.write_text(json.dumps(rows[2]) + "\n")
-    with pytest.raises(MexportError, match='calib.jsonl:1: no "text" field'):
-        read_text_file(path)
+    path.write_text(json.dumps({"text": "first sample"}) + "\n\n" + json.dumps({"text": "second"}) + "\n")
+    assert read_text_file(path) == ["first sample", "second"]
+    # a row id is not calibration text: a row without "text" is refused, never read from another field
+    for row, got in (({"id": "row-7", "body": "x"}, "missing"), ({"text": 3}, "int"), (["text"], "missing")):
+        path.write_text(json.dumps({"text": "ok"}) + "\n" + json.dumps(row) + "\n")
+        with pytest.raises(MexportError, match=f'calib.jsonl:2: field "text": expected the sample as a string, got {got}'):
+            read_text_file(path)
 
 
 def test_plain_text_splits_paragraphs_or_lines(tmp_path: Path) -> None:
@@ -144,17 +145,14 @@ def test_default_calibration_is_seeded_medical_text() -> None:
     assert 0 < len(task.texts) < 200 and task.source == "medmcqa sample"
 
 
-def test_missing_default_samples_need_calib(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_default_samples_need_calib(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     from mexport.optimize.quantize import calibration  # `mexport.optimize.quantize` is also the function
 
-    def unavailable() -> list[str]:
-        raise MexportError("sample file missing")
-
-    monkeypatch.setattr(calibration, "default_texts", unavailable)
-    with pytest.raises(MexportError, match="needs calibration data and the default samples are unavailable"):
-        load_calibration(None, 8, 0)
     with pytest.raises(MexportError, match="not a task name"):
         load_calibration("no-such-file.jsonl", 8, 0)
+    monkeypatch.setattr(calibration, "DEFAULT_CALIBRATION_FILE", tmp_path / "absent.jsonl")
+    with pytest.raises(MexportError, match="needs calibration data and the default samples are unavailable"):
+        load_calibration(None, 8, 0)
 
 
 def test_large_weights_are_quantized_in_column_slices_with_the_same_result(

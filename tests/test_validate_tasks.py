@@ -10,27 +10,15 @@ import pytest
 from mexport.errors import MexportError
 from mexport.validate.tasks import SAMPLE_DIR, TASKS, calibration_texts, load_task
 
-# each sample file ends with 3 deliberately unusable rows (afrimedqa: 2, its multi-answer row is scored with its
-# first answer, as the authors do); what makes each one unusable
-EXPECTED_SKIPS = {
-    "medmcqa": {"missing option": 1, "label out of range": 1, "missing question": 1},
-    "medqa": {"label out of range": 1, "missing option": 1, "missing question": 1},
-    "pubmedqa": {"label out of range": 1, "missing abstract": 1, "missing question": 1},
-    "afrimedqa": {"missing option": 1, "not mcq": 1},
-}
-
-
 def _rows(task: str) -> list[dict]:
     return [json.loads(line) for line in TASKS[task].sample_path.read_text().splitlines() if line.strip()]
 
 
-@pytest.mark.parametrize("task", sorted(EXPECTED_SKIPS))
-def test_sample_loads_and_counts_the_three_bad_rows(task: str) -> None:
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_every_sample_row_is_a_question(task: str) -> None:
     data = load_task(task, "sample")
-    assert data.total_rows == len(_rows(task))
-    assert data.skip_reasons == EXPECTED_SKIPS[task]
-    assert data.skipped == sum(EXPECTED_SKIPS[task].values())
-    assert len(data.items) == data.total_rows - data.skipped
+    assert data.total_rows == len(_rows(task)) == len(data.items)
+    assert data.skipped == 0 and data.skip_reasons == {}
     assert len({item.doc_id for item in data.items}) == len(data.items)
     assert data.source_sha256 is not None and data.source == str(TASKS[task].sample_path)
     for item in data.items:
@@ -147,7 +135,7 @@ def test_afrimedqa_prefers_question_clean_and_skips_an_n_a_gold(tmp_path: Path) 
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     data = load_task("afrimedqa", path)
     assert [item.context for item in data.items] == ["Question: Which drug first?\nAnswer:"]
-    assert data.skip_reasons == {"label out of range": 1}
+    assert data.skip_reasons == {"answer is the dropped n/a option": 1}
 
 
 def test_afrimedqa_hub_error_says_the_dataset_is_gated(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -185,12 +173,11 @@ def test_json_and_parquet_files_load_like_jsonl(tmp_path: Path) -> None:
     (tmp_path / "rows.json").write_text(json.dumps(rows))
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "rows.parquet")
     jsonl = tmp_path / "rows.jsonl"
-    jsonl.write_text("\n".join(json.dumps(row) for row in rows) + "\n{not json\n")
+    jsonl.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
     expected = load_task("medmcqa", "sample").items[:5]
     assert load_task("medmcqa", tmp_path / "rows.json").items == expected
     assert load_task("medmcqa", tmp_path / "rows.parquet").items == expected
-    broken = load_task("medmcqa", jsonl)
-    assert broken.items == expected and broken.skip_reasons == {"unparseable row": 1}
+    assert load_task("medmcqa", jsonl).items == expected
 
 
 def test_missing_file_and_unsupported_suffix(tmp_path: Path) -> None:

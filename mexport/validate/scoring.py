@@ -36,7 +36,7 @@ from mexport import console
 from mexport.errors import MexportError
 from mexport.numerics import log_softmax
 from mexport.runtime.base import DecoderRuntime, RuntimeLimits
-from mexport.validate.tasks import MCQItem
+from mexport.validate.items import MCQItem
 
 # float32 logits of one batched prefill are rows x length x vocab x 4 bytes; 9B Gemma2's vocab is 256000
 LOGITS_BUDGET_BYTES = 1 << 30

@@ -1,7 +1,9 @@
 """Calibration: which texts, and the activation statistics of the linear layers' inputs on them.
 
-Default texts are the shipped medical MCQ samples with the correct answer appended (in-distribution for the
-model's intended use), from :func:`mexport.validate.tasks.calibration_texts`. Statistics come from running the
+Default texts are medical MCQ questions with the correct answer appended (in-distribution for the model's
+intended use), shipped with quantize in ``data/medical_mcq.jsonl`` (written from validation's samples by
+``tools/write_calibration_texts.py``, so a change to the validation tasks never changes calibration silently).
+Statistics come from running the
 exported graph itself with ONNX Runtime on the CPU, with per-channel reductions added as extra graph outputs
 (so a 14336-wide activation returns 14336 numbers, not the tensor); bf16 exports run through the runtime's
 fp32-compute rewrite (:mod:`mexport.runtime.upcast`), with the weights kept stored and cast per node as they run
@@ -28,7 +30,8 @@ from mexport.manifest import sha256_bytes
 from mexport.optimize.quantize.graph import ModelGraph, prune_unused
 from mexport.runtime.base import position_ids_from_mask
 
-DEFAULT_SOURCE = "sample"  # every task's shipped sample file
+DEFAULT_CALIBRATION_FILE = Path(__file__).with_name("data") / "medical_mcq.jsonl"  # rows {"task", "text"}
+DEFAULT_SOURCE = "shipped MCQ samples (mexport/optimize/quantize/data, answers appended)"
 MAX_CALIBRATION_TOKENS = 512
 # activation rows kept per tensor for AWQ's search (a random subset of all calibration tokens)
 AWQ_ROWS = 512
@@ -49,23 +52,45 @@ class CalibrationSet:
         return {"source": self.source, "sha256": self.sha256, "n": len(self.texts), "seed": self.seed}
 
 
-def default_texts() -> list[str]:
-    """Every shipped task sample, correct answers appended (raises MexportError when the samples are missing)."""
-    from mexport.validate.tasks import TASKS, calibration_texts
+def _default_rows() -> list[dict[str, str]]:
+    try:
+        lines = DEFAULT_CALIBRATION_FILE.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise MexportError(
+            f"the shipped calibration text {DEFAULT_CALIBRATION_FILE} cannot be read ({exc})",
+            hint="reinstall mexport, or pass --calib FILE (JSONL with a 'text' field, or plain text)",
+        ) from exc
+    return [json.loads(line) for line in lines if line.strip()]
 
-    texts: list[str] = []
-    for name in TASKS:
-        texts.extend(calibration_texts(name, DEFAULT_SOURCE))
-    return texts
+
+def calibration_task_names() -> list[str]:
+    """The tasks whose questions the shipped calibration text holds (``--calib NAME`` picks one)."""
+    return list(dict.fromkeys(row["task"] for row in _default_rows()))
+
+
+def default_texts(task: str | None = None) -> list[str]:
+    """The shipped calibration texts: all of them, or the questions of one task (``--calib medqa``)."""
+    rows = _default_rows()
+    if task is None:
+        return [row["text"] for row in rows]
+    names = calibration_task_names()
+    if task not in names:
+        raise MexportError(
+            f"calibration data {task}: no such file, and not a task name ({', '.join(names)})",
+            hint="pass --calib FILE (JSONL with a 'text' field, or plain text), or a task name for its sample",
+        )
+    return [row["text"] for row in rows if row["task"] == task]
 
 
 def read_text_file(path: Path) -> list[str]:
-    """Samples from a JSONL file (field "text", else the first string field) or a plain text file (one per
-    paragraph when blank lines separate paragraphs, else one per non-empty line)."""
+    """Samples from a JSONL file (each row's string field "text") or a plain text file (one per paragraph when
+    blank lines separate paragraphs, else one per non-empty line)."""
     try:
         content = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
-        raise MexportError(f"cannot read calibration file {path}: {exc}") from exc
+        raise MexportError(
+            f"cannot read calibration file {path}: {exc}", hint="pass a readable UTF-8 text or JSONL file"
+        ) from exc
     if path.suffix == ".jsonl":
         texts = []
         for number, line in enumerate(content.splitlines(), start=1):
@@ -74,10 +99,17 @@ def read_text_file(path: Path) -> list[str]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise MexportError(f"{path}:{number}: malformed JSON ({exc.msg})") from exc
-            text = _row_text(row)
-            if text is None:
-                raise MexportError(f'{path}:{number}: no "text" field and no string field to calibrate on')
+                raise MexportError(
+                    f"{path}:{number}: malformed JSON ({exc.msg})", hint="each line must be one JSON object"
+                ) from exc
+            text = row.get("text") if isinstance(row, dict) else None
+            if not isinstance(text, str):
+                got = "missing" if not isinstance(row, dict) or "text" not in row else type(text).__name__
+                raise MexportError(
+                    f'{path}:{number}: field "text": expected the sample as a string, got {got}',
+                    hint='calibration JSONL rows are {"text": "..."}; a plain .txt file takes one sample per '
+                    "paragraph",
+                )
             texts.append(text)
     else:
         blocks = [block.strip() for block in content.split("\n\n")]
@@ -86,26 +118,20 @@ def read_text_file(path: Path) -> list[str]:
         texts = [block for block in blocks if block]
     texts = [text for text in texts if text.strip()]
     if not texts:
-        raise MexportError(f"calibration file {path} has no text samples")
+        raise MexportError(
+            f"calibration file {path} has no text samples", hint="pass a file with at least one non-blank sample"
+        )
     return texts
-
-
-def _row_text(row: Any) -> str | None:
-    if not isinstance(row, dict):
-        return None
-    if isinstance(row.get("text"), str):
-        return row["text"]
-    return next((value for value in row.values() if isinstance(value, str)), None)
 
 
 def load_calibration(calib: str | Path | None, size: int, seed: int) -> CalibrationSet:
     """``size`` texts drawn with ``seed`` from a file, a task's shipped sample (task name), or all samples."""
     if size < 1:
-        raise MexportError(f"--calib-size must be at least 1, got {size}")
+        raise MexportError(f"--calib-size must be at least 1, got {size}", hint="pass --calib-size N with N >= 1")
     if calib is None:
         try:
-            texts, source = default_texts(), "shipped MCQ samples (mexport/validate/data, answers appended)"
-        except (MexportError, OSError) as exc:
+            texts, source = default_texts(), DEFAULT_SOURCE
+        except (MexportError, OSError, ValueError, KeyError) as exc:
             raise MexportError(
                 f"this recipe needs calibration data and the default samples are unavailable ({exc})",
                 hint="pass --calib FILE (JSONL with a 'text' field, or plain text)",
@@ -115,11 +141,7 @@ def load_calibration(calib: str | Path | None, size: int, seed: int) -> Calibrat
         if path.is_file():
             texts, source = read_text_file(path), str(path)
         else:
-            from mexport.validate.tasks import TASKS, calibration_texts
-
-            if str(calib) not in TASKS:
-                raise MexportError(f"calibration data {calib}: no such file, and not a task name ({', '.join(TASKS)})")
-            texts, source = calibration_texts(str(calib), DEFAULT_SOURCE), f"{calib} sample"
+            texts, source = default_texts(str(calib)), f"{calib} sample"
     if len(texts) > size:
         texts = [texts[i] for i in sorted(random.Random(seed).sample(range(len(texts)), size))]
     return CalibrationSet(texts, source, seed)
