@@ -226,10 +226,36 @@ def load_tokenizer(path: Path) -> Any:
         )
     transformers = require("transformers", "loading the tokenizer")
     try:
-        return transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=False, local_files_only=True)
-    except (OSError, ValueError) as exc:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=False, local_files_only=True)
+    except Exception as exc:  # tokenizers' Rust errors, JSON errors, KeyErrors from a broken or partial set of files
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise MexportError(f"{path}: could not load its tokenizer: {first_line}") from exc
+        raise MexportError(
+            f"{path}: could not load its tokenizer: {first_line}",
+            hint="the tokenizer files are missing or inconsistent: copy the model's own tokenizer files again",
+        ) from exc
+    vocab_size = _config_vocab_size(Path(path))
+    if vocab_size is not None and len(tokenizer) > vocab_size:
+        raise MexportError(
+            f"{path}: the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {vocab_size}: ids past "
+            "the embedding would be scored",
+            hint="use the tokenizer that came with this model (config.json and tokenizer files from one checkpoint)",
+        )
+    return tokenizer
+
+
+def _config_vocab_size(path: Path) -> int | None:
+    """``vocab_size`` from the directory's config.json (top level or ``text_config``), when it has one."""
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        return None
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None  # reading the model reports a broken config.json with its own error
+    if not isinstance(config, dict):
+        return None
+    size = config.get("vocab_size", (config.get("text_config") or {}).get("vocab_size"))
+    return size if isinstance(size, int) and not isinstance(size, bool) else None
 
 
 def side_files_bytes(checkpoint: Checkpoint) -> int:

@@ -17,7 +17,12 @@ from typing import Any
 
 from mexport import __version__
 from mexport.errors import IntegrityError, MexportError
+from mexport.formats import EXPORT_DTYPES, GRAPH_FILE, PAST_PREFIX
 from mexport.fsutil import UNFINISHED_DIR, write_atomic
+from mexport.lazy import require
+
+GRAPH_KINDS = ("export", "quantize")  # artifacts whose graph is model.onnx
+REEXPORT_HINT = "the manifest or graph was changed after it was written: re-run the stage that made this directory"
 
 MANIFEST_NAME = "mexport.json"
 SCHEMA_VERSION = 1
@@ -100,7 +105,8 @@ def read_manifest(
 ) -> dict[str, Any]:
     """Read a stage's manifest, with a clear error when the directory is not an mexport artifact.
 
-    ``verify``: also check every recorded file against its hash (:func:`verify_artifact`); every stage that
+    ``verify``: also check every recorded file against its hash (:func:`verify_artifact`) and, for ONNX
+    artifacts, the graph's IO and dtype against the manifest's (:func:`check_graph_signature`); every stage that
     reads an artifact's files passes it.
     """
     directory = Path(directory)
@@ -123,6 +129,8 @@ def read_manifest(
         )
     if verify:
         verify_files(directory, manifest)
+        if manifest.get("kind") in GRAPH_KINDS:
+            check_graph_signature(directory, manifest)
     return manifest
 
 
@@ -217,3 +225,47 @@ def verified_input(directory: Path, manifest: dict[str, Any]) -> dict[str, Any]:
 def settings_hash(settings: dict[str, Any]) -> str:
     """Stable hash of a settings dict (used to tell whether an existing output matches a request)."""
     return sha256_bytes(json.dumps(settings, sort_keys=True, default=str).encode())[:16]
+
+
+def io_signature(model: Any) -> dict[str, list[dict[str, Any]]]:
+    """Inputs and outputs of the final graph: name, numpy dtype name, shape (ints or symbolic strings)."""
+    onnx = require("onnx")
+
+    def describe(value: Any) -> dict[str, Any]:
+        tensor_type = value.type.tensor_type
+        return {
+            "name": value.name,
+            "dtype": onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type).name,
+            "shape": [dim.dim_param if dim.HasField("dim_param") else dim.dim_value for dim in tensor_type.shape.dim],
+        }
+
+    return {"inputs": [describe(v) for v in model.graph.input], "outputs": [describe(v) for v in model.graph.output]}
+
+
+def check_graph_signature(directory: Path, manifest: dict[str, Any]) -> None:
+    """The graph's inputs, outputs and KV-cache dtype are the ones the manifest records.
+
+    Readers size buffers and pick the compute dtype from the manifest, which no hash protects; a manifest edited
+    to claim another dtype or IO would be believed. The graph's header is read without its weights.
+    """
+    onnx = require("onnx", "reading the ONNX graph")
+    graph_path = Path(directory) / GRAPH_FILE
+    try:
+        model = onnx.load(str(graph_path), load_external_data=False)
+    except Exception as exc:  # a truncated or foreign file: protobuf raises DecodeError and friends
+        raise IntegrityError(
+            f"{graph_path}: not a readable ONNX graph ({type(exc).__name__})", hint=REEXPORT_HINT
+        ) from exc
+    actual = io_signature(model)
+    if manifest.get("io") != actual:
+        raise IntegrityError(
+            f"{directory}: the manifest's io does not match {GRAPH_FILE}'s inputs and outputs", hint=REEXPORT_HINT
+        )
+    dtype = manifest.get("dtype")
+    past = {entry["dtype"] for entry in actual["inputs"] if entry["name"].startswith(PAST_PREFIX)}
+    if dtype not in EXPORT_DTYPES or (past and past != {EXPORT_DTYPES[dtype]}):
+        graph_dtype = ", ".join(sorted(past)) or "unknown"
+        raise IntegrityError(
+            f"{directory}: the manifest says dtype {dtype!r} but {GRAPH_FILE}'s KV cache is {graph_dtype}",
+            hint=REEXPORT_HINT,
+        )

@@ -13,7 +13,6 @@ import numpy as np
 from mexport.console import phase, warn
 from mexport.errors import MexportError, ValidationFailedError
 from mexport.export.genai import write_genai_config
-from mexport.export.graph import io_signature
 from mexport.formats import DATA_FILE, GRAPH_FILE
 from mexport.fsutil import check_free_space, check_output_dir, locks_output, staged_output_dir
 from mexport.lazy import require
@@ -21,6 +20,7 @@ from mexport.manifest import (
     MANIFEST_NAME,
     STAMP_NAME,
     file_records,
+    io_signature,
     new_manifest,
     read_manifest,
     settings_hash,
