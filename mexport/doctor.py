@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from mexport.fsutil import format_bytes
+from mexport.hardware import Probe, probe
 
 # Meditron3-Gemma2-9B in bf16: 9.24e9 parameters x 2 bytes.
 REAL_MODEL_BF16_BYTES = 18_480_000_000
@@ -72,24 +73,22 @@ def check_packages() -> list[Check]:
     return checks
 
 
-def check_onnxruntime_providers() -> Check:
-    try:
-        ort = importlib.import_module("onnxruntime")
-        providers = ort.get_available_providers()
-    except Exception as exc:  # noqa: BLE001 - report any broken install as a finding
-        return Check("onnxruntime providers", MISSING, f"onnxruntime unusable: {exc}", "pip install onnxruntime")
-    gpu = [p for p in providers if p in ("CUDAExecutionProvider", "TensorrtExecutionProvider")]
+def check_onnxruntime_providers(machine: Probe) -> Check:
+    if machine.ort_problem:
+        return Check("onnxruntime providers", MISSING, machine.ort_problem, "pip install onnxruntime")
+    gpu = [p for p in machine.ort_providers if p in ("CUDAExecutionProvider", "TensorrtExecutionProvider")]
     return Check(
         "onnxruntime providers",
         OK if gpu else WARN,
-        ", ".join(providers),
+        ", ".join(machine.ort_providers),
         "" if gpu else "CPU only: for CUDA runs `pip uninstall onnxruntime && pip install onnxruntime-gpu` on a GPU host",
     )
 
 
-def check_ort_cuda_recipes() -> list[Check]:
+def check_ort_cuda_recipes(machine: Probe) -> list[Check]:
     """Which recipes ONNX Runtime's CUDA provider runs on the GPU without falling back to the CPU, per export dtype
-    (static: from its kernel table, so it answers on a CPU machine too); the others validate through TensorRT."""
+    (static: from its kernel table, so it answers on a CPU machine too); the others validate through TensorRT.
+    "ok" only where this machine has the CUDA provider and a GPU: elsewhere the table is information."""
     from mexport.formats import EXPORT_DTYPES
     from mexport.runtime.cuda_kernels import cuda_supported_recipes
 
@@ -105,17 +104,15 @@ def check_ort_cuda_recipes() -> list[Check]:
         if gaps:
             detail += "; not " + "; ".join(f"{', '.join(names)}: {gap}" for gap, names in gaps.items())
         fix = "validate those through their TensorRT engine, or with --backend-device cpu" if gaps else ""
-        checks.append(Check(f"onnxruntime-cuda recipes ({dtype})", INFO if gaps else OK, detail, fix))
+        if not machine.ort_cuda:
+            detail += " (on a CUDA host; this machine has no ONNX Runtime CUDA provider with a GPU)"
+        checks.append(Check(f"onnxruntime-cuda recipes ({dtype})", OK if machine.ort_cuda and not gaps else INFO,
+                            detail, fix))
     return checks
 
 
-def check_cuda_devices() -> list[Check]:
-    try:
-        torch = importlib.import_module("torch")
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    except Exception as exc:  # noqa: BLE001
-        return [Check("cuda", MISSING, f"cannot query CUDA: {exc}", "install torch with CUDA on a GPU host")]
-    if count == 0:
+def check_cuda_devices(machine: Probe) -> list[Check]:
+    if not machine.gpus:
         return [
             Check(
                 "cuda",
@@ -125,13 +122,12 @@ def check_cuda_devices() -> list[Check]:
             )
         ]
     checks = []
-    for index in range(count):
-        props = torch.cuda.get_device_properties(index)
-        major, minor = props.major, props.minor
-        bf16 = (major, minor) >= (8, 0)
-        fp8 = (major, minor) >= (8, 9)
+    for index, gpu in enumerate(machine.gpus):
+        capability = gpu.compute_capability or (0, 0)
+        bf16 = capability >= (8, 0)
+        fp8 = capability >= (8, 9)
         detail = (
-            f"{props.name}, {format_bytes(props.total_memory)}, sm_{major}{minor}, "
+            f"{gpu.name}, {format_bytes(gpu.memory_bytes)}, sm_{capability[0]}{capability[1]}, "
             f"bf16 {'yes' if bf16 else 'no'}, fp8 {'yes' if fp8 else 'no'}"
         )
         fix = "" if bf16 else "Gemma2 needs bf16 (fp16 overflows): use an Ampere (sm_80) or newer GPU"
@@ -139,22 +135,21 @@ def check_cuda_devices() -> list[Check]:
     return checks
 
 
-def check_tensorrt() -> list[Check]:
+def check_tensorrt(machine: Probe) -> list[Check]:
     """TensorRT and Polygraphy; the type stubs alone (what CI installs for mypy) are "not installed", not a fault."""
-    from mexport.errors import MissingDependencyError
-    from mexport.optimize.engine.precision import TENSORRT_STUBS_ONLY, require_tensorrt
+    from mexport.optimize.engine.precision import TENSORRT_STUBS_ONLY
 
     fix = (
         "pip install 'mexport[gpu]' on a Linux host with an NVIDIA GPU and CUDA; `mexport engine --plan` works "
         "without it"
     )
-    try:
-        checks = [Check("tensorrt", OK, require_tensorrt())]
-    except MissingDependencyError as exc:
-        if exc.message == TENSORRT_STUBS_ONLY:
-            checks = [Check("tensorrt", INFO, exc.message.split(":")[0], fix)]
-        else:
-            checks = [Check("tensorrt", MISSING, exc.message, fix)]
+    problem = machine.tensorrt_problem
+    if problem is None:
+        checks = [Check("tensorrt", OK, machine.tensorrt or "?")]
+    elif problem.message == TENSORRT_STUBS_ONLY:
+        checks = [Check("tensorrt", INFO, problem.message.split(":")[0], fix)]
+    else:
+        checks = [Check("tensorrt", MISSING, problem.message, fix)]
     try:
         polygraphy = importlib.import_module("polygraphy")
         checks.append(Check("polygraphy", OK, getattr(polygraphy, "__version__", _version("polygraphy") or "?")))
@@ -196,14 +191,15 @@ def check_resources(path: Path) -> list[Check]:
 
 
 def diagnose(path: Path = Path(".")) -> list[Check]:
-    """All checks, in the order they print."""
+    """All checks, in the order they print, from one probe of the machine (:func:`mexport.hardware.probe`)."""
+    machine = probe()
     return [
         check_python(),
         *check_packages(),
-        check_onnxruntime_providers(),
-        *check_ort_cuda_recipes(),
-        *check_cuda_devices(),
-        *check_tensorrt(),
+        check_onnxruntime_providers(machine),
+        *check_ort_cuda_recipes(machine),
+        *check_cuda_devices(machine),
+        *check_tensorrt(machine),
         *check_resources(Path(path).resolve()),
     ]
 

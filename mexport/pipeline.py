@@ -31,6 +31,7 @@ from mexport.errors import (
 )
 from mexport.fixtures import FIXTURE_NAMES
 from mexport.fsutil import claimed_output, write_atomic
+from mexport.hardware import probe
 from mexport.manifest import MANIFEST_NAME, file_records, read_manifest, settings_hash, utc_now, verify_files
 from mexport.validate.tasks import SHIPPED_SETS
 from mexport.validate.verdict import DEFAULT_FAIL_ON
@@ -624,15 +625,8 @@ def _engine_steps(
 
 
 def _engine_unavailable_reason() -> str | None:
-    from mexport.optimize.engine import require_tensorrt
-    from mexport.optimize.engine.gpus import require_cuda_gpu
-
-    try:
-        require_tensorrt()
-        require_cuda_gpu()
-    except MexportError as exc:
-        return exc.message
-    return None
+    problem = probe().engine_problem()
+    return problem.message if problem else None
 
 
 def _build(build_engine: Callable[..., Any], model_dir: Path, target: Path, settings: Any) -> str:

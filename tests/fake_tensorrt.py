@@ -206,13 +206,19 @@ def serialize(onnx_path: Path, plan: Any, timing_cache: Path) -> bytes:
     return json.dumps({"onnx": str(Path(onnx_path).resolve()), "io": io, "profiles": profiles}).encode()
 
 
+def fake_gpu() -> Any:
+    """The GPU the fake engines are built for."""
+    from mexport.hardware import GpuInfo
+
+    return GpuInfo(FAKE_GPU[0], 81559 << 20, FAKE_GPU[1])
+
+
 def install(monkeypatch: Any) -> None:
     """Make ``import tensorrt``, TrtDecoder's "cuda" device and build_engine's TensorRT step use this fake."""
     from mexport.optimize.engine import builder
-    from mexport.optimize.engine.gpus import GpuInfo
     from mexport.runtime import trt
 
     monkeypatch.setitem(sys.modules, "tensorrt", sys.modules[__name__])
     monkeypatch.setitem(trt.PLACEMENTS, "cuda", HostPlacement)
     monkeypatch.setattr(builder, "_polygraphy_build", serialize)
-    monkeypatch.setattr(builder, "require_cuda_gpu", lambda: GpuInfo(FAKE_GPU[0], 81559 << 20, FAKE_GPU[1]))
+    monkeypatch.setattr(builder, "require_cuda_gpu", fake_gpu)

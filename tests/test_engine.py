@@ -17,12 +17,14 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
+from mexport import hardware
 from mexport.cli import app
 from mexport.errors import MexportError, MissingDependencyError
+from mexport.hardware import parse_nvidia_smi, require_cuda_gpu
 from mexport.manifest import new_manifest, write_manifest
-from mexport.optimize.engine import EngineSettings, GpuInfo, build_engine, builder, gpus, plan_engine, write_plan
+from mexport.optimize.engine import EngineSettings, GpuInfo, build_engine, builder, plan_engine, write_plan
 from mexport.optimize.engine.builder import engine_manifest, require_tensorrt
-from mexport.optimize.engine.gpus import GPU_TARGETS, parse_nvidia_smi, require_cuda_gpu
+from mexport.optimize.engine.gpus import GPU_TARGETS
 from mexport.optimize.engine.precision import select_build_mode
 from mexport.optimize.engine.profiles import EngineLimits, derive_profiles
 from mexport.runtime.base import RuntimeLimits
@@ -451,22 +453,22 @@ def test_tensorrt_bindings_without_libraries_count_as_missing(monkeypatch: pytes
 
 
 def test_no_gpu_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(gpus, "detect_gpus", list)
+    monkeypatch.setattr(hardware, "detect_gpus", list)
     with pytest.raises(MexportError, match="no CUDA GPU found: TensorRT is installed"):
         require_cuda_gpu()
 
 
 def test_detection_falls_back_to_nvidia_smi(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(gpus, "_torch_gpus", list)  # CPU-only torch
-    monkeypatch.setattr(gpus.shutil, "which", lambda name: None)
-    assert gpus.detect_gpus() == []  # no driver tools either: no GPU, no error
+    monkeypatch.setattr(hardware, "_torch_gpus", list)  # CPU-only torch
+    monkeypatch.setattr(hardware.shutil, "which", lambda name: None)
+    assert hardware.detect_gpus() == []  # no driver tools either: no GPU, no error
     answer = subprocess.CompletedProcess([], 0, stdout="NVIDIA L4, 23034, 8.9\n", stderr="")
-    monkeypatch.setattr(gpus.shutil, "which", lambda name: f"/usr/bin/{name}")
-    monkeypatch.setattr(gpus.subprocess, "run", lambda *args, **kwargs: answer)
-    assert gpus.detect_gpus() == [GpuInfo("NVIDIA L4", 23034 << 20, (8, 9))]
+    monkeypatch.setattr(hardware.shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(hardware.subprocess, "run", lambda *args, **kwargs: answer)
+    assert hardware.detect_gpus() == [GpuInfo("NVIDIA L4", 23034 << 20, (8, 9))]
     failed = subprocess.CompletedProcess([], 9, stdout="", stderr="No devices were found")
-    monkeypatch.setattr(gpus.subprocess, "run", lambda *args, **kwargs: failed)
-    assert gpus.detect_gpus() == []
+    monkeypatch.setattr(hardware.subprocess, "run", lambda *args, **kwargs: failed)
+    assert hardware.detect_gpus() == []
 
 
 def test_nvidia_smi_output_is_parsed() -> None:
@@ -489,7 +491,7 @@ def test_build_checks_tensorrt_then_gpu_and_writes_nothing(
     with pytest.raises(MissingDependencyError, match="TensorRT not installed"):
         build_engine(source, out, settings)
     monkeypatch.setattr(builder, "require_tensorrt", lambda: "10.13.0.35")
-    monkeypatch.setattr(gpus, "detect_gpus", list)
+    monkeypatch.setattr(hardware, "detect_gpus", list)
     with pytest.raises(MexportError, match="no CUDA GPU found"):
         build_engine(source, out, settings)
     assert not out.exists()

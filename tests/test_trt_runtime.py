@@ -198,7 +198,7 @@ def test_lean_engine_binds_logits_indices(fake_trt: None, tiny_export_fp32: Path
 def test_whole_validate_run_on_a_batch_1_short_input_engine(
     fake_trt: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    from mexport import doctor
+    from mexport import hardware
     from mexport.export import export_onnx
     from mexport.validate import validate
     from mexport.validate.learned import make_learned_fixture
@@ -209,7 +209,7 @@ def test_whole_validate_run_on_a_batch_1_short_input_engine(
     engine = _build(export, tmp_path / "engine", max_batch=1, max_input_len=96, max_context=128, prefill_chunk=32,
                     max_logits=8)
     # the fake engine runs on the host: the backend's GPU probe must see "a GPU"
-    monkeypatch.setattr(doctor, "check_cuda_devices", lambda: [doctor.Check("cuda:0", doctor.OK, "fake")])
+    monkeypatch.setattr(hardware, "detect_gpus", lambda: [fake_tensorrt.fake_gpu()])
     executed_batches: list[int] = []
     execute = fake_tensorrt.IExecutionContext.execute_async_v3
 
@@ -239,6 +239,7 @@ def test_engine_without_a_prefill_profile_is_refused(fake_trt: None, tiny_export
 
 def test_doctor_reports_the_bindings_version(fake_trt: None) -> None:
     from mexport.doctor import check_tensorrt
+    from mexport.hardware import probe
 
-    tensorrt = next(check for check in check_tensorrt() if check.name == "tensorrt")
+    tensorrt = next(check for check in check_tensorrt(probe()) if check.name == "tensorrt")
     assert (tensorrt.status, tensorrt.detail) == ("ok", fake_tensorrt.__version__)

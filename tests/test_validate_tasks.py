@@ -10,6 +10,7 @@ import pytest
 from mexport.errors import MexportError
 from mexport.validate.tasks import SAMPLE_DIR, TASKS, calibration_texts, load_task
 
+
 def _rows(task: str) -> list[dict]:
     return [json.loads(line) for line in TASKS[task].sample_path.read_text().splitlines() if line.strip()]
 

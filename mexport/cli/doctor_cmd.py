@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from mexport.cli import app, emit_json, json_option
@@ -23,7 +24,10 @@ def doctor(
     from mexport.errors import MexportError
 
     if path.exists() and not path.is_dir():
-        raise MexportError(f"--path {path}: is a file; pass the directory exports would be written to")
+        raise MexportError(
+            f"--path {path}: is a file; pass the directory exports would be written to",
+            hint="--path takes the directory (existing or not) where exports would go, to check its free disk",
+        )
     checks = diagnose(path)
     if as_json:
         emit_json(as_dicts(checks))
@@ -33,5 +37,6 @@ def doctor(
         table.add_column(column, overflow="fold")
     for check in checks:
         style = STYLE.get(check.status, "")
-        table.add_row(check.name, f"[{style}]{check.status}[/{style}]", check.detail, check.fix)
+        # details and fixes are plain text: `pip install 'mexport[gpu]'` must not be read as rich markup
+        table.add_row(escape(check.name), f"[{style}]{check.status}[/{style}]", escape(check.detail), escape(check.fix))
     console.print(table, soft_wrap=False)

@@ -16,6 +16,7 @@ from typing import Any
 
 from mexport.checkpoint import load_tokenizer
 from mexport.errors import MexportError
+from mexport.hardware import probe
 from mexport.lazy import require
 from mexport.manifest import MANIFEST_NAME, read_manifest
 from mexport.runtime.base import DecoderRuntime
@@ -72,11 +73,12 @@ def _local_checkpoint(path: Path | str) -> Path:
 
 def _ort_runtime(path: Path, device: str) -> DecoderRuntime:
     if device in ORT_PROVIDER_BY_DEVICE:
-        ort = require("onnxruntime", "running ONNX models")
+        require("onnxruntime", "running ONNX models")
         provider = ORT_PROVIDER_BY_DEVICE[device]
-        if provider not in ort.get_available_providers():
+        available = probe().ort_providers
+        if provider not in available:
             raise BackendUnavailable(
-                f"ONNX Runtime here has no {provider} (available: {', '.join(ort.get_available_providers())})",
+                f"ONNX Runtime here has no {provider} (available: {', '.join(available)})",
                 hint="install onnxruntime-gpu on a CUDA host (uninstall the CPU onnxruntime first)",
             )
     from mexport.runtime.ort import OrtDecoder
@@ -85,11 +87,9 @@ def _ort_runtime(path: Path, device: str) -> DecoderRuntime:
 
 
 def _trt_runtime(path: Path) -> DecoderRuntime:
-    from mexport.doctor import OK, check_cuda_devices, check_tensorrt
-
-    for check in [*check_tensorrt()[:1], *check_cuda_devices()[:1]]:
-        if check.status != OK:
-            raise BackendUnavailable(f"TensorRT engine cannot run here: {check.name} {check.detail}", hint=check.fix)
+    problem = probe().engine_problem()
+    if problem is not None:
+        raise BackendUnavailable(f"TensorRT engine cannot run here: {problem.message}", hint=problem.hint)
     try:
         from mexport.runtime.trt import TrtDecoder
     except ImportError as exc:

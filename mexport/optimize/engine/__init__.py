@@ -5,8 +5,9 @@
 Importing this package imports neither TensorRT nor torch.
 """
 
+from mexport.hardware import GpuInfo, detect_gpus
 from mexport.optimize.engine.builder import EngineResult, build_engine, require_tensorrt
-from mexport.optimize.engine.gpus import GPU_TARGETS, GpuInfo, detect_gpus
+from mexport.optimize.engine.gpus import GPU_TARGETS
 from mexport.optimize.engine.plan import EnginePlan, EngineSettings, MemoryEstimate, plan_engine, write_plan
 
 __all__ = [

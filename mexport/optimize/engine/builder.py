@@ -22,6 +22,7 @@ from mexport.errors import MexportError
 from mexport.formats import ENGINE_FILE
 from mexport.formats import GRAPH_FILE as ONNX_FILE
 from mexport.fsutil import check_free_space, locks_output, staged_output_dir
+from mexport.hardware import GpuInfo, require_cuda_gpu
 from mexport.lazy import require
 from mexport.manifest import (
     MANIFEST_NAME,
@@ -31,7 +32,6 @@ from mexport.manifest import (
     verified_input,
     write_manifest,
 )
-from mexport.optimize.engine.gpus import GpuInfo, require_cuda_gpu
 from mexport.optimize.engine.plan import (
     PLAN_FILE,
     EnginePlan,

@@ -28,9 +28,10 @@ from typing import Any
 from mexport.errors import MexportError
 from mexport.formats import GRAPH_FILE
 from mexport.fsutil import format_bytes
+from mexport.hardware import GpuInfo
 from mexport.manifest import read_manifest, verify_files
 from mexport.optimize.engine.compat import require_compatible
-from mexport.optimize.engine.gpus import GB, GpuInfo, gpu_budget
+from mexport.optimize.engine.gpus import GB, gpu_budget
 from mexport.optimize.engine.precision import (
     BYTES_PER_ELEMENT,
     RECIPES,
