@@ -74,8 +74,8 @@ class PipelineConfig(BaseModel):
     engine: str = "auto"
     engine_precision: str | None = None  # None: the export's dtype (the only choice TensorRT 11 builds)
     max_batch: int = Field(8, ge=1, strict=True)
-    max_input_len: int = Field(2048, ge=1, strict=True)
-    max_context: int = Field(4096, ge=1, strict=True)
+    max_input_len: int | None = Field(None, ge=1, strict=True)  # None: min(2048, max_context)
+    max_context: int | None = Field(None, ge=1, strict=True)  # None: min(4096, the model's max_position_embeddings)
     target: str | None = None
     gpu_memory_gb: float | None = Field(None, gt=0, allow_inf_nan=False)
     tasks: Annotated[list[str], BeforeValidator(_one_or_many)] = Field(
@@ -203,10 +203,11 @@ class PipelineConfig(BaseModel):
 
     @model_validator(mode="after")
     def _engine_fits_together(self) -> PipelineConfig:
+        from mexport.optimize.engine import EngineSettings
         from mexport.optimize.engine.gpus import gpu_budget
-        from mexport.optimize.engine.profiles import EngineLimits
 
-        _checked(EngineLimits(self.max_batch, self.max_input_len, self.max_context).validate)
+        _checked(EngineSettings(max_batch=self.max_batch, max_input_len=self.max_input_len,
+                                max_context=self.max_context).limits.validate)
         _checked(gpu_budget, self.target, self.gpu_memory_gb)
         return self
 

@@ -99,7 +99,10 @@ def engine(
     ),
     max_batch: int = typer.Option(8, help="Largest batch the engine accepts."),
     max_input_len: int = typer.Option(None, help="Longest prompt in tokens (default: min(2048, --max-context))."),
-    max_context: int = typer.Option(4096, help="Longest prompt + generated tokens (KV cache length)."),
+    max_context: int = typer.Option(
+        None, help="Longest prompt + generated tokens (KV cache length; default: 4096, or the model's "
+        "max_position_embeddings when smaller)."
+    ),
     prefill_chunk: int = typer.Option(
         None, help="New tokens per engine call; longer prompts run in chunks (default: min(256, --max-input-len))."
     ),
@@ -144,6 +147,8 @@ def engine(
     )
     if plan_only:
         plan = plan_engine(model_dir, settings)
+        for note in plan.notes:
+            console.info(note)
         for warning in plan.warnings:
             console.warn(warning)
         if as_json:
@@ -155,6 +160,8 @@ def engine(
         typer.echo(f"wrote {path}")
         return
     result = build_engine(model_dir, out, settings, overwrite=overwrite)
+    for note in result.plan.notes:
+        console.info(note)
     if as_json:
         emit_json(result.to_dict())
         return

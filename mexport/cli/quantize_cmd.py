@@ -30,7 +30,10 @@ def quantize_command(
         "name) unquantized; repeatable.",
     ),
     block_size: int = typer.Option(
-        None, "--block-size", help=f"int4-wo block size along the input dim (default {DEFAULT_BLOCK_SIZE}); must divide it."
+        None,
+        "--block-size",
+        help=f"int4-wo block size along the input dim; must divide it (default: {DEFAULT_BLOCK_SIZE}, or the largest "
+        "power of two below it that fits every layer's width).",
     ),
     awq: bool = typer.Option(False, "--awq", help="int4-wo: AWQ per-input-channel scale search (calibrates)."),
     include_lm_head: bool = typer.Option(False, "--include-lm-head", help="Quantize the LM head too."),

@@ -20,6 +20,7 @@ Memory at run time is estimated as the sum of:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,7 @@ from mexport.optimize.engine.precision import (
 )
 from mexport.optimize.engine.profiles import (
     BATCH,
+    DEFAULT_MAX_CONTEXT,
     DEFAULT_MAX_INPUT_LEN,
     DEFAULT_MAX_LOGITS,
     DEFAULT_PREFILL_CHUNK,
@@ -72,7 +74,7 @@ class EngineSettings:
     precision: str | None = None  # None: the graph's own dtype (strongly typed, on every TensorRT)
     max_batch: int = 8
     max_input_len: int | None = None  # None: min(2048, max_context)
-    max_context: int = 4096
+    max_context: int | None = None  # None: min(4096, the model's max_position_embeddings), see for_model
     opt_batch: int = 1
     prefill_chunk: int | None = None  # None: min(256, max_input_len)
     max_logits: int = DEFAULT_MAX_LOGITS
@@ -83,14 +85,25 @@ class EngineSettings:
     target: str | None = None
     tensorrt_version: str | None = None  # plan for this TensorRT (X.Y); None: the installed one, else the newest
 
+    def for_model(self, max_position_embeddings: int | None) -> tuple[EngineSettings, list[str]]:
+        """These settings with an unset ``max_context`` chosen for the model, and a note saying what was chosen."""
+        if self.max_context is not None:
+            return self, []
+        if max_position_embeddings is not None and max_position_embeddings < DEFAULT_MAX_CONTEXT:
+            note = (f"--max-context defaults to {max_position_embeddings}, the model's max_position_embeddings "
+                    f"(the default {DEFAULT_MAX_CONTEXT} is longer than the model)")
+            return dataclasses.replace(self, max_context=max_position_embeddings), [note]
+        return dataclasses.replace(self, max_context=DEFAULT_MAX_CONTEXT), []
+
     @property
     def limits(self) -> EngineLimits:
         """The limits with unset ones adapted to those given (``--max-context 256`` alone is a valid request)."""
+        max_context = self.max_context or DEFAULT_MAX_CONTEXT
         max_input_len = self.max_input_len
         if max_input_len is None:
-            max_input_len = min(DEFAULT_MAX_INPUT_LEN, self.max_context)
+            max_input_len = min(DEFAULT_MAX_INPUT_LEN, max_context)
         chunk = self.prefill_chunk if self.prefill_chunk is not None else min(DEFAULT_PREFILL_CHUNK, max_input_len)
-        return EngineLimits(self.max_batch, max_input_len, self.max_context, self.opt_batch, chunk, self.max_logits)
+        return EngineLimits(self.max_batch, max_input_len, max_context, self.opt_batch, chunk, self.max_logits)
 
     @property
     def workspace_bytes(self) -> int:
@@ -170,6 +183,7 @@ class EnginePlan:
     # why ONNX Runtime's CUDA provider cannot run this model on the GPU (None: it can), so a GPU validation of it
     # goes through this engine instead of silently falling back to the CPU
     ort_cuda_gap: str | None = None
+    notes: list[str] = dataclasses.field(default_factory=list)  # defaults chosen for this model, said aloud
 
     @property
     def warnings(self) -> list[str]:
@@ -197,6 +211,7 @@ class EnginePlan:
             "tensorrt": self.tensorrt.to_dict(),
             "compatibility": self.compatibility,
             "onnxruntime_cuda": {"runs": self.ort_cuda_gap is None, "reason": self.ort_cuda_gap},
+            "notes": list(self.notes),
             "opset": self.opset,
             "profiles": [profile.to_dict() for profile in self.profiles],
             "memory": self.memory.to_dict(),
@@ -291,9 +306,9 @@ def estimate_memory(
         weights_bytes=weights,
         weights_source=source,
         kv_bytes_per_token=per_token,
-        kv_cache_bytes=per_token * settings.max_batch * settings.max_context,
+        kv_cache_bytes=per_token * settings.max_batch * settings.limits.max_context,
         activation_bytes=estimate_activations(
-            manifest, profiles, BYTES_PER_ELEMENT[mode.precision], settings.max_context
+            manifest, profiles, BYTES_PER_ELEMENT[mode.precision], settings.limits.max_context
         ),
         workspace_bytes=settings.workspace_bytes,
     )
@@ -324,6 +339,7 @@ def plan_engine(model_dir: Path, settings: EngineSettings, local_gpu: GpuInfo | 
     _check_settings(settings)
     manifest = read_source_manifest(model_dir)
     config = manifest["model_config"]
+    settings, notes = settings.for_model(config.get("max_position_embeddings"))
     limits = settings.limits
     limits.validate(config.get("max_position_embeddings"))
     tensorrt = resolve_tensorrt_target(settings.tensorrt_version, installed_tensorrt())
@@ -350,7 +366,7 @@ def plan_engine(model_dir: Path, settings: EngineSettings, local_gpu: GpuInfo | 
         compatibility = {"checked": False, "reason": f"no {GRAPH_FILE} (only the manifest was planned from)"}
     plan = EnginePlan(
         model_dir, manifest["kind"], settings, mode, profiles, memory, gpu, min_tensorrt, opset, tensorrt,
-        compatibility, _ort_cuda_gap(manifest),
+        compatibility, _ort_cuda_gap(manifest), notes,
     )
     if gpu is not None:
         check_capability(mode, gpu.name, gpu.compute_capability)

@@ -29,6 +29,7 @@ PAST = "past_sequence_length"
 LOGITS = LOGITS_LENGTH_AXIS  # rows of logits a lean graph computes (its logits_indices input)
 SYMBOLS = (BATCH, SEQUENCE, PAST, LOGITS)
 
+DEFAULT_MAX_CONTEXT = 4096  # lowered to the model's max_position_embeddings when that is smaller
 DEFAULT_MAX_INPUT_LEN = 2048
 DEFAULT_PREFILL_CHUNK = 256  # keeps the 9B's batch-8 prefill activations near 1.5 GB (docs/engine.md)
 DEFAULT_MAX_LOGITS = 64  # positions per call with logits: MCQ continuations and generation need a few
@@ -69,7 +70,9 @@ class EngineLimits:
         if max_position_embeddings is not None and self.max_context > max_position_embeddings:
             raise MexportError(
                 f"--max-context {self.max_context} exceeds the model's max_position_embeddings "
-                f"{max_position_embeddings}"
+                f"{max_position_embeddings}",
+                hint=f"pass --max-context {max_position_embeddings} or less (or leave it out: it defaults to "
+                f"min({DEFAULT_MAX_CONTEXT}, max_position_embeddings))",
             )
 
     def to_dict(self) -> dict[str, int]:

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from mexport.console import phase, warn
+from mexport.console import info, phase, warn
 from mexport.errors import MexportError, ValidationFailedError
 from mexport.export.genai import write_genai_config
 from mexport.formats import DATA_FILE, GRAPH_FILE
@@ -210,28 +210,45 @@ def apply_recipe(
 # ---- the stage -------------------------------------------------------------------------------------------------
 
 
-def _check_options(recipe: Recipe, block_size: int | None, awq: bool, calib_size: int) -> int:
-    """The block size to use (refused or warned about, never silently changed)."""
+def _check_options(recipe: Recipe, block_size: int | None, awq: bool, calib_size: int) -> int | None:
+    """The options checked before any file is read; ``block_size`` stays None when unset (see default_block_size)."""
     if awq and not recipe.blocked:
-        raise MexportError(f"--awq applies to int4-wo only, not {recipe.name}")
+        raise MexportError(f"--awq applies to int4-wo only, not {recipe.name}", hint="drop --awq, or use --recipe int4-wo")
     if calib_size < 1:
-        raise MexportError(f"--calib-size must be at least 1, got {calib_size}")
+        raise MexportError(f"--calib-size must be at least 1, got {calib_size}", hint="pass --calib-size N with N >= 1")
     if block_size is None:
-        return DEFAULT_BLOCK_SIZE
+        return None
     if block_size < 2:
-        raise MexportError(f"--block-size must be at least 2, got {block_size}")
+        raise MexportError(f"--block-size must be at least 2, got {block_size}", hint="use a power of two such as 128")
     if not recipe.blocked:
         warn(f"--block-size ignored: {recipe.name} quantizes weights per channel, not in blocks")
     return block_size
 
 
-def _check_block_size(layers: list[Linear], block_size: int) -> None:
-    """Each blocked layer needs whole blocks: ``block_size`` divides its input width, or the width is narrower and
-    divides it (one block per row). Any other size would quietly become a smaller block, so it is refused."""
-    widths = sorted(
+def _misfit_widths(layers: list[Linear], block_size: int) -> list[int]:
+    """Input widths that ``block_size`` does not cut into whole blocks (it divides neither the width nor is the
+    width a narrower divisor of it: any other size would quietly become a smaller block)."""
+    return sorted(
         {layer.in_features for layer in layers if effective_block_size(layer.in_features, block_size)
          not in (block_size, layer.in_features)}
     )
+
+
+def default_block_size(layers: list[Linear]) -> int:
+    """The largest power of two up to DEFAULT_BLOCK_SIZE that fits every layer's input width (said aloud when it
+    is not the default itself)."""
+    size = DEFAULT_BLOCK_SIZE
+    while size > 2 and _misfit_widths(layers, size):
+        size //= 2
+    if size != DEFAULT_BLOCK_SIZE and not _misfit_widths(layers, size):
+        widths = ", ".join(map(str, _misfit_widths(layers, DEFAULT_BLOCK_SIZE)))
+        info(f"--block-size defaults to {size}: {DEFAULT_BLOCK_SIZE} does not divide the input width of {widths}")
+    return size
+
+
+def _check_block_size(layers: list[Linear], block_size: int) -> None:
+    """Each blocked layer needs whole blocks (see _misfit_widths), else the size is refused."""
+    widths = _misfit_widths(layers, block_size)
     if widths:
         common = int(np.gcd.reduce([layer.in_features for layer in layers]))
         raise MexportError(
@@ -304,6 +321,8 @@ def quantize(
     if not layers:
         raise MexportError("nothing to quantize: every linear layer is excluded")
     if spec.blocked:
+        if block_size is None:
+            block_size = default_block_size(layers)
         _check_block_size(layers, block_size)
 
     calibration: CalibrationSet | None = None
@@ -319,7 +338,7 @@ def quantize(
         warn(f"--calib ignored: {spec.name} needs no calibration")
 
     with phase(f"applying {spec.name}"):
-        records = apply_recipe(graph, spec, layers, stats, block_size=block_size, awq=awq)
+        records = apply_recipe(graph, spec, layers, stats, block_size=block_size or DEFAULT_BLOCK_SIZE, awq=awq)
     raised_from = graph.require_opset(spec.opset_for(parent["dtype"]))
     bytes_before = model_bytes(model_dir, MODEL_FILES)
     check_free_space(output.resolve().parent, bytes_before, "the quantized model")
