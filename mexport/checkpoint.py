@@ -176,9 +176,15 @@ def resolve_checkpoint(model: str | Path, revision: str | None = None) -> Checkp
         if _looks_like_hub_id(origin):
             directory = _download(origin, revision)
         else:
-            raise MexportError(f"{model}: no such file or directory")
+            raise MexportError(
+                f"{model}: no such file or directory",
+                hint="pass a local checkpoint directory (config.json + *.safetensors) or a hub id like org/name",
+            )
     if not directory.is_dir():
-        raise MexportError(f"{model}: not a directory (pass a checkpoint directory or a hub id)")
+        raise MexportError(
+            f"{model}: not a directory (pass a checkpoint directory or a hub id)",
+            hint="pass the directory holding config.json and the *.safetensors files, not a file inside it",
+        )
     config = read_config(directory)
     files = weight_files(directory)
     tensors: dict[str, TensorLocation] = {}
@@ -197,8 +203,11 @@ def _download(repo_id: str, revision: str | None) -> Path:
     try:
         return Path(hub.snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
     except Exception as exc:  # network, auth and missing-repo errors all mean "cannot get it"
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise MexportError(
-            f"{repo_id}: not a local path and could not be downloaded from the Hub ({type(exc).__name__}: {exc})"
+            f"{repo_id}: not a local path and could not be downloaded from the Hub ({type(exc).__name__}: {reason})",
+            hint="check the id and network access (gated models need `huggingface-cli login` or HF_TOKEN), or "
+            "download it first (`huggingface-cli download ID --local-dir DIR`) and pass DIR",
         ) from exc
 
 

@@ -79,3 +79,12 @@ def phase(description: str) -> Iterator[None]:
         task = bar.add_task(description, total=None)
         yield
         bar.update(task, total=1, completed=1)
+
+
+def printable(text: str) -> str:
+    """``text`` safe for a terminal: control, format and other non-printable characters (ESC, bidi overrides,
+    a random model's raw bytes) shown as escapes like ``\\x1b``; newlines and tabs kept."""
+    return "".join(
+        char if char.isprintable() or char in "\n\t" else char.encode("unicode_escape", "backslashreplace").decode()
+        for char in text
+    )

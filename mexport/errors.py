@@ -38,15 +38,20 @@ EXIT_CODES = {
 
 
 class MexportError(Exception):
-    """A problem with the user's input (exit 2), reported as one line and a hint, without a traceback."""
+    """A problem with the user's input (exit 2), reported as one line and a hint, without a traceback.
+
+    Every error carries a hint: the raise site's own (what to change), else its class's ``default_hint`` (where
+    to look), so ``"hint"`` in ``--json`` output is never null.
+    """
 
     exit_code = EXIT_USAGE
     kind = "input"
+    default_hint = "fix the value named above; `mexport COMMAND --help` lists each option and what it accepts"
 
     def __init__(self, message: str, hint: str | None = None) -> None:
         super().__init__(message)
         self.message = message
-        self.hint = hint
+        self.hint: str = hint or self.default_hint
 
     def __str__(self) -> str:
         return self.message
@@ -57,6 +62,7 @@ class EnvironmentFailure(MexportError):
 
     exit_code = EXIT_ENVIRONMENT
     kind = "environment"
+    default_hint = "`mexport doctor` lists what this machine has (packages, GPUs, TensorRT, disk) and how to fix it"
 
 
 class MissingDependencyError(EnvironmentFailure):
@@ -69,6 +75,7 @@ class IntegrityError(EnvironmentFailure):
     """A file does not match the hash its manifest recorded, or an artifact is incomplete (exit 3)."""
 
     kind = "integrity"
+    default_hint = "re-create the artifact with the stage that wrote it (or restore a copy); nothing was changed"
 
 
 class ValidationFailedError(MexportError):
@@ -76,3 +83,4 @@ class ValidationFailedError(MexportError):
 
     exit_code = EXIT_CHECK_FAILED
     kind = "check_failed"
+    default_hint = "the artifacts are kept and marked failed; the report above says which check failed and by how much"

@@ -13,6 +13,9 @@ TASK = "text-generation-with-past"
 
 # mexport dtype name -> torch / numpy name (also how HF configs spell the saved dtype)
 EXPORT_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+# the checkpoints' own dtype, and the only one TensorRT 11 (strongly typed) builds a bf16 engine from; CPU runs
+# compute it in fp32 (mexport.runtime.upcast), so the default costs CPU users nothing but speed
+DEFAULT_EXPORT_DTYPE = "bf16"
 ONNX_ELEMENT_TYPES = {"fp32": "FLOAT", "bf16": "BFLOAT16", "fp16": "FLOAT16"}
 ELEMENT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 

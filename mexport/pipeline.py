@@ -30,6 +30,7 @@ from mexport.errors import (
     MexportError,
 )
 from mexport.fixtures import FIXTURE_NAMES
+from mexport.formats import DEFAULT_EXPORT_DTYPE
 from mexport.fsutil import claimed_output, write_atomic
 from mexport.hardware import probe
 from mexport.manifest import MANIFEST_NAME, file_records, read_manifest, settings_hash, utc_now, verify_files
@@ -65,7 +66,7 @@ class PipelineConfig(BaseModel):
     model: str = Field(min_length=1)
     output: Path
     revision: str | None = None
-    dtype: str = "bf16"
+    dtype: str = DEFAULT_EXPORT_DTYPE
     opset: int = Field(18, strict=True)
     export_device: Literal["cpu", "cuda"] = "cpu"
     recipes: Annotated[list[str], BeforeValidator(_one_or_many)] = Field(default_factory=list)

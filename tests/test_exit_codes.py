@@ -61,6 +61,7 @@ def test_json_failure_prints_an_error_object_on_stdout(command: str, tmp_path: P
     assert result.exit_code == 2
     error = json.loads(result.stdout)["error"]
     assert error["exit_code"] == 2 and error["kind"] == "input" and message in error["message"]
+    assert error["hint"], "README promises a hint with every error"
 
 
 @pytest.mark.parametrize("command", sorted(BAD_INPUT))
@@ -72,7 +73,8 @@ def test_verbose_shows_the_traceback(command: str, tmp_path: Path) -> None:
 
 def test_usage_errors_exit_2_and_report_json() -> None:
     result = runner.invoke(app, ["doctor", "--bogus", "--json"])
-    assert result.exit_code == 2 and json.loads(result.stdout)["error"]["kind"] == "usage"
+    error = json.loads(result.stdout)["error"]
+    assert result.exit_code == 2 and error["kind"] == "usage" and "mexport doctor --help" in error["hint"]
 
 
 def test_help_and_errors_module_agree_on_the_codes() -> None:

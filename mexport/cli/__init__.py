@@ -92,7 +92,9 @@ class MexportGroup(TyperGroup):
             if console.json_requested():
                 message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
                 code = getattr(exc, "exit_code", 2)
-                emit_json({"error": {"kind": "usage", "message": message, "hint": None, "exit_code": code}})
+                command = ctx.invoked_subcommand or ""
+                hint = f"`mexport {command} --help`".replace("  ", " ") + " lists the options and what they accept"
+                emit_json({"error": {"kind": "usage", "message": message, "hint": hint, "exit_code": code}})
             raise
         except Exception as exc:  # noqa: BLE001 - the one place every failure is mapped to an exit code
             raise typer.Exit(report_error(exc)) from None

@@ -8,6 +8,7 @@ from typing import Any
 import typer
 
 from mexport.cli import app, emit_json, json_option
+from mexport.formats import DEFAULT_EXPORT_DTYPE
 
 
 def _validation_table(result: Any) -> Any:
@@ -37,7 +38,11 @@ def _validation_table(result: Any) -> Any:
 def onnx_export(
     model: str = typer.Argument(..., help="Checkpoint directory (config.json + *.safetensors) or Hugging Face hub id."),
     output: Path = typer.Option(..., "-o", "--output", help="Directory to write model.onnx, model.onnx.data, manifest."),
-    dtype: str = typer.Option("fp32", help="Float dtype of weights and activations: fp32, bf16 or fp16."),
+    dtype: str = typer.Option(
+        DEFAULT_EXPORT_DTYPE,
+        help="Float dtype of weights and activations: bf16 (default: the checkpoint's own, and what TensorRT 11 "
+        "builds from), fp32 or fp16.",
+    ),
     opset: int = typer.Option(18, help="ONNX opset version."),
     revision: str = typer.Option(None, help="Hub revision (branch, tag or commit) when MODEL is a hub id."),
     device: str = typer.Option("cpu", help="Where validation runs: cpu or cuda."),
@@ -94,7 +99,7 @@ def generate(
     if as_json:
         emit_json({**result.__dict__, "tokens_per_s": result.tokens_per_s})
         return
-    typer.echo(prompt + result.text)
+    typer.echo(console.printable(prompt + result.text))  # a model's output may hold terminal escapes
     console.info(
         f"{result.new_tokens} new tokens in {result.seconds:.2f}s ({result.tokens_per_s:.1f} tokens/s; "
         f"{result.precision})"

@@ -35,7 +35,15 @@ from mexport.export.graph import (
 )
 from mexport.export.verify import check_validation_memory, fp16_overflow_probe, validate_export
 from mexport.export.weights import write_weights
-from mexport.formats import DATA_FILE, EXPORT_DTYPES, GRAPH_FILE, LARGE_ALIGNMENT, SMALL_ALIGNMENT, TASK
+from mexport.formats import (
+    DATA_FILE,
+    DEFAULT_EXPORT_DTYPE,
+    EXPORT_DTYPES,
+    GRAPH_FILE,
+    LARGE_ALIGNMENT,
+    SMALL_ALIGNMENT,
+    TASK,
+)
 from mexport.fsutil import check_free_space, check_output_dir, locks_output, staged_output_dir
 from mexport.lazy import require
 from mexport.manifest import io_signature, new_manifest, sha256_file, write_manifest
@@ -129,7 +137,7 @@ def export_onnx(
     model: str | Path,
     output: Path,
     *,
-    dtype: str = "fp32",
+    dtype: str = DEFAULT_EXPORT_DTYPE,
     opset: int = 18,
     revision: str | None = None,
     device: str = "cpu",

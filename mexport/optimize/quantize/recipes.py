@@ -107,5 +107,9 @@ RECIPES: dict[str, Recipe] = {
 
 def get_recipe(name: str) -> Recipe:
     if name not in RECIPES:
-        raise MexportError(f"unknown quantization recipe {name!r}; valid recipes: {', '.join(RECIPES)}")
+        raise MexportError(
+            f"unknown quantization recipe {name!r}; valid recipes: {', '.join(RECIPES)}",
+            hint="docs/quantize.md compares the recipes (accuracy cost, GPUs); fp8 for H100/L4/L40S, int4-wo for any "
+            "Ampere+ GPU",
+        )
     return RECIPES[name]
