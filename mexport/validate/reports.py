@@ -485,85 +485,124 @@ def _junit_details(result: ParityResult) -> str:
     )
 
 
-def render_accuracy_png(report: ValidationReport) -> bytes:
-    """Accuracy with its CI per backend and task (matplotlib Agg, no timestamp or version in the metadata)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    labels = [REFERENCE_LABEL] + [b.label for b in report.backends if b.role == "candidate"]
-    task_names = [t.name for t in report.tasks]
-    figure = Figure(figsize=(max(5.0, 1.6 * len(task_names) + 2.0), 4.2), dpi=100)
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    width = 0.8 / max(1, len(labels))
-    for offset, label in enumerate(labels):
-        xs, ys, lows, highs = [], [], [], []
-        for index, task in enumerate(task_names):
-            acc_ci = accuracy_of(report, task, label)
-            if acc_ci is None:
-                continue
-            acc, (low, high) = acc_ci
-            xs.append(index - 0.4 + width * (offset + 0.5))
-            ys.append(points(acc))
-            lows.append(points(acc - low))
-            highs.append(points(high - acc))
-        if xs:
-            axes.errorbar(xs, ys, yerr=[lows, highs], fmt="o", capsize=3, label=label)
-    axes.set_xticks(range(len(task_names)), task_names)
-    axes.set_xlim(-0.6, len(task_names) - 0.4)
-    axes.set_ylim(0, 103)
-    axes.set_ylabel(f"accuracy (%), {CONFIDENCE:.0%} Wilson CI")
-    axes.grid(axis="y", alpha=0.3)
-    axes.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=min(3, len(labels)))
-    return _png_bytes(figure)
-
-
 _VERDICT_COLOURS = {PASS: "tab:green", FAIL: "tab:red", INCONCLUSIVE: "tab:orange"}
 _MARKERS = ("o", "s", "D", "^", "v", "P", "X", "*")
+# candidates are told apart by colour and marker; the reference is black. acc is a filled marker, acc_norm hollow
+_CANDIDATE_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink",
+                      "tab:olive", "tab:cyan", "tab:gray")
+_METRIC_OFFSETS = {"acc": -0.18, "acc_norm": 0.18}  # of one candidate's slot width
+
+
+def _style(index: int) -> tuple[str, str]:
+    """(colour, marker) of the ``index``-th candidate (0 = first candidate)."""
+    return _CANDIDATE_COLOURS[index % len(_CANDIDATE_COLOURS)], _MARKERS[index % len(_MARKERS)]
+
+
+def _metric_marker(metric: str, colour: str) -> dict[str, Any]:
+    return {"markerfacecolor": colour if metric == "acc" else "white", "markeredgecolor": colour}
+
+
+def render_accuracy_png(report: ValidationReport) -> bytes:
+    return _png_bytes(accuracy_figure(report))
 
 
 def render_parity_png(report: ValidationReport) -> bytes:
-    """Each candidate's paired acc difference with its CI against its ±margin band (grey), per task: the verdict
-    picture. Marker = candidate, colour = verdict (green pass, red fail, orange inconclusive); skipped candidates
-    are left out."""
+    return _png_bytes(parity_figure(report))
+
+
+def accuracy_figure(report: ValidationReport) -> Any:
+    """Accuracy (acc filled, acc_norm hollow where the task reports it) with its Wilson CI per backend and task, on
+    an axis zoomed to the data, so differences of a point or two stay visible (matplotlib Agg, no timestamp or
+    version in the metadata)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    candidates = [b.label for b in report.backends if b.role == "candidate"]
+    labels = [REFERENCE_LABEL, *candidates]
+    figure = Figure(figsize=(max(5.0, 1.6 * len(report.tasks) + 2.0), 4.4), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    width = 0.8 / max(1, len(labels))
+    extremes: list[float] = []
+    for offset, label in enumerate(labels):
+        colour, marker = ("black", "o") if offset == 0 else _style(offset - 1)
+        for metric, shift in _METRIC_OFFSETS.items():
+            xs, ys, lows, highs = [], [], [], []
+            for index, task in enumerate(report.tasks):
+                acc_ci = accuracy_of(report, task.name, label, metric) if metric in task.metrics else None
+                if acc_ci is None:
+                    continue
+                acc, (low, high) = acc_ci
+                xs.append(index - 0.4 + width * (offset + 0.5 + shift))
+                ys.append(points(acc))
+                lows.append(points(acc - low))
+                highs.append(points(high - acc))
+                extremes += [points(low), points(high)]
+            if xs:
+                axes.errorbar(xs, ys, yerr=[lows, highs], fmt=marker, capsize=3, color=colour,
+                              label=label if metric == "acc" else None, **_metric_marker(metric, colour))
+    axes.set_xticks(range(len(report.tasks)), [task.name for task in report.tasks])
+    axes.set_xlim(-0.6, len(report.tasks) - 0.4)
+    if extremes:
+        pad = max(1.0, 0.08 * (max(extremes) - min(extremes)))
+        axes.set_ylim(max(0.0, min(extremes) - pad), min(100.0, max(extremes) + pad))
+    axes.set_ylabel(f"accuracy (%), {CONFIDENCE:.0%} Wilson CI (axis zoomed)")
+    axes.set_title("filled: acc, hollow: acc_norm", fontsize="small")
+    axes.grid(axis="y", alpha=0.3)
+    axes.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=min(4, len(labels)))
+    return figure
+
+
+def parity_figure(report: ValidationReport) -> Any:
+    """Each candidate's paired difference from the reference with its CI, per task and metric (acc filled,
+    acc_norm hollow: AfriMedQA's verdict reads both), against its ±margin band (grey); colour and marker name the
+    candidate, the letter above each point its verdict (P pass, F fail, I inconclusive); the legend gives each
+    candidate's margin. Skipped candidates are left out."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 
     labels = [b.label for b in report.backends if b.role == "candidate" and b.skip_reason is None]
-    task_names = [t.name for t in report.tasks]
-    figure = Figure(figsize=(max(5.0, 1.6 * len(task_names) + 2.0), 4.2 + 0.25 * ((len(labels) + 3) // 4)), dpi=100)
+    figure = Figure(
+        figsize=(max(5.0, 1.6 * len(report.tasks) + 2.0), 4.4 + 0.25 * ((len(labels) + 3) // 4)), dpi=100
+    )
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     width = 0.8 / max(1, len(labels))
     results = {(r.task, r.candidate): r for r in report.results}
-    for index, task in enumerate(task_names):
+    margins: dict[str, set[float]] = {label: set() for label in labels}
+    for index, task in enumerate(report.tasks):
         for offset, label in enumerate(labels):
-            result = results.get((task, label))
+            result = results.get((task.name, label))
             if result is None or not result.metrics:
                 continue
+            margins[label].add(result.margin_points)
+            colour, marker = _style(offset)
             x = index - 0.4 + width * (offset + 0.5)
-            acc = result.metrics[0]
             axes.bar(x, 2 * result.margin_points, width * 0.9, bottom=-result.margin_points, color="0.88", zorder=1)
-            delta, (low, high) = points(acc.delta), (points(acc.delta_ci[0]), points(acc.delta_ci[1]))
-            colour = _VERDICT_COLOURS.get(result.verdict.status, "tab:gray")
-            marker = _MARKERS[offset % len(_MARKERS)]
-            axes.errorbar(
-                [x], [delta], yerr=[[delta - low], [high - delta]], fmt=marker, capsize=3, color=colour, zorder=3
-            )
+            for metric in result.metrics:
+                mx = x + width * _METRIC_OFFSETS.get(metric.metric, 0.0)
+                delta, low, high = points(metric.delta), points(metric.delta_ci[0]), points(metric.delta_ci[1])
+                axes.errorbar([mx], [delta], yerr=[[delta - low], [high - delta]], fmt=marker, capsize=3,
+                              color=colour, zorder=3, **_metric_marker(metric.metric, colour))
+            status = result.verdict.status
+            top = max(points(metric.delta_ci[1]) for metric in result.metrics)
+            axes.annotate(status[:1].upper(), (x, top), textcoords="offset points", xytext=(0, 4), ha="center",
+                          fontsize="small", fontweight="bold", color=_VERDICT_COLOURS.get(status, "tab:gray"))
     axes.axhline(0.0, color="0.4", linewidth=0.8, zorder=2)
-    axes.set_xticks(range(len(task_names)), task_names)
-    axes.set_xlim(-0.6, len(task_names) - 0.4)
-    axes.set_ylabel(f"Δ acc vs reference (pts), {CONFIDENCE:.0%} Tango CI")
+    axes.set_xticks(range(len(report.tasks)), [task.name for task in report.tasks])
+    axes.set_xlim(-0.6, len(report.tasks) - 0.4)
+    axes.set_ylabel(f"Δ accuracy vs reference (pts), {CONFIDENCE:.0%} Tango CI")
+    axes.set_title("filled: acc, hollow: acc_norm; P/F/I: pass / fail / inconclusive", fontsize="small")
     axes.grid(axis="y", alpha=0.3)
-    legend = [
-        Line2D([], [], marker=_MARKERS[i % len(_MARKERS)], linestyle="", color="0.3", label=label)
-        for i, label in enumerate(labels)
-    ]
-    legend += [Line2D([], [], marker="o", linestyle="", color=c, label=s) for s, c in _VERDICT_COLOURS.items()]
+    legend = []
+    for offset, label in enumerate(labels):
+        colour, marker = _style(offset)
+        margin = "/".join(f"{value:g}" for value in sorted(margins[label])) or "?"
+        legend.append(Line2D([], [], marker=marker, linestyle="", color=colour, label=f"{label} (±{margin} pts)"))
     legend.append(Line2D([], [], linewidth=8, color="0.88", label="±margin"))
-    axes.legend(handles=legend, fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=4)
-    return _png_bytes(figure)
+    axes.legend(handles=legend, fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=3)
+    return figure
 
 
 def _png_bytes(figure: Any) -> bytes:
