@@ -159,14 +159,14 @@ def _report_with_acc_norm():  # type: ignore[no-untyped-def]
 
 
 def test_parity_plot_tells_candidates_apart_by_colour_and_gives_margins_and_acc_norm() -> None:
-    from mexport.validate.reports import parity_figure
+    from mexport.validate.reports import _MARKERS, parity_figure
 
     axes = parity_figure(_report_with_acc_norm()).axes[0]
     legend = [text.get_text() for text in axes.get_legend().get_texts()]
     assert legend[:3] == ["good (±5 pts)", "broken (±5 pts)", "unsure (±5 pts)"]
     handles = axes.get_legend().legend_handles
     assert len({handle.get_color() for handle in handles[:3]}) == 3  # colours, not only marker shapes
-    points = [line for line in axes.lines if line.get_marker() not in (None, "None", "")]
+    points = [line for line in axes.lines if line.get_marker() in _MARKERS]  # not the error bars' caps
     hollow = [line for line in points if line.get_markerfacecolor() == "white"]
     assert hollow and len(hollow) == len(points) - len(hollow)  # one acc_norm point beside each acc point
     verdict_letters = {text.get_text() for text in axes.texts}
