@@ -129,7 +129,7 @@ def read_manifest(
         )
     if verify:
         verify_files(directory, manifest)
-        if manifest.get("kind") in GRAPH_KINDS:
+        if manifest.get("kind") in GRAPH_KINDS and (directory / GRAPH_FILE).is_file():  # a recorded one is checked
             check_graph_signature(directory, manifest)
     return manifest
 
