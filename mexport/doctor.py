@@ -142,7 +142,7 @@ def check_cuda_devices() -> list[Check]:
 def check_tensorrt() -> list[Check]:
     """TensorRT and Polygraphy; the type stubs alone (what CI installs for mypy) are "not installed", not a fault."""
     from mexport.errors import MissingDependencyError
-    from mexport.optimize.engine.precision import TENSORRT_STUBS_ONLY, require_tensorrt
+    from mexport.trt_common import TENSORRT_STUBS_ONLY, require_tensorrt
 
     fix = (
         "pip install 'mexport[gpu]' on a Linux host with an NVIDIA GPU and CUDA; `mexport engine --plan` works "

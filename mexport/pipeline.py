@@ -119,10 +119,10 @@ class PipelineConfig(BaseModel):
     @field_validator("opset")
     @classmethod
     def _opset_supported(cls, opset: int) -> int:
-        from mexport.export.exporter import MIN_OPSET
+        from mexport.export.exporter import EXPORT_MIN_OPSET
 
-        if opset < MIN_OPSET:
-            raise ValueError(f"opset {opset} not supported; use {MIN_OPSET} or newer")
+        if opset < EXPORT_MIN_OPSET:
+            raise ValueError(f"opset {opset} not supported; use {EXPORT_MIN_OPSET} or newer")
         return opset
 
     @field_validator("recipes")

@@ -21,12 +21,13 @@ from mexport.cli import app
 from mexport.errors import MexportError, MissingDependencyError
 from mexport.manifest import new_manifest, write_manifest
 from mexport.optimize.engine import EngineSettings, GpuInfo, build_engine, builder, gpus, plan_engine, write_plan
-from mexport.optimize.engine.builder import engine_manifest, require_tensorrt
+from mexport.optimize.engine.builder import engine_manifest
 from mexport.optimize.engine.gpus import GPU_TARGETS, parse_nvidia_smi, require_cuda_gpu
 from mexport.optimize.engine.precision import select_build_mode
-from mexport.optimize.engine.profiles import EngineLimits, derive_profiles
+from mexport.optimize.engine.profiles import derive_profiles
 from mexport.runtime.base import RuntimeLimits
 from mexport.runtime.trt import TrtDecoder, check_engine_compatibility
+from mexport.trt_common import EngineLimits, require_tensorrt, version_tuple
 
 runner = CliRunner()
 
@@ -226,7 +227,7 @@ def test_plan_states_the_tensorrt_version_it_targets(tmp_path: Path) -> None:
 def test_gpu_extra_pins_the_supported_range() -> None:
     import tomllib
 
-    from mexport.optimize.engine.precision import NEWEST_TENSORRT, SUPPORTED_TENSORRT, version_tuple
+    from mexport.optimize.engine.precision import NEWEST_TENSORRT, SUPPORTED_TENSORRT
 
     pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
     extra = pyproject["project"]["optional-dependencies"]["gpu"]

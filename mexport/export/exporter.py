@@ -42,7 +42,7 @@ from mexport.lazy import require
 from mexport.manifest import new_manifest, sha256_file, write_manifest
 
 DEVICES = ("cpu", "cuda")
-MIN_OPSET = 14  # Optimum's Gemma2 configuration and the attention ops need at least this
+EXPORT_MIN_OPSET = 14  # Optimum's Gemma2 configuration and the attention ops need at least this
 FREE_SPACE_MARGIN = 1.02
 
 
@@ -65,8 +65,8 @@ def _check_options(dtype: str, opset: int, device: str) -> None:
         raise MexportError(f"unknown dtype {dtype!r}; expected one of {', '.join(EXPORT_DTYPES)}")
     onnx = require("onnx", "exporting to ONNX")
     max_opset = onnx.defs.onnx_opset_version()
-    if not MIN_OPSET <= opset <= max_opset:
-        raise MexportError(f"opset {opset} not supported; use {MIN_OPSET}..{max_opset}")
+    if not EXPORT_MIN_OPSET <= opset <= max_opset:
+        raise MexportError(f"opset {opset} not supported; use {EXPORT_MIN_OPSET}..{max_opset}")
     if device not in DEVICES:
         raise MexportError(f"unknown device {device!r}; expected one of {', '.join(DEVICES)}")
 

@@ -29,8 +29,6 @@ from mexport.errors import MexportError
 from mexport.formats import ENGINE_FILE, LOGITS_INDICES, PAST_PREFIX, PRESENT_PREFIX
 from mexport.lazy import require
 from mexport.manifest import read_manifest
-from mexport.optimize.engine.precision import require_tensorrt, version_tuple
-from mexport.optimize.engine.profiles import BATCH, LOGITS, PAST, SEQUENCE, EngineLimits, resolve_shape
 from mexport.runtime.base import (
     DecoderRuntime,
     DecoderSpec,
@@ -39,6 +37,16 @@ from mexport.runtime.base import (
     check_forward_shapes,
     kept_logits,
     position_ids_from_mask,
+)
+from mexport.trt_common import (
+    BATCH,
+    LOGITS,
+    PAST,
+    SEQUENCE,
+    EngineLimits,
+    require_tensorrt,
+    resolve_shape,
+    version_tuple,
 )
 
 if TYPE_CHECKING:

@@ -40,7 +40,7 @@ from mexport.optimize.engine.plan import (
     read_source_manifest,
     write_plan,
 )
-from mexport.optimize.engine.precision import require_tensorrt
+from mexport.trt_common import require_tensorrt
 
 TIMING_CACHE_FILE = "timing.cache"
 NOT_COPIED_SUFFIXES = (".onnx", ".data")  # the graph and its weights live in the engine now

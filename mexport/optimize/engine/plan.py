@@ -33,17 +33,16 @@ from mexport.optimize.engine.compat import require_compatible
 from mexport.optimize.engine.gpus import GB, GpuInfo, gpu_budget
 from mexport.optimize.engine.precision import (
     BYTES_PER_ELEMENT,
-    RECIPES,
     BuildMode,
     TensorRTTarget,
     check_capability,
-    installed_tensorrt,
-    opset_min_tensorrt,
+    min_tensorrt_for_opset,
     resolve_tensorrt_target,
     select_build_mode,
-    version_tuple,
 )
-from mexport.optimize.engine.profiles import (
+from mexport.optimize.engine.profiles import OptimizationProfile, derive_profiles
+from mexport.optimize.quantize.recipes import RECIPES
+from mexport.trt_common import (
     BATCH,
     DEFAULT_MAX_INPUT_LEN,
     DEFAULT_MAX_LOGITS,
@@ -52,8 +51,8 @@ from mexport.optimize.engine.profiles import (
     PAST,
     SEQUENCE,
     EngineLimits,
-    OptimizationProfile,
-    derive_profiles,
+    installed_tensorrt,
+    version_tuple,
 )
 
 PLAN_FILE = "plan.json"
@@ -333,7 +332,7 @@ def plan_engine(model_dir: Path, settings: EngineSettings, local_gpu: GpuInfo | 
     memory = estimate_memory(manifest, mode, profiles, settings)
     gpu = gpu_budget(settings.target, settings.gpu_memory_gb) or local_gpu
     opset = int(manifest["opset"])
-    min_tensorrt = max(mode.min_tensorrt, opset_min_tensorrt(opset), key=version_tuple)
+    min_tensorrt = max(mode.min_tensorrt, min_tensorrt_for_opset(opset), key=version_tuple)
     if version_tuple(tensorrt.version) < version_tuple(min_tensorrt):
         raise MexportError(
             f"this graph needs TensorRT >= {min_tensorrt} (ONNX opset {opset}"
