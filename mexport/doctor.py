@@ -91,7 +91,7 @@ def check_ort_cuda_recipes() -> list[Check]:
     """Which recipes ONNX Runtime's CUDA provider runs on the GPU without falling back to the CPU, per export dtype
     (static: from its kernel table, so it answers on a CPU machine too); the others validate through TensorRT."""
     from mexport.formats import EXPORT_DTYPES
-    from mexport.runtime.cuda_kernels import cuda_supported_recipes
+    from mexport.optimize.quantize.recipes import cuda_supported_recipes
 
     checks = []
     for dtype in EXPORT_DTYPES:

@@ -541,7 +541,7 @@ def _runs_on_validate_device(runner: _Runner, config: PipelineConfig, label: str
     recipe = label.removeprefix("quant-")
     if config.device != "cuda" or recipe == label:
         return True
-    from mexport.runtime.cuda_kernels import cuda_recipe_support
+    from mexport.optimize.quantize.recipes import cuda_recipe_support
 
     gap = cuda_recipe_support(recipe, config.dtype)
     if gap is not None:

@@ -41,7 +41,7 @@ from mexport.optimize.engine.precision import (
     select_build_mode,
 )
 from mexport.optimize.engine.profiles import OptimizationProfile, derive_profiles
-from mexport.optimize.quantize.recipes import RECIPES
+from mexport.optimize.quantize.recipes import RECIPES, cuda_recipe_support
 from mexport.trt_common import (
     BATCH,
     DEFAULT_MAX_INPUT_LEN,
@@ -306,8 +306,6 @@ def _check_settings(settings: EngineSettings) -> None:
 
 def _ort_cuda_gap(manifest: dict[str, Any]) -> str | None:
     """Why ONNX Runtime's CUDA provider cannot run a quantized model on the GPU (None: it can, or not quantized)."""
-    from mexport.runtime.cuda_kernels import cuda_recipe_support
-
     recipe = recipe_name(manifest)
     return None if recipe is None else cuda_recipe_support(recipe, manifest["dtype"])
 
