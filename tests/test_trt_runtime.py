@@ -200,8 +200,8 @@ def test_whole_validate_run_on_a_batch_1_short_input_engine(
 ) -> None:
     from mexport import doctor
     from mexport.export import export_onnx
+    from mexport.fixtures.learned import make_learned_fixture
     from mexport.validate import validate
-    from mexport.validate.learned import make_learned_fixture
 
     learned = make_learned_fixture(tmp_path / "learned")
     export = tmp_path / "export"
