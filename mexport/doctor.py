@@ -14,7 +14,11 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from mexport.errors import MissingDependencyError
+from mexport.formats import EXPORT_DTYPES
 from mexport.fsutil import format_bytes
+from mexport.optimize.quantize.recipes import cuda_supported_recipes
+from mexport.trt_common import TENSORRT_STUBS_ONLY, require_tensorrt
 
 # Meditron3-Gemma2-9B in bf16: 9.24e9 parameters x 2 bytes.
 REAL_MODEL_BF16_BYTES = 18_480_000_000
@@ -90,9 +94,6 @@ def check_onnxruntime_providers() -> Check:
 def check_ort_cuda_recipes() -> list[Check]:
     """Which recipes ONNX Runtime's CUDA provider runs on the GPU without falling back to the CPU, per export dtype
     (static: from its kernel table, so it answers on a CPU machine too); the others validate through TensorRT."""
-    from mexport.formats import EXPORT_DTYPES
-    from mexport.optimize.quantize.recipes import cuda_supported_recipes
-
     checks = []
     for dtype in EXPORT_DTYPES:
         support = cuda_supported_recipes(dtype)
@@ -141,9 +142,6 @@ def check_cuda_devices() -> list[Check]:
 
 def check_tensorrt() -> list[Check]:
     """TensorRT and Polygraphy; the type stubs alone (what CI installs for mypy) are "not installed", not a fault."""
-    from mexport.errors import MissingDependencyError
-    from mexport.trt_common import TENSORRT_STUBS_ONLY, require_tensorrt
-
     fix = (
         "pip install 'mexport[gpu]' on a Linux host with an NVIDIA GPU and CUDA; `mexport engine --plan` works "
         "without it"

@@ -29,11 +29,22 @@ from mexport.errors import (
     IntegrityError,
     MexportError,
 )
-from mexport.fixtures import FIXTURE_NAMES
+from mexport.export import export_onnx
+from mexport.export.exporter import EXPORT_MIN_OPSET
+from mexport.fixtures import FIXTURE_NAMES, write_fixture
+from mexport.formats import EXPORT_DTYPES
 from mexport.fsutil import claimed_output, write_atomic
 from mexport.manifest import MANIFEST_NAME, file_records, read_manifest, settings_hash, utc_now, verify_files
-from mexport.validate.tasks import SHIPPED_SETS
-from mexport.validate.verdict import DEFAULT_FAIL_ON
+from mexport.optimize import quantize
+from mexport.optimize.engine import EngineSettings, build_engine, plan_engine, write_plan
+from mexport.optimize.engine.gpus import gpu_budget, require_cuda_gpu
+from mexport.optimize.engine.precision import PRECISIONS
+from mexport.optimize.quantize.recipes import cuda_recipe_support, get_recipe
+from mexport.trt_common import EngineLimits, require_tensorrt
+from mexport.validate import validate
+from mexport.validate.backends import HUB_ID
+from mexport.validate.tasks import SHIPPED_SETS, TASKS, get_task
+from mexport.validate.verdict import DEFAULT_FAIL_ON, FAIL_ON_CHOICES
 
 STATE_FILE = "pipeline-state.json"
 FIXTURE_PREFIX = "fixture:"
@@ -98,7 +109,6 @@ class PipelineConfig(BaseModel):
                     f"unknown fixture {model!r}; available: {', '.join(FIXTURE_PREFIX + n for n in FIXTURE_NAMES)}"
                 )
             return model
-        from mexport.validate.backends import HUB_ID
 
         path = Path(model)
         if path.exists() and not (path / "config.json").is_file():
@@ -110,8 +120,6 @@ class PipelineConfig(BaseModel):
     @field_validator("dtype")
     @classmethod
     def _dtype_known(cls, dtype: str) -> str:
-        from mexport.formats import EXPORT_DTYPES
-
         if dtype not in EXPORT_DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; expected one of {', '.join(EXPORT_DTYPES)}")
         return dtype
@@ -119,8 +127,6 @@ class PipelineConfig(BaseModel):
     @field_validator("opset")
     @classmethod
     def _opset_supported(cls, opset: int) -> int:
-        from mexport.export.exporter import EXPORT_MIN_OPSET
-
         if opset < EXPORT_MIN_OPSET:
             raise ValueError(f"opset {opset} not supported; use {EXPORT_MIN_OPSET} or newer")
         return opset
@@ -128,8 +134,6 @@ class PipelineConfig(BaseModel):
     @field_validator("recipes")
     @classmethod
     def _recipes_known(cls, recipes: list[str]) -> list[str]:
-        from mexport.optimize.quantize.recipes import get_recipe
-
         for recipe in recipes:
             _checked(get_recipe, recipe)
         if len(set(recipes)) != len(recipes):
@@ -139,8 +143,6 @@ class PipelineConfig(BaseModel):
     @field_validator("tasks")
     @classmethod
     def _tasks_known(cls, tasks: list[str]) -> list[str]:
-        from mexport.validate.tasks import get_task
-
         for task in tasks:
             _checked(get_task, task)
         return tasks
@@ -148,8 +150,6 @@ class PipelineConfig(BaseModel):
     @field_validator("data")
     @classmethod
     def _data_files_exist(cls, data: dict[str, str]) -> dict[str, str]:
-        from mexport.validate.tasks import get_task
-
         for task, source in data.items():
             _checked(get_task, task)
             if source not in SHIPPED_SETS and not Path(source).is_file():
@@ -159,8 +159,6 @@ class PipelineConfig(BaseModel):
     @field_validator("calib")
     @classmethod
     def _calib_exists(cls, calib: str | None) -> str | None:
-        from mexport.validate.tasks import TASKS
-
         if calib is not None and calib not in TASKS and not Path(calib).is_file():
             raise ValueError(f"calibration file not found: {calib} (nor is it a task name: {', '.join(TASKS)})")
         return calib
@@ -175,8 +173,6 @@ class PipelineConfig(BaseModel):
     @field_validator("engine_precision")
     @classmethod
     def _precision_known(cls, precision: str | None) -> str | None:
-        from mexport.optimize.engine.precision import PRECISIONS
-
         if precision is not None and precision not in PRECISIONS:
             raise ValueError(f"unknown engine precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
         return precision
@@ -184,8 +180,6 @@ class PipelineConfig(BaseModel):
     @field_validator("recipe_margins")
     @classmethod
     def _margin_recipes_known(cls, margins: dict[str, float]) -> dict[str, float]:
-        from mexport.optimize.quantize.recipes import get_recipe
-
         for recipe in margins:
             _checked(get_recipe, recipe)
         return margins
@@ -193,17 +187,12 @@ class PipelineConfig(BaseModel):
     @field_validator("fail_on")
     @classmethod
     def _fail_on_known(cls, fail_on: str) -> str:
-        from mexport.validate.verdict import FAIL_ON_CHOICES
-
         if fail_on not in FAIL_ON_CHOICES:
             raise ValueError(f"fail_on {fail_on!r}: expected one of {', '.join(FAIL_ON_CHOICES)}")
         return fail_on
 
     @model_validator(mode="after")
     def _engine_fits_together(self) -> PipelineConfig:
-        from mexport.optimize.engine.gpus import gpu_budget
-        from mexport.optimize.engine.profiles import EngineLimits
-
         _checked(EngineLimits(self.max_batch, self.max_input_len, self.max_context).validate)
         _checked(gpu_budget, self.target, self.gpu_memory_gb)
         return self
@@ -496,7 +485,6 @@ def _run_steps(runner: _Runner, config: PipelineConfig) -> PipelineResult:
 
     def _validate() -> str:
         nonlocal validation, report_failed
-        from mexport.validate import validate
 
         report = validate(
             checkpoint,
@@ -541,7 +529,6 @@ def _runs_on_validate_device(runner: _Runner, config: PipelineConfig, label: str
     recipe = label.removeprefix("quant-")
     if config.device != "cuda" or recipe == label:
         return True
-    from mexport.optimize.quantize.recipes import cuda_recipe_support
 
     gap = cuda_recipe_support(recipe, config.dtype)
     if gap is not None:
@@ -558,8 +545,6 @@ def _checkpoint_step(runner: _Runner, config: PipelineConfig) -> tuple[str, str]
     target = runner.out / "checkpoint"
 
     def _write() -> str:
-        from mexport.fixtures import write_fixture
-
         write_fixture(name, target, overwrite=True)
         return f"fixture {name}"
 
@@ -568,8 +553,6 @@ def _checkpoint_step(runner: _Runner, config: PipelineConfig) -> tuple[str, str]
 
 
 def _export(checkpoint: str, target: Path, config: PipelineConfig) -> str:
-    from mexport.export import export_onnx
-
     result = export_onnx(
         checkpoint, target, dtype=config.dtype, opset=config.opset, revision=config.revision,
         device=config.export_device, overwrite=True,
@@ -578,8 +561,6 @@ def _export(checkpoint: str, target: Path, config: PipelineConfig) -> str:
 
 
 def _quantize(export_dir: Path, target: Path, recipe: str, config: PipelineConfig) -> str:
-    from mexport.optimize import quantize
-
     result = quantize(export_dir, target, recipe, calib=config.calib, calib_size=config.calib_size, overwrite=True)
     check = result.report.get("numeric_check")
     return f"top-1 agreement vs export {check['top1_agreement']:.1%}" if check else "quantized (no numeric check)"
@@ -592,7 +573,6 @@ def _engine_steps(
     if config.engine == "off":
         runner.skip("engine", "disabled in the config (engine.mode = off)")
         return []
-    from mexport.optimize.engine import EngineSettings, build_engine, plan_engine, write_plan
 
     settings = EngineSettings(
         precision=config.engine_precision, max_batch=config.max_batch, max_input_len=config.max_input_len,
@@ -623,9 +603,6 @@ def _engine_steps(
 
 
 def _engine_unavailable_reason() -> str | None:
-    from mexport.optimize.engine import require_tensorrt
-    from mexport.optimize.engine.gpus import require_cuda_gpu
-
     try:
         require_tensorrt()
         require_cuda_gpu()

@@ -9,6 +9,7 @@ import typer
 
 from mexport import console
 from mexport.cli import app, emit_json, json_option
+from mexport.fsutil import format_bytes
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -25,7 +26,6 @@ def _plan_tables(plan: EnginePlan) -> list[Table]:
     from rich.markup import escape
     from rich.table import Table
 
-    from mexport.fsutil import format_bytes
 
     shapes = Table(title=f"optimization profiles ({plan.model_dir})")
     for column in ("profile", "input", "min", "opt", "max"):
