@@ -26,13 +26,12 @@ from pathlib import Path
 from typing import Any
 
 from mexport.errors import MexportError
-from mexport.formats import GRAPH_FILE
+from mexport.formats import ELEMENT_BYTES, GRAPH_FILE
 from mexport.fsutil import format_bytes
 from mexport.manifest import read_manifest, verify_files
 from mexport.optimize.engine.compat import require_compatible
 from mexport.optimize.engine.gpus import GB, GpuInfo, gpu_budget
 from mexport.optimize.engine.precision import (
-    BYTES_PER_ELEMENT,
     BuildMode,
     TensorRTTarget,
     check_capability,
@@ -228,7 +227,7 @@ def _io_dtype(manifest: dict[str, Any], group: str, name_prefix: str) -> str:
     if len(dtypes) != 1:
         raise MexportError(f"manifest io: expected one dtype for {name_prefix}* {group}, found {sorted(dtypes)}")
     dtype = str(dtypes.pop())
-    if dtype not in BYTES_PER_ELEMENT:
+    if dtype not in ELEMENT_BYTES:
         raise MexportError(f"manifest io: unsupported dtype {dtype!r} for {name_prefix}*")
     return dtype
 
@@ -238,7 +237,7 @@ def estimate_weights(manifest: dict[str, Any], mode: BuildMode) -> tuple[int, st
     config = manifest["model_config"]
     params = int(config["parameter_count"])
     if mode.recipe is None:
-        return params * BYTES_PER_ELEMENT[mode.precision], f"{params:,} parameters x {mode.precision}"
+        return params * ELEMENT_BYTES[mode.precision], f"{params:,} parameters x {mode.precision}"
     files = manifest.get("files") or {}
     onnx_bytes = sum(int(info["bytes"]) for name, info in files.items() if name.endswith(ONNX_WEIGHT_SUFFIXES))
     if onnx_bytes:
@@ -246,7 +245,7 @@ def estimate_weights(manifest: dict[str, Any], mode: BuildMode) -> tuple[int, st
     recipe = RECIPES[mode.recipe]
     embedding = int(config["vocab_size"]) * int(config["hidden_size"])
     gemm_bytes = (params - embedding) * recipe.weight_bits // 8
-    embedding_bytes = embedding * BYTES_PER_ELEMENT[mode.precision]
+    embedding_bytes = embedding * ELEMENT_BYTES[mode.precision]
     return gemm_bytes + embedding_bytes, (
         f"{params - embedding:,} GEMM parameters x {recipe.weight_bits} bits + {embedding:,} embedding x "
         f"{mode.precision} (scales not counted)"
@@ -262,7 +261,7 @@ def estimate_activations(
     never runs more than ``max_context`` cached + new tokens, so attention rows are capped there.
     """
     config = manifest["model_config"]
-    logits_bytes = BYTES_PER_ELEMENT[_io_dtype(manifest, "outputs", "logits")]
+    logits_bytes = ELEMENT_BYTES[_io_dtype(manifest, "outputs", "logits")]
     hidden, intermediate = int(config["hidden_size"]), int(config["intermediate_size"])
     heads, vocab = int(config["num_attention_heads"]), int(config["vocab_size"])
     peak = 0
@@ -281,7 +280,7 @@ def estimate_memory(
     manifest: dict[str, Any], mode: BuildMode, profiles: list[OptimizationProfile], settings: EngineSettings
 ) -> MemoryEstimate:
     config = manifest["model_config"]
-    kv_bytes = BYTES_PER_ELEMENT[_io_dtype(manifest, "inputs", "past_key_values.")]
+    kv_bytes = ELEMENT_BYTES[_io_dtype(manifest, "inputs", "past_key_values.")]
     per_token = 2 * int(config["num_hidden_layers"]) * int(config["num_key_value_heads"]) * int(config["head_dim"])
     per_token *= kv_bytes
     weights, source = estimate_weights(manifest, mode)
@@ -291,7 +290,7 @@ def estimate_memory(
         kv_bytes_per_token=per_token,
         kv_cache_bytes=per_token * settings.max_batch * settings.max_context,
         activation_bytes=estimate_activations(
-            manifest, profiles, BYTES_PER_ELEMENT[mode.precision], settings.max_context
+            manifest, profiles, ELEMENT_BYTES[mode.precision], settings.max_context
         ),
         workspace_bytes=settings.workspace_bytes,
     )

@@ -35,7 +35,6 @@ NEWEST_TENSORRT = "11.4"  # newest release the [gpu] extra allows when this mexp
 WEAK_TYPING_DEPRECATED = (10, 12)  # TensorRT 10.12 deprecates weak typing ...
 STRONG_TYPING_ONLY = (11, 0)  # ... 11.0 removes it and the FP16 / BF16 / INT8 / FP8 builder flags
 BUILDER_FLAGS = {"bf16": "BF16", "fp16": "FP16"}
-BYTES_PER_ELEMENT = {"fp32": 4, "bf16": 2, "fp16": 2, "float32": 4, "bfloat16": 2, "float16": 2}
 BASE_TENSORRT = "10.0"  # name-based IO, INT64 IO, BF16 and strongly typed networks
 # compute capability each float precision needs (TensorRT 10 supports Turing and newer)
 PRECISION_MIN_CAPABILITY = {"fp32": (7, 5), "fp16": (7, 5), "bf16": (8, 0)}
