@@ -16,7 +16,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from xml.etree import ElementTree
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -34,6 +33,7 @@ from mexport.export.exporter import EXPORT_MIN_OPSET
 from mexport.fixtures import FIXTURE_NAMES, write_fixture
 from mexport.formats import EXPORT_DTYPES
 from mexport.fsutil import claimed_output, write_atomic
+from mexport.junit import FAILURE, SKIPPED, JUnitCase, junit_xml
 from mexport.manifest import MANIFEST_NAME, file_records, read_manifest, settings_hash, utc_now, verify_files
 from mexport.optimize import quantize
 from mexport.optimize.engine import EngineSettings, build_engine, plan_engine, write_plan
@@ -652,18 +652,10 @@ def render_markdown(result: PipelineResult) -> str:
 
 
 def render_junit(result: PipelineResult) -> bytes:
-    suite = ElementTree.Element(
-        "testsuite",
-        name="mexport.pipeline",
-        tests=str(len(result.steps)),
-        failures=str(sum(s.status == "failed" for s in result.steps)),
-        skipped=str(sum(s.status == "skipped" for s in result.steps)),
-    )
-    for step in result.steps:
-        case = ElementTree.SubElement(suite, "testcase", classname="mexport.pipeline", name=step.name,
-                                      time=f"{step.seconds:.2f}")
-        if step.status == "failed":
-            ElementTree.SubElement(case, "failure", message=step.detail)
-        elif step.status == "skipped":
-            ElementTree.SubElement(case, "skipped", message=step.detail)
-    return ElementTree.tostring(suite, encoding="utf-8", xml_declaration=True)
+    """One testcase per step: a failed step a failure, a skipped one skipped."""
+    outcomes = {"failed": FAILURE, "skipped": SKIPPED}
+    cases = [
+        JUnitCase("mexport.pipeline", step.name, outcomes.get(step.status), step.detail, seconds=step.seconds)
+        for step in result.steps
+    ]
+    return junit_xml("mexport.pipeline", cases)
