@@ -27,6 +27,7 @@ from mexport.errors import (
     EnvironmentFailure,
     IntegrityError,
     MexportError,
+    verdict_word,
 )
 from mexport.export import export_onnx
 from mexport.export.exporter import EXPORT_MIN_OPSET
@@ -639,7 +640,7 @@ def render_markdown(result: PipelineResult) -> str:
     lines = [
         "# mexport pipeline",
         "",
-        f"**Result: {({1: 'FAILED', 4: 'INCONCLUSIVE'}).get(result.exit_code, 'passed')}**",
+        f"**Result: {verdict_word(result.exit_code)}**",
         "",
         "| step | status | seconds | detail |",
         "|---|---|---:|---|",

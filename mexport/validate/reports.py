@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mexport.errors import EXIT_CHECK_FAILED, EXIT_INCONCLUSIVE
+from mexport.errors import verdict_word
 from mexport.fsutil import replace_files_as_set
 from mexport.junit import JUnitCase, junit_xml
 from mexport.validate.stats import CONFIDENCE, MetricComparison, resolvable_difference, wilson_interval
@@ -156,7 +156,7 @@ class ValidationReport:
     @property
     def outcome(self) -> str:
         """One word for the run: PASSED, FAILED or INCONCLUSIVE (under its ``fail_on`` policy)."""
-        return {EXIT_CHECK_FAILED: "FAILED", EXIT_INCONCLUSIVE: "INCONCLUSIVE"}.get(self.exit_code, "PASSED")
+        return verdict_word(self.exit_code)
 
     def backend(self, label: str) -> BackendInfo:
         return next(b for b in self.backends if b.label == label)
