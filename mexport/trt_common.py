@@ -51,6 +51,26 @@ def version_tuple(version: str) -> tuple[int, ...]:
     return tuple(int(part) for part in version.split(".") if part.isdigit())
 
 
+# first compute capability of each NVIDIA architecture TensorRT 10 supports, newest first
+ARCHITECTURES: tuple[tuple[tuple[int, int], str], ...] = (
+    ((10, 0), "Blackwell"),
+    ((9, 0), "Hopper"),
+    ((8, 9), "Ada"),
+    ((8, 0), "Ampere"),
+    ((7, 5), "Turing"),
+)
+
+
+def architecture_name(capability: tuple[int, int]) -> str:
+    """The newest architecture whose first compute capability is at most ``capability``."""
+    for first, name in ARCHITECTURES:
+        if capability >= first:
+            return name
+    return "pre-Turing"
+
+
+AMPERE = next(first for first, name in ARCHITECTURES if name == "Ampere")  # hardware_compatibility "ampere+"
+
 BATCH = "batch_size"
 SEQUENCE = "sequence_length"
 PAST = "past_sequence_length"

@@ -39,6 +39,7 @@ from mexport.runtime.base import (
     position_ids_from_mask,
 )
 from mexport.trt_common import (
+    AMPERE,
     BATCH,
     LOGITS,
     PAST,
@@ -55,7 +56,6 @@ if TYPE_CHECKING:
     import tensorrt as trt
     import torch
 
-AMPERE = (8, 0)
 EMPTY_BINDING_BYTES = 256  # an aligned address to bind zero-sized inputs to (torch gives them none)
 
 

@@ -45,23 +45,6 @@ GPU_TARGETS: dict[str, GpuInfo] = {
     "a10g-24gb": GpuInfo("NVIDIA A10G 24GB", 23028 * MIB, (8, 6)),
 }
 
-ARCHITECTURES: tuple[tuple[tuple[int, int], str], ...] = (
-    ((10, 0), "Blackwell"),
-    ((9, 0), "Hopper"),
-    ((8, 9), "Ada"),
-    ((8, 0), "Ampere"),
-    ((7, 5), "Turing"),
-)
-
-
-def architecture_name(capability: tuple[int, int]) -> str:
-    """The newest architecture whose first compute capability is at most ``capability``."""
-    for first, name in ARCHITECTURES:
-        if capability >= first:
-            return name
-    return "pre-Turing"
-
-
 def gpu_budget(target: str | None, gpu_memory_gb: float | None) -> GpuInfo | None:
     """The GPU a plan is checked against: a named target, a bare memory size, or None (not checked)."""
     if target is not None and gpu_memory_gb is not None:

@@ -24,9 +24,8 @@ from typing import Any
 
 from mexport.errors import MexportError
 from mexport.optimize.engine.compat import OPSETS, PARSER_MIN_OPSET, first_tensorrt_for_opset
-from mexport.optimize.engine.gpus import architecture_name
 from mexport.optimize.quantize.recipes import RECIPES
-from mexport.trt_common import version_tuple
+from mexport.trt_common import architecture_name, version_tuple
 
 PRECISIONS = ("bf16", "fp16", "fp32")
 # the [gpu] extra's `tensorrt>=10.8,<12` (pyproject.toml): the API lines mexport reads were checked for this range
