@@ -14,7 +14,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from mexport.errors import MissingDependencyError
+from mexport.errors import MissingDependencyError, first_line
 from mexport.formats import EXPORT_DTYPES
 from mexport.fsutil import format_bytes
 from mexport.lazy import INSTALL_HINTS
@@ -155,8 +155,7 @@ def check_tensorrt() -> list[Check]:
         polygraphy = importlib.import_module("polygraphy")
         checks.append(Check("polygraphy", OK, getattr(polygraphy, "__version__", _version("polygraphy") or "?")))
     except Exception as exc:  # noqa: BLE001 - report any broken install as a finding
-        first_line = str(exc).splitlines()[0] if str(exc) else ""
-        checks.append(Check("polygraphy", MISSING, f"not importable ({type(exc).__name__}: {first_line})", fix))
+        checks.append(Check("polygraphy", MISSING, f"not importable ({type(exc).__name__}: {first_line(exc)})", fix))
     return checks
 
 

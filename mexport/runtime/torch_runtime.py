@@ -25,7 +25,7 @@ import numpy as np
 
 from mexport import console
 from mexport.checkpoint import read_config, weight_files
-from mexport.errors import MexportError
+from mexport.errors import MexportError, first_line
 from mexport.formats import EXPORT_DTYPES as TORCH_DTYPES  # mexport name -> torch / HF config name
 from mexport.lazy import require
 from mexport.runtime.base import (
@@ -133,8 +133,7 @@ class TorchDecoder(DecoderRuntime):
                     trust_remote_code=False,
                 )
             except (OSError, ValueError, KeyError) as exc:
-                first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise MexportError(f"could not load checkpoint {self.checkpoint}: {first_line}") from exc
+                raise MexportError(f"could not load checkpoint {self.checkpoint}: {first_line(exc)}") from exc
         if self.weights_dtype != self.dtype:
             _upcast_at_run_time(torch, model, getattr(torch, TORCH_DTYPES[self.dtype]))
         self._model = model.to(self.device).eval()

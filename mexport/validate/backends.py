@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from mexport.checkpoint import load_tokenizer
-from mexport.errors import MexportError
+from mexport.errors import MexportError, first_line
 from mexport.lazy import require
 from mexport.manifest import MANIFEST_NAME, read_manifest
 from mexport.runtime.base import DecoderRuntime
@@ -65,7 +65,7 @@ def _local_checkpoint(path: Path | str) -> Path:
     try:
         return Path(hub.snapshot_download(str(path), allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
     except Exception as exc:  # offline, gated, missing repo: all mean "not available here"
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         raise MexportError(
             f"could not get checkpoint {path} from the Hugging Face hub: {reason}",
             hint="download it first (huggingface-cli download) and pass the local directory",
