@@ -37,11 +37,11 @@ from mexport.fsutil import claimed_output, write_atomic
 from mexport.junit import FAILURE, SKIPPED, JUnitCase, junit_xml
 from mexport.manifest import MANIFEST_NAME, file_records, read_manifest, settings_hash, utc_now, verify_files
 from mexport.optimize import quantize
-from mexport.optimize.engine import EngineSettings, build_engine, plan_engine, write_plan
+from mexport.optimize.engine import build_engine, plan_engine, write_plan
 from mexport.optimize.engine.gpus import gpu_budget, require_cuda_gpu
 from mexport.optimize.engine.precision import PRECISIONS
 from mexport.optimize.quantize.recipes import cuda_recipe_support, get_recipe
-from mexport.trt_common import EngineLimits, require_tensorrt
+from mexport.trt_common import DEFAULT_MAX_INPUT_LEN, EngineLimits, EngineSettings, require_tensorrt
 from mexport.validate import validate
 from mexport.validate.backends import HUB_ID
 from mexport.validate.tasks import SHIPPED_SETS, TASKS, get_task
@@ -65,6 +65,14 @@ def _checked(check: Callable[..., Any], *args: Any) -> None:
         raise ValueError(exc.message) from None
 
 
+ENGINE_DEFAULTS = EngineSettings()
+# PipelineConfig field -> the EngineSettings field it sets (and its key in the TOML file's [engine] table)
+ENGINE_FIELDS = {
+    "engine_precision": "precision", "max_batch": "max_batch", "max_input_len": "max_input_len",
+    "max_context": "max_context", "target": "target", "gpu_memory_gb": "gpu_memory_gb",
+}
+
+
 class PipelineConfig(BaseModel):
     """Everything a pipeline run needs, typed and range-checked; the TOML file's tables map onto these fields
     (see examples/) and every CLI flag of ``mexport pipeline`` sets one. Creating one validates every field and
@@ -84,9 +92,9 @@ class PipelineConfig(BaseModel):
     calib_size: int = Field(64, ge=1, strict=True)
     engine: str = "auto"
     engine_precision: str | None = None  # None: the export's dtype (the only choice TensorRT 11 builds)
-    max_batch: int = Field(8, ge=1, strict=True)
-    max_input_len: int = Field(2048, ge=1, strict=True)
-    max_context: int = Field(4096, ge=1, strict=True)
+    max_batch: int = Field(ENGINE_DEFAULTS.max_batch, ge=1, strict=True)
+    max_input_len: int = Field(DEFAULT_MAX_INPUT_LEN, ge=1, strict=True)
+    max_context: int = Field(ENGINE_DEFAULTS.max_context, ge=1, strict=True)
     target: str | None = None
     gpu_memory_gb: float | None = Field(None, gt=0, allow_inf_nan=False)
     tasks: Annotated[list[str], BeforeValidator(_one_or_many)] = Field(
@@ -204,9 +212,7 @@ _TOML_FIELDS = {
     ("model",): "model", ("output",): "output", ("revision",): "revision",
     ("export", "dtype"): "dtype", ("export", "opset"): "opset", ("export", "device"): "export_device",
     ("quantize", "recipes"): "recipes", ("quantize", "calib"): "calib", ("quantize", "calib_size"): "calib_size",
-    ("engine", "mode"): "engine", ("engine", "precision"): "engine_precision", ("engine", "max_batch"): "max_batch",
-    ("engine", "max_input_len"): "max_input_len", ("engine", "max_context"): "max_context",
-    ("engine", "target"): "target", ("engine", "gpu_memory_gb"): "gpu_memory_gb",
+    ("engine", "mode"): "engine", **{("engine", setting): field for field, setting in ENGINE_FIELDS.items()},
     ("validate", "tasks"): "tasks", ("validate", "data"): "data", ("validate", "limit"): "limit",
     ("validate", "seed"): "seed", ("validate", "device"): "device", ("validate", "margin"): "margin",
     ("validate", "recipe_margins"): "recipe_margins", ("validate", "agreement_floor"): "agreement_floor",
@@ -575,10 +581,7 @@ def _engine_steps(
         runner.skip("engine", "disabled in the config (engine.mode = off)")
         return []
 
-    settings = EngineSettings(
-        precision=config.engine_precision, max_batch=config.max_batch, max_input_len=config.max_input_len,
-        max_context=config.max_context, gpu_memory_gb=config.gpu_memory_gb, target=config.target,
-    )
+    settings = EngineSettings(**{setting: getattr(config, field) for field, setting in ENGINE_FIELDS.items()})
     unavailable = None if config.engine == "plan" else _engine_unavailable_reason()
     if config.engine == "build" and unavailable:
         raise MexportError(f"engine.mode = build but {unavailable}")

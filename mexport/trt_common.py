@@ -8,11 +8,15 @@ Importing this module never imports TensorRT.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from mexport.errors import MexportError, MissingDependencyError
 from mexport.formats import LOGITS_LENGTH_AXIS
 from mexport.lazy import INSTALL_HINTS
+
+GB = 1_000_000_000  # --gpu-memory / --workspace are decimal GB, like the sizes mexport prints
 
 TENSORRT_STUBS_ONLY = "TensorRT not installed (only type stubs): the 'tensorrt' module found has no Builder"
 TENSORRT_MISSING_HINT = (
@@ -153,3 +157,68 @@ def dimension_value(dim: int | str, values: Mapping[str, int], where: str) -> in
 def resolve_shape(shape: Sequence[int | str], values: Mapping[str, int], where: str) -> tuple[int, ...]:
     """A concrete shape from a manifest shape and symbol values."""
     return tuple(dimension_value(dim, values, where) for dim in shape)
+
+
+def _option(default: Any, help: str, flag: str | None = None) -> Any:
+    """A setting's default, its help text and (where it differs from the field's name) its CLI flag."""
+    return field(default=default, metadata={"help": help, "flag": flag})
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """What ``mexport engine`` was asked for; defaults suit MCQ validation (5 options share one prompt).
+
+    The one declaration of the engine's settings: ``mexport engine`` makes one option of each field (its help and
+    flag from the metadata), and the pipeline's config and TOML ``[engine]`` table take their defaults from here.
+    """
+
+    precision: str | None = _option(
+        None, "bf16, fp16 or fp32 (default: the model's dtype; an fp32 export at bf16 needs TensorRT 10)."
+    )
+    max_batch: int = _option(8, "Largest batch the engine accepts.")
+    max_input_len: int | None = _option(None, "Longest prompt in tokens (default: min(2048, --max-context)).")
+    max_context: int = _option(4096, "Longest prompt + generated tokens (KV cache length).")
+    opt_batch: int = _option(1, "Batch size TensorRT tunes kernels for.")
+    prefill_chunk: int | None = _option(
+        None, "New tokens per engine call; longer prompts run in chunks (default: min(256, --max-input-len))."
+    )
+    max_logits: int = _option(DEFAULT_MAX_LOGITS, "Lean-logits graphs: positions with logits per engine call.")
+    workspace_gb: float = _option(4.0, "Builder workspace pool in GB.", "--workspace")
+    timing_cache: Path | None = _option(
+        None, "Tactic timing cache to read and update (default: OUT/timing.cache)."
+    )
+    hw_compat: str = _option("none", "none, or ampere+ for an engine that runs on any Ampere or newer GPU.")
+    gpu_memory_gb: float | None = _option(None, "Check memory against a GPU of this many GB.", "--gpu-memory")
+    target: str | None = _option(
+        None,
+        "Check memory against a named GPU: h100-80gb, h200-141gb, a100-80gb, a100-40gb, l40s-48gb, l4-24gb, "
+        "a10g-24gb.",
+    )
+    tensorrt_version: str | None = _option(
+        None, "Plan for this TensorRT (X.Y; default: the installed one, else the newest the [gpu] extra allows)."
+    )
+
+    @property
+    def limits(self) -> EngineLimits:
+        """The limits with unset ones adapted to those given (``--max-context 256`` alone is a valid request)."""
+        max_input_len = self.max_input_len
+        if max_input_len is None:
+            max_input_len = min(DEFAULT_MAX_INPUT_LEN, self.max_context)
+        chunk = self.prefill_chunk if self.prefill_chunk is not None else min(DEFAULT_PREFILL_CHUNK, max_input_len)
+        return EngineLimits(self.max_batch, max_input_len, self.max_context, self.opt_batch, chunk, self.max_logits)
+
+    @property
+    def workspace_bytes(self) -> int:
+        return int(self.workspace_gb * GB)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "precision": self.precision,
+            **self.limits.to_dict(),
+            "workspace_gb": self.workspace_gb,
+            "timing_cache": str(self.timing_cache) if self.timing_cache else None,
+            "hw_compat": self.hw_compat,
+            "gpu_memory_gb": self.gpu_memory_gb,
+            "target": self.target,
+            "tensorrt_version": self.tensorrt_version,
+        }

@@ -14,9 +14,9 @@ import subprocess
 from dataclasses import dataclass
 
 from mexport.errors import MexportError
+from mexport.trt_common import GB
 
 MIB = 1 << 20
-GB = 1_000_000_000  # --gpu-memory / --workspace are decimal GB, like the sizes mexport prints
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from mexport.formats import ELEMENT_BYTES, GRAPH_FILE
 from mexport.fsutil import format_bytes
 from mexport.manifest import read_manifest, verify_files
 from mexport.optimize.engine.compat import require_compatible
-from mexport.optimize.engine.gpus import GB, GpuInfo, gpu_budget
+from mexport.optimize.engine.gpus import GpuInfo, gpu_budget
 from mexport.optimize.engine.precision import (
     BuildMode,
     TensorRTTarget,
@@ -43,13 +43,11 @@ from mexport.optimize.engine.profiles import OptimizationProfile, derive_profile
 from mexport.optimize.quantize.recipes import RECIPES, cuda_recipe_support
 from mexport.trt_common import (
     BATCH,
-    DEFAULT_MAX_INPUT_LEN,
-    DEFAULT_MAX_LOGITS,
-    DEFAULT_PREFILL_CHUNK,
+    GB,
     LOGITS,
     PAST,
     SEQUENCE,
-    EngineLimits,
+    EngineSettings,
     installed_tensorrt,
     version_tuple,
 )
@@ -60,50 +58,6 @@ HARDWARE_COMPAT = ("none", "ampere+")
 RUNTIME_RESERVE_BYTES = 1 * GB  # CUDA context, cuBLAS / TensorRT kernels and the runtime's own allocations
 KV_BUFFERS = 2  # past inputs and present outputs are distinct device buffers
 ONNX_WEIGHT_SUFFIXES = (".onnx", ".onnx.data")
-
-
-@dataclass(frozen=True)
-class EngineSettings:
-    """What ``mexport engine`` was asked for; defaults suit MCQ validation (5 options share one prompt)."""
-
-    precision: str | None = None  # None: the graph's own dtype (strongly typed, on every TensorRT)
-    max_batch: int = 8
-    max_input_len: int | None = None  # None: min(2048, max_context)
-    max_context: int = 4096
-    opt_batch: int = 1
-    prefill_chunk: int | None = None  # None: min(256, max_input_len)
-    max_logits: int = DEFAULT_MAX_LOGITS
-    workspace_gb: float = 4.0
-    timing_cache: Path | None = None
-    hw_compat: str = "none"
-    gpu_memory_gb: float | None = None
-    target: str | None = None
-    tensorrt_version: str | None = None  # plan for this TensorRT (X.Y); None: the installed one, else the newest
-
-    @property
-    def limits(self) -> EngineLimits:
-        """The limits with unset ones adapted to those given (``--max-context 256`` alone is a valid request)."""
-        max_input_len = self.max_input_len
-        if max_input_len is None:
-            max_input_len = min(DEFAULT_MAX_INPUT_LEN, self.max_context)
-        chunk = self.prefill_chunk if self.prefill_chunk is not None else min(DEFAULT_PREFILL_CHUNK, max_input_len)
-        return EngineLimits(self.max_batch, max_input_len, self.max_context, self.opt_batch, chunk, self.max_logits)
-
-    @property
-    def workspace_bytes(self) -> int:
-        return int(self.workspace_gb * GB)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "precision": self.precision,
-            **self.limits.to_dict(),
-            "workspace_gb": self.workspace_gb,
-            "timing_cache": str(self.timing_cache) if self.timing_cache else None,
-            "hw_compat": self.hw_compat,
-            "gpu_memory_gb": self.gpu_memory_gb,
-            "target": self.target,
-            "tensorrt_version": self.tensorrt_version,
-        }
 
 
 @dataclass(frozen=True)
