@@ -31,7 +31,7 @@ TRANSPOSED_SUFFIX = "_transposed"
 # decoder IO names (Optimum's convention)
 PAST_PREFIX = "past_key_values."
 PRESENT_PREFIX = "present."
-# lean graphs (issue 12): int64 positions, within the new tokens of a call, whose logits the graph computes
+# lean graphs: int64 positions, within the new tokens of a call, whose logits the graph computes
 LOGITS_INDICES = "logits_indices"
 LOGITS_LENGTH_AXIS = "logits_length"
 

@@ -293,7 +293,7 @@ def test_9b_bf16_fits_h100_at_batch_1_context_8192(tmp_path: Path) -> None:
 
 
 def test_9b_lean_plan_at_h100_defaults_keeps_activations_small(tmp_path: Path) -> None:
-    """Issue 12: batch 8, input 2048, context 4096 planned 14.09 GB of activations (full logits, 2048-token prefill)."""
+    """Full logits with 2048-token prefill calls plan 14.09 GB of activations at batch 8, input 2048, context 4096."""
     before = plan_engine(model_dir(tmp_path), EngineSettings(prefill_chunk=2048, target="h100-80gb"))
     plan = plan_engine(model_dir(tmp_path, lean=True), EngineSettings(target="h100-80gb"))
     limits = plan.settings.limits

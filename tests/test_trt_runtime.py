@@ -144,7 +144,7 @@ def test_engine_without_chunk_profile_decodes_token_by_token(
 
 
 def _lean(export: Path, out: Path) -> Path:
-    """The export if it has the ``logits_indices`` input (issue 12's lean logits), else a copy given one: a Gather
+    """The export if it has the ``logits_indices`` input (lean logits), else a copy given one: a Gather
     of the logits rows."""
     import onnx
     from onnx import TensorProto, helper

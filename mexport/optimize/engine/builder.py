@@ -43,7 +43,7 @@ from mexport.stage import write_artifact
 from mexport.trt_common import require_tensorrt
 
 TIMING_CACHE_FILE = "timing.cache"
-NOT_COPIED_SUFFIXES = (".onnx", ".data")  # the graph and its weights live in the engine now
+NOT_COPIED_SUFFIXES = (".onnx", ".data")  # the graph and its weights live in the engine
 @dataclass(frozen=True)
 class EngineResult:
     """A finished engine directory."""
