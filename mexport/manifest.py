@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from mexport import strict_json
 from mexport import __version__
 from mexport.errors import IntegrityError, MexportError
 from mexport.fsutil import UNFINISHED_DIR, write_atomic
@@ -90,7 +91,7 @@ def write_manifest(directory: Path, manifest: dict[str, Any]) -> Path:
     """Write ``mexport.json`` atomically (temp file + rename) so a crash never leaves half a manifest."""
     target = Path(directory) / MANIFEST_NAME
     tmp = target.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
+    tmp.write_text(strict_json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
     os.replace(tmp, target)
     return target
 
@@ -198,7 +199,7 @@ def verify_files(directory: Path, manifest: dict[str, Any], remember: bool = Tru
         verified[name] = {"stat": key, "sha256": record["sha256"]}  # stat from before hashing: a change since misses
     if remember and verified != stamp:
         try:
-            write_atomic(directory / STAMP_NAME, json.dumps(verified, sort_keys=True).encode())
+            write_atomic(directory / STAMP_NAME, strict_json.dumps(verified, sort_keys=True).encode())
         except OSError:
             pass  # a read-only artifact: verification still holds, it just is not remembered
 

@@ -20,6 +20,7 @@ from xml.etree import ElementTree
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from mexport import strict_json
 from mexport import console
 from mexport.errors import (
     EXIT_CHECK_FAILED,
@@ -368,7 +369,7 @@ class _Runner:
 
     def _save_state(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
-        write_atomic(self.state_path, (json.dumps(self.state, indent=2, sort_keys=True) + "\n").encode())
+        write_atomic(self.state_path, (strict_json.dumps(self.state, indent=2, sort_keys=True) + "\n").encode())
 
     def step(
         self, name: str, settings: dict[str, Any], target: Path, action: Callable[[], str], marker: str = MANIFEST_NAME
@@ -651,7 +652,7 @@ def write_pipeline_reports(result: PipelineResult) -> dict[str, Path]:
     out = result.output
     payload = {"created": utc_now(), **result.to_dict()}
     paths = {
-        "json": write_atomic(out / "pipeline.json", (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode()),
+        "json": write_atomic(out / "pipeline.json", (strict_json.dumps(payload, indent=2, sort_keys=True) + "\n").encode()),
         "markdown": write_atomic(out / "pipeline.md", render_markdown(result).encode()),
         "junit": write_atomic(out / "pipeline-junit.xml", render_junit(result)),
     }

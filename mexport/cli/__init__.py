@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import errno
 import importlib
-import json
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -21,7 +20,7 @@ import typer
 from rich.markup import escape
 from typer.core import TyperGroup
 
-from mexport import __version__, console
+from mexport import __version__, console, strict_json
 from mexport.errors import (
     EXIT_CODES,
     EXIT_INTERNAL,
@@ -145,7 +144,7 @@ def json_option() -> Any:
 
 def emit_json(payload: Any) -> None:
     """Machine-readable result on stdout (progress and messages go to stderr)."""
-    sys.stdout.write(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+    sys.stdout.write(strict_json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
     sys.stdout.flush()
 
 

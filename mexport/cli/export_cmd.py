@@ -22,6 +22,9 @@ def _validation_table(result: Any) -> Any:
     table.add_column("max rel", justify="right")
     table.add_column("top-1 agree", justify="right")
     for name, case in validation["cases"].items():
+        if case.get("non_finite_positions"):
+            table.add_row(name, str(case["positions"]), f"NaN/inf at {case['non_finite_positions']}", "–", "–")
+            continue
         table.add_row(
             name, str(case["positions"]), f"{case['max_abs']:.3g}", f"{case['max_rel']:.3g}",
             f"{case['top1_agreement']:.1%}",

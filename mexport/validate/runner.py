@@ -109,6 +109,8 @@ def validate(
     for backend in backends:
         if backend.runtime is not None:
             _score_or_skip(backend, task_data, out_dir / CACHE_DIR, batch_size, resume, scores, speed)
+        if backend.info.role == "reference":
+            _check_reference_scored(scores)
 
     task_infos = [_task_info(loaded) for loaded in task_data.values()]
     results = [
@@ -386,6 +388,20 @@ def _score_in_batches(
     return seconds
 
 
+def _check_reference_scored(scores: Mapping[str, Mapping[str, list[Any]]]) -> None:
+    """Refuse a task none of whose questions the reference could score (e.g. every prompt longer than its context):
+    there is nothing to compare any candidate with, so no verdict can be given."""
+    for task, by_backend in scores.items():
+        entries = by_backend[REFERENCE_LABEL]
+        if entries and not any(is_scored(entry) for entry in entries):
+            reasons = Counter(str(entry.reason) for entry in entries)
+            shown = ", ".join(f"{count} {reason}" for reason, count in sorted(reasons.items()))
+            raise MexportError(
+                f"{task}: the reference scored none of its {len(entries)} questions ({shown})",
+                hint="use shorter prompts (fewer --shots) or a model with a longer context",
+            )
+
+
 def _question_tokens(tokenizer: Any, item: Any) -> int:
     """Tokens a question costs a scorer that reads its prompt once: prompt tokens + every choice's continuation."""
     from mexport.validate.scoring import encode_pair
@@ -433,14 +449,12 @@ def _parity_result(
     if info.skip_reason is not None:
         return ParityResult(task.name, info.label, margin_points, agreement_floor, skipped_verdict(info.skip_reason))
     pairs = list(zip(scores[task.name][REFERENCE_LABEL], scores[task.name][info.label], strict=True))
-    # only questions both sides scored are compared; the others are counted by reason
-    declined = Counter(
-        next(entry.reason for entry in (cand, ref) if not is_scored(entry))
-        for ref, cand in pairs
-        if not (is_scored(ref) and is_scored(cand))
-    )
-    reference = [ref for ref, cand in pairs if is_scored(ref) and is_scored(cand)]
-    candidate = [cand for ref, cand in pairs if is_scored(ref) and is_scored(cand)]
+    # only questions both sides scored, with finite reference log-likelihoods, are compared; the others are counted
+    # by reason (a NaN reference has no answer to compare with; a NaN candidate is compared, and fails the verdict)
+    declined = Counter(_not_compared_reason(ref, cand) for ref, cand in pairs if _not_compared_reason(ref, cand))
+    compared = [(ref, cand) for ref, cand in pairs if not _not_compared_reason(ref, cand)]
+    reference = [ref for ref, _ in compared]
+    candidate = [cand for _, cand in compared]
     pred_field = {"acc": "pred", "acc_norm": "pred_norm"}
     metrics = tuple(
         compare_metric(
@@ -452,9 +466,26 @@ def _parity_result(
         )
         for metric in task.metrics
     )
-    mean_kl, max_abs = distribution_drift([s.logliks for s in reference], [s.logliks for s in candidate])
-    non_finite = sum(not all(math.isfinite(value) for value in s.logliks) for s in candidate)
+    finite = [(ref, cand) for ref, cand in compared if _finite(cand)]
+    non_finite = len(compared) - len(finite)
+    # drift over the questions where it is a number; None when there is none (no NaN ever reaches a report)
+    mean_kl, max_abs = (
+        distribution_drift([r.logliks for r, _ in finite], [c.logliks for _, c in finite]) if finite else (None, None)
+    )
     verdict = parity_verdict(metrics, margin_points, agreement_floor, non_finite)
     return ParityResult(
         task.name, info.label, margin_points, agreement_floor, verdict, metrics, mean_kl, max_abs, dict(declined)
     )
+
+
+def _finite(score: Any) -> bool:
+    return all(math.isfinite(value) for value in score.logliks)
+
+
+def _not_compared_reason(reference: Any, candidate: Any) -> str | None:
+    """Why a question pair is left out of the comparison (a side declined it, or the reference's log-likelihoods
+    are NaN/inf), or None when it is compared."""
+    for entry in (candidate, reference):
+        if not is_scored(entry):
+            return str(entry.reason)
+    return None if _finite(reference) else "reference log-likelihood NaN/inf"

@@ -7,7 +7,11 @@ compared with the band [-margin, +margin]:
 - FAIL: the CI lies entirely outside the band (a difference larger than the margin shown), or the share of
   identical predicted answers is below the agreement floor, or a log-likelihood is NaN/inf;
 - INCONCLUSIVE: the CI crosses a band edge: these questions cannot tell. With no flipped question the CI is
-  ±z²/(n + z²) (:func:`mexport.validate.stats.resolvable_difference`), so a margin below that is never PASS.
+  ±z²/(n + z²) (:func:`mexport.validate.stats.resolvable_difference`), so a margin below that is never PASS. No
+  question compared at all (each declined by one side, e.g. longer than an engine's context) is INCONCLUSIVE too.
+
+A run that compared no question at all (every candidate skipped, or every comparison empty) has shown nothing: it
+is never PASSED (exit 4 under every ``--fail-on`` but ``never``).
 
 The agreement floor catches a candidate that answers differently while keeping the same score (balanced flips,
 wrong->other-wrong changes).
@@ -62,6 +66,16 @@ def points(fraction: float) -> float:
     return 100.0 * fraction
 
 
+def shown_apart(value: float, limit: float, digits: int = 2) -> tuple[str, str]:
+    """``value`` and ``limit`` with the fewest decimals (at least ``digits``) that tell them apart, so a message
+    such as "agreement 0.895 < 0.9" shows the comparison that was made (never "0.90 < 0.90")."""
+    for places in range(digits, 13):
+        shown = f"{value:.{places}f}", f"{limit:.{places}f}"
+        if shown[0] != shown[1]:
+            return shown
+    return f"{value:.12g}", f"{limit:.12g}"
+
+
 def parity_verdict(
     metrics: Sequence[MetricComparison], margin_points: float, agreement_floor: float, non_finite: int = 0
 ) -> Verdict:
@@ -77,17 +91,25 @@ def parity_verdict(
     margin = margin_points / 100.0
     for metric in metrics:
         prefix = "" if metric.metric == "acc" else f"{metric.metric} "
+        if metric.n == 0:
+            unresolved.append(f"{prefix}no question compared")
+            continue
         low, high = metric.delta_ci
         ci = f"{prefix}paired CI [{points(low):+.2f}, {points(high):+.2f}] pts"
         if high < -margin - _TOLERANCE or low > margin + _TOLERANCE:
-            failures.append(f"{ci} lies outside ±{margin_points:g}")
+            edge = high if high < 0 else low
+            shown, limit = shown_apart(abs(points(edge)), margin_points)
+            failures.append(f"{ci} lies outside ±{margin_points:g} (nearest end {shown} > {limit})")
         elif low < -margin - _TOLERANCE or high > margin + _TOLERANCE:
             resolvable = points(resolvable_difference(metric.n))
             unresolved.append(
                 f"{ci} crosses ±{margin_points:g} ({metric.n} questions resolve ±{resolvable:.2f} at best)"
             )
         if metric.agreement < agreement_floor - _TOLERANCE:
-            failures.append(f"{prefix}agreement {metric.agreement:.2f} < {agreement_floor:.2f}")
+            shown, floor = shown_apart(metric.agreement, agreement_floor)
+            failures.append(f"{prefix}agreement {shown} < {floor}")
+    if not metrics:
+        unresolved.append("no question compared")
     if failures:
         return Verdict(FAIL, tuple(failures + unresolved))
     return Verdict(INCONCLUSIVE, tuple(unresolved)) if unresolved else Verdict(PASS)
@@ -117,14 +139,17 @@ def check_policy(
         raise MexportError(f"--agreement-floor {agreement_floor:g}: expected a share between 0 and 1")
 
 
-def run_fails(statuses: Iterable[str], fail_on: str) -> bool:
-    """Whether a run counts as failed: any verdict in ``FAILING_STATUSES[fail_on]``."""
-    return bool(set(statuses) & FAILING_STATUSES[fail_on])
-
-
-def run_exit_code(statuses: Iterable[str], fail_on: str) -> int:
-    """Exit code of a run: 1 when a FAIL (or, under "any", a SKIPPED) fails it, 4 when only INCONCLUSIVE does, else 0."""
+def run_exit_code(statuses: Iterable[str], fail_on: str, compared: bool = True) -> int:
+    """Exit code of a run: 1 when a FAIL (or, under "any", a SKIPPED) fails it, 4 when only INCONCLUSIVE does, else
+    0. ``compared`` False (no question compared by any candidate) is 4 under every policy but "never"."""
     failing = set(statuses) & FAILING_STATUSES[fail_on]
     if failing - {INCONCLUSIVE}:
         return EXIT_CHECK_FAILED
-    return EXIT_INCONCLUSIVE if failing else EXIT_OK
+    if failing or (not compared and fail_on != "never"):
+        return EXIT_INCONCLUSIVE
+    return EXIT_OK
+
+
+def run_fails(statuses: Iterable[str], fail_on: str, compared: bool = True) -> bool:
+    """Whether a run counts as failed under ``fail_on`` (see :func:`run_exit_code`)."""
+    return run_exit_code(statuses, fail_on, compared) != EXIT_OK

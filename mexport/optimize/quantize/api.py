@@ -45,7 +45,13 @@ from mexport.optimize.quantize.numerics import (
     smoothquant_factors,
 )
 from mexport.optimize.quantize.recipes import DEFAULT_BLOCK_SIZE, DEFAULT_SMOOTHQUANT_ALPHA, Recipe, get_recipe
-from mexport.optimize.quantize.report import compare_logits, model_bytes, node_counts, prompt_logits
+from mexport.optimize.quantize.report import (
+    compare_logits,
+    model_bytes,
+    node_counts,
+    non_finite_message,
+    prompt_logits,
+)
 
 CHECK_PROMPT_TOKENS = 64
 MODEL_FILES = (GRAPH_FILE, DATA_FILE)
@@ -373,6 +379,6 @@ def quantize(
         if check is not None and not check["finite"]:
             manifest["status"] = "failed"
             write_manifest(staging, manifest)
-            raise ValidationFailedError(f"{spec.name}: the quantized model produced non-finite logits")
+            raise ValidationFailedError(f"{spec.name}: NaN/inf logits from {non_finite_message(check)}")
         write_manifest(staging, manifest)
     return QuantizeResult(output, manifest)

@@ -18,20 +18,42 @@ from mexport.fsutil import format_bytes
 from mexport.numerics import log_softmax
 
 
-def compare_logits(reference: list[np.ndarray], candidate: list[np.ndarray]) -> dict[str, float]:
-    """Agreement of per-position next-token distributions (each array (S, V)); KL is KL(reference || candidate)."""
+def compare_logits(reference: list[np.ndarray], candidate: list[np.ndarray]) -> dict[str, Any]:
+    """Agreement of per-position next-token distributions (each array (S, V)); KL is KL(reference || candidate).
+
+    A NaN/inf logit on either side leaves nothing to compare: ``finite`` is False, the positions are counted per
+    side, and the figures are None (a NaN would compare as agreement, and is not JSON)."""
     ref = np.concatenate(reference)
     cand = np.concatenate(candidate)
+    non_finite = {
+        "export": int(np.sum(~np.isfinite(ref).all(-1))),
+        "quantized": int(np.sum(~np.isfinite(cand).all(-1))),
+    }
+    summary: dict[str, Any] = {
+        "positions": int(ref.shape[0]),
+        "finite": not any(non_finite.values()),
+        "non_finite_positions": non_finite,
+    }
+    if not summary["finite"]:
+        return {**summary, **dict.fromkeys(("max_abs_logit_diff", "top1_agreement", "mean_kl", "max_kl"))}
     ref_log, cand_log = log_softmax(ref), log_softmax(cand)
     kl = (np.exp(ref_log) * (ref_log - cand_log)).sum(axis=-1)
     return {
-        "positions": int(ref.shape[0]),
+        **summary,
         "max_abs_logit_diff": float(np.abs(ref - cand).max()),
         "top1_agreement": float(np.mean(ref.argmax(-1) == cand.argmax(-1))),
         "mean_kl": float(kl.mean()),
         "max_kl": float(kl.max()),
-        "finite": bool(np.isfinite(cand).all()),
     }
+
+
+def non_finite_message(check: dict[str, Any]) -> str:
+    """Which side of the numeric check produced NaN/inf logits, and at how many positions."""
+    return ", ".join(
+        f"the {side} model at {count} of {check['positions']} positions"
+        for side, count in check["non_finite_positions"].items()
+        if count
+    )
 
 
 def prompt_logits(model_dir: Path, prompts: list[np.ndarray], description: str) -> list[np.ndarray]:
@@ -84,6 +106,8 @@ def report_tables(report: dict[str, Any]) -> list[Any]:
     numbers.add_column("value", justify="right")
     if check is None:
         numbers.add_row("skipped", "")
+    elif not check["finite"]:
+        numbers.add_row("NaN/inf logits", non_finite_message(check))
     else:
         numbers.add_row("prompts / positions", f"{check['prompts']} / {check['positions']}")
         numbers.add_row("top-1 agreement", f"{check['top1_agreement']:.1%}")
