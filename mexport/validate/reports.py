@@ -7,7 +7,9 @@ Files are written atomically (temp file + rename).
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -18,6 +20,7 @@ from mexport import strict_json
 from mexport.strict_json import non_finite_text
 from mexport.errors import EXIT_CHECK_FAILED, EXIT_INCONCLUSIVE
 from mexport.fsutil import replace_files_as_set
+from mexport.manifest import sha256_file
 from mexport.validate.stats import CONFIDENCE, MetricComparison, resolvable_difference, wilson_interval
 from mexport.validate.verdict import (
     DEFAULT_FAIL_ON,
@@ -32,6 +35,8 @@ from mexport.validate.verdict import (
 )
 
 REPORT_FILES = ("report.json", "report.md", "junit.xml", "accuracy.png", "parity.png")
+# written with every report set: each report file's sha256, so a later run replaces only files mexport wrote
+WRITTEN_RECORD = ".mexport-report.json"
 REFERENCE_LABEL = "reference"
 METHODS = {
     "accuracy_ci": f"Wilson score interval, {CONFIDENCE:.0%}",
@@ -286,7 +291,8 @@ def _result_dict(result: ParityResult) -> dict[str, Any]:
 
 
 def write_reports(report: ValidationReport, out_dir: Path) -> dict[str, Path]:
-    """Write every report file (``REPORT_FILES``) into ``out_dir``, replacing an earlier report as one set; returns name -> path."""
+    """Write every report file (``REPORT_FILES``) and their record (``WRITTEN_RECORD``) into ``out_dir``, replacing
+    an earlier report as one set; returns report file name -> path."""
     rendered = {
         "report.json": render_json(report).encode(),
         "report.md": render_markdown(report).encode(),
@@ -294,7 +300,26 @@ def write_reports(report: ValidationReport, out_dir: Path) -> dict[str, Path]:
         "accuracy.png": render_accuracy_png(report),
         "parity.png": render_parity_png(report),
     }
-    return replace_files_as_set(Path(out_dir), rendered)
+    record = {name: hashlib.sha256(data).hexdigest() for name, data in rendered.items()}
+    written = strict_json.dumps(record, indent=2, sort_keys=True) + "\n"
+    paths = replace_files_as_set(Path(out_dir), {**rendered, WRITTEN_RECORD: written.encode()})
+    return {name: paths[name] for name in rendered}
+
+
+def foreign_report_files(out_dir: Path) -> list[str]:
+    """The report-named files in ``out_dir`` that mexport did not write, or that changed since it wrote them (their
+    sha256 differs from ``WRITTEN_RECORD``'s): the user's own, never replaced without ``--overwrite``."""
+    try:
+        record = json.loads((out_dir / WRITTEN_RECORD).read_text())
+    except (OSError, ValueError):
+        record = {}
+    record = record if isinstance(record, dict) else {}
+    return [
+        name
+        for name in REPORT_FILES
+        if (out_dir / name).exists()
+        and not ((out_dir / name).is_file() and record.get(name) == sha256_file(out_dir / name))
+    ]
 
 
 def render_json(report: ValidationReport) -> str:

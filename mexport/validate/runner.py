@@ -21,15 +21,18 @@ from typing import Any
 
 from mexport import console
 from mexport.errors import MexportError
+from mexport.fsutil import locks_output
 from mexport.manifest import MANIFEST_NAME, sha256_bytes, sha256_file, utc_now
 from mexport.validate.reports import (
     REFERENCE_LABEL,
     REPORT_FILES,
+    WRITTEN_RECORD,
     BackendInfo,
     ParityResult,
     ScoringSpeed,
     TaskInfo,
     ValidationReport,
+    foreign_report_files,
     is_scored,
     write_reports,
 )
@@ -57,6 +60,7 @@ class _Backend:
     identity: str = ""
 
 
+@locks_output("output")
 def validate(
     reference: Path | str,
     candidates: Sequence[Path | str],
@@ -75,13 +79,15 @@ def validate(
     batch_size: int = 8,
     resume: bool = True,
     include_path: Path | str | None = None,
+    overwrite: bool = False,
 ) -> ValidationReport:
     """Score ``reference`` (a PyTorch checkpoint) and each candidate directory on ``tasks``; write the reports.
 
     Returns the report whatever the verdicts; ``report.failed`` / ``report.exit_code`` say whether the run fails
     under ``fail_on`` ("parity": any FAIL; "inconclusive": also an INCONCLUSIVE; "any": also a skipped backend;
     "never"). Raises :class:`MexportError` for bad input, including a candidate whose tokenizer differs from the
-    reference's.
+    reference's, and a report file in ``output`` that mexport did not write (unless ``overwrite``). Holds the
+    output's lock for the whole run: a second run into the same report directory fails at once.
     """
     recipe_margins = dict(recipe_margins or {})
     check_policy(margin, agreement_floor, fail_on, recipe_margins)
@@ -90,7 +96,7 @@ def validate(
         raise MexportError("no candidate to validate", hint="pass --candidate DIR (an export, quantize or engine dir)")
     if batch_size < 1:
         raise MexportError(f"batch size must be >= 1, got {batch_size}")
-    out_dir = _check_output(Path(output))
+    out_dir = _check_output(Path(output), overwrite)
 
     from mexport.validate.tasks import load_task
 
@@ -166,17 +172,23 @@ def _check_tasks(
     return names
 
 
-def _check_output(out_dir: Path) -> Path:
-    """A new or empty directory, or one holding an earlier report of ours; never someone else's files."""
+def _check_output(out_dir: Path, overwrite: bool) -> Path:
+    """A new or empty directory, or one holding an earlier report of ours; never someone else's files: without
+    ``overwrite`` a report file mexport did not write (or that was edited since) is refused. Other files in the
+    directory are kept either way."""
     if out_dir.exists() and not out_dir.is_dir():
         raise MexportError(f"{out_dir}: exists and is not a directory")
-    if out_dir.is_dir():
+    if out_dir.is_dir() and not overwrite:
         entries = {entry.name for entry in out_dir.iterdir()}
-        ours = set(REPORT_FILES) | {CACHE_DIR}
-        if entries and not entries & ours:
+        foreign = foreign_report_files(out_dir)
+        if foreign or (entries and not entries & {*REPORT_FILES, WRITTEN_RECORD, CACHE_DIR}):
+            what = f"holds {', '.join(foreign)} not written by mexport (or edited since)" if foreign else (
+                "holds files that are not an mexport report"
+            )
             raise MexportError(
-                f"{out_dir}: directory holds files that are not an mexport report",
-                hint="choose a new or empty report directory",
+                f"{out_dir}: directory {what}",
+                hint="pass --overwrite to write the report there anyway (other files are kept), "
+                "or choose a new or empty report directory",
             )
     return out_dir.resolve()
 

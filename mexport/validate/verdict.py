@@ -97,9 +97,11 @@ def parity_verdict(
         low, high = metric.delta_ci
         ci = f"{prefix}paired CI [{points(low):+.2f}, {points(high):+.2f}] pts"
         if high < -margin - _TOLERANCE or low > margin + _TOLERANCE:
-            edge = high if high < 0 else low
-            shown, limit = shown_apart(abs(points(edge)), margin_points)
-            failures.append(f"{ci} lies outside ±{margin_points:g} (nearest end {shown} > {limit})")
+            edge = abs(points(high if high < 0 else low))
+            shown, limit = shown_apart(edge, margin_points)
+            # the CI as shown rounds onto the margin: say which end was compared, with the digits that show it
+            nearest = f" (nearest end {shown} > {limit})" if f"{edge:.2f}" == f"{margin_points:.2f}" else ""
+            failures.append(f"{ci} lies outside ±{margin_points:g}{nearest}")
         elif low < -margin - _TOLERANCE or high > margin + _TOLERANCE:
             resolvable = points(resolvable_difference(metric.n))
             unresolved.append(
