@@ -91,7 +91,9 @@ class BackendInfo:
     kind: str  # "torch" | "ort" | "trt"
     recipe: str | None = None
     dtype: str | None = None
-    precision: str | None = None  # e.g. "bf16 weights, fp32 compute (CPU emulation)"
+    precision: str | None = None  # e.g. "bf16 weights, fp32 compute (CPU emulation, ORT_ENABLE_ALL)"
+    # how the runtime computes: ONNX Runtime's providers, optimisation level and session config, compute dtype
+    compute: dict[str, Any] | None = None
     manifest_sha256: str | None = None
     skip_reason: str | None = None
 

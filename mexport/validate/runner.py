@@ -260,6 +260,7 @@ def _backend_info(
         recipe=str(recipe) if recipe else None,
         dtype=manifest.get("dtype") or getattr(runtime, "dtype", None),
         precision=getattr(runtime, "precision", None),
+        compute=getattr(runtime, "session_settings", None),
         manifest_sha256=sha256_file(manifest_path) if manifest_path.is_file() else None,
         skip_reason=skip_reason,
     )

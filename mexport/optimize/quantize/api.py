@@ -264,9 +264,10 @@ def _numeric_check(
     except MexportError as exc:
         warn(f"numeric check skipped: no prompts ({exc})")
         return None
-    reference = prompt_logits(parent_dir, prompts, "checking: export")
-    candidate = prompt_logits(out_dir, prompts, "checking: quantized")
-    return {"prompts": len(prompts), **compare_logits(reference, candidate)}
+    reference, reference_compute = prompt_logits(parent_dir, prompts, "checking: export")
+    candidate, candidate_compute = prompt_logits(out_dir, prompts, "checking: quantized")
+    compute = {"export": reference_compute, "quantized": candidate_compute}
+    return {"prompts": len(prompts), "compute": compute, **compare_logits(reference, candidate)}
 
 
 @locks_output("output")

@@ -56,8 +56,9 @@ def non_finite_message(check: dict[str, Any]) -> str:
     )
 
 
-def prompt_logits(model_dir: Path, prompts: list[np.ndarray], description: str) -> list[np.ndarray]:
-    """Logits (S, V) of each prompt (1, S) run alone, no padding, through :class:`OrtDecoder` on the CPU."""
+def prompt_logits(model_dir: Path, prompts: list[np.ndarray], description: str) -> tuple[list[np.ndarray], str]:
+    """Logits (S, V) of each prompt (1, S) run alone, no padding, through :class:`OrtDecoder` on the CPU, and how
+    they were computed (the runtime's precision)."""
     from mexport.runtime.ort import OrtDecoder
 
     results = []
@@ -67,7 +68,7 @@ def prompt_logits(model_dir: Path, prompts: list[np.ndarray], description: str) 
             logits, _ = runtime.forward(ids, np.ones_like(ids))
             results.append(logits[0])
             bar.advance(task)
-    return results
+    return results, runtime.precision
 
 
 def node_counts(model: Any, quantized: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -114,4 +115,6 @@ def report_tables(report: dict[str, Any]) -> list[Any]:
         numbers.add_row("max |logit diff|", f"{check['max_abs_logit_diff']:.4g}")
         numbers.add_row("mean KL (nats)", f"{check['mean_kl']:.3g}")
         numbers.add_row("max KL (nats)", f"{check['max_kl']:.3g}")
+    if check is not None and "compute" in check:
+        numbers.caption = f"export: {check['compute']['export']}; quantized: {check['compute']['quantized']}"
     return [layers, numbers]
