@@ -20,8 +20,7 @@ from xml.etree import ElementTree
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from mexport import strict_json
-from mexport import console
+from mexport import console, strict_json
 from mexport.errors import (
     EXIT_CHECK_FAILED,
     EXIT_INCONCLUSIVE,
@@ -34,7 +33,13 @@ from mexport.fixtures import FIXTURE_NAMES
 from mexport.fsutil import claimed_output, write_atomic
 from mexport.manifest import MANIFEST_NAME, file_records, read_manifest, settings_hash, utc_now, verify_files
 from mexport.validate.tasks import SHIPPED_SETS
-from mexport.validate.verdict import DEFAULT_FAIL_ON
+from mexport.validate.verdict import (
+    DEFAULT_FAIL_ON,
+    check_agreement_floor,
+    check_fail_on,
+    check_margin,
+    check_recipe_margins,
+)
 
 STATE_FILE = "pipeline-state.json"
 FIXTURE_PREFIX = "fixture:"
@@ -85,9 +90,9 @@ class PipelineConfig(BaseModel):
     limit: int | None = Field(None, ge=1, strict=True)
     seed: int = Field(1234, strict=True)
     device: Literal["cpu", "cuda"] = "cpu"
-    margin: float = Field(1.0, gt=0, allow_inf_nan=False)
-    recipe_margins: dict[str, Annotated[float, Field(gt=0, allow_inf_nan=False)]] = Field(default_factory=dict)
-    agreement_floor: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)
+    margin: float = 1.0
+    recipe_margins: dict[str, float] = Field(default_factory=dict)
+    agreement_floor: float | None = None
     fail_on: str = DEFAULT_FAIL_ON
 
     @field_validator("model")
@@ -182,22 +187,29 @@ class PipelineConfig(BaseModel):
             raise ValueError(f"unknown engine precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
         return precision
 
+    @field_validator("margin")
+    @classmethod
+    def _margin_valid(cls, margin: float) -> float:
+        _checked(check_margin, margin, "margin")
+        return margin
+
     @field_validator("recipe_margins")
     @classmethod
-    def _margin_recipes_known(cls, margins: dict[str, float]) -> dict[str, float]:
-        from mexport.optimize.quantize.recipes import get_recipe
-
-        for recipe in margins:
-            _checked(get_recipe, recipe)
+    def _recipe_margins_valid(cls, margins: dict[str, float]) -> dict[str, float]:
+        _checked(check_recipe_margins, margins, "recipe margin")
         return margins
+
+    @field_validator("agreement_floor")
+    @classmethod
+    def _agreement_floor_valid(cls, floor: float | None) -> float | None:
+        if floor is not None:
+            _checked(check_agreement_floor, floor, "agreement floor")
+        return floor
 
     @field_validator("fail_on")
     @classmethod
     def _fail_on_known(cls, fail_on: str) -> str:
-        from mexport.validate.verdict import FAIL_ON_CHOICES
-
-        if fail_on not in FAIL_ON_CHOICES:
-            raise ValueError(f"fail_on {fail_on!r}: expected one of {', '.join(FAIL_ON_CHOICES)}")
+        _checked(check_fail_on, fail_on, "fail_on")
         return fail_on
 
     @model_validator(mode="after")

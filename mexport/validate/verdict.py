@@ -23,10 +23,12 @@ answers; a floor of 0.90 passes those and fails a broken model long before accur
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from mexport.errors import EXIT_CHECK_FAILED, EXIT_INCONCLUSIVE, EXIT_OK, MexportError
+from mexport.optimize.quantize.recipes import RECIPES
 from mexport.validate.stats import MetricComparison, resolvable_difference
 
 PASS = "pass"
@@ -35,6 +37,7 @@ INCONCLUSIVE = "inconclusive"
 SKIPPED = "skipped"
 
 DEFAULT_MARGIN_POINTS = 1.0
+MAX_MARGIN_POINTS = 100.0
 DEFAULT_AGREEMENT_FLOOR = 0.90
 # fail_on policy -> the verdicts that fail the run
 FAILING_STATUSES = {
@@ -128,17 +131,46 @@ def margin_for(recipe: str | None, default_points: float, recipe_margins: Mappin
     return float(default_points)
 
 
+def check_margin(value: float, name: str = "--margin") -> None:
+    """A margin is a finite number of accuracy points in (0, 100): 0 passes nothing, 100 or more passes anything."""
+    if not (math.isfinite(value) and 0 < value < MAX_MARGIN_POINTS):
+        raise MexportError(
+            f"{name} {value:g}: the margin must be a finite number of accuracy points above 0 and below "
+            f"{MAX_MARGIN_POINTS:g}",
+            hint="e.g. 1 (points of accuracy the candidate may lose or gain)",
+        )
+
+
+def check_recipe_margins(margins: Mapping[str, float], name: str = "--margin-for") -> None:
+    """Each per-recipe margin names a quantization recipe (a typo would leave that recipe at the default margin)
+    and is itself a valid margin."""
+    for recipe, value in margins.items():
+        if recipe not in RECIPES:
+            raise MexportError(
+                f"{name} {recipe}={value:g}: no quantization recipe {recipe!r}",
+                hint=f"valid recipes: {', '.join(RECIPES)}",
+            )
+        check_margin(value, f"{name} {recipe}")
+
+
+def check_agreement_floor(value: float, name: str = "--agreement-floor") -> None:
+    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+        raise MexportError(f"{name} {value:g}: expected a share between 0 and 1", hint="e.g. 0.9")
+
+
+def check_fail_on(value: str, name: str = "--fail-on") -> None:
+    if value not in FAIL_ON_CHOICES:
+        raise MexportError(f"{name} {value!r}: expected one of {', '.join(FAIL_ON_CHOICES)}")
+
+
 def check_policy(
     margin_points: float, agreement_floor: float, fail_on: str, recipe_margins: Mapping[str, float]
 ) -> None:
-    """Reject nonsensical thresholds before any model is loaded."""
-    if fail_on not in FAIL_ON_CHOICES:
-        raise MexportError(f"--fail-on {fail_on!r}: expected one of {', '.join(FAIL_ON_CHOICES)}")
-    for name, value in [("--margin", margin_points), *((f"--margin-for {k}", v) for k, v in recipe_margins.items())]:
-        if not value > 0:
-            raise MexportError(f"{name} {value:g}: the margin must be a positive number of accuracy points")
-    if not 0.0 <= agreement_floor <= 1.0:
-        raise MexportError(f"--agreement-floor {agreement_floor:g}: expected a share between 0 and 1")
+    """Reject nonsensical thresholds before any model is loaded (the pipeline's config runs the same checks)."""
+    check_fail_on(fail_on)
+    check_margin(margin_points)
+    check_recipe_margins(recipe_margins)
+    check_agreement_floor(agreement_floor)
 
 
 def run_exit_code(statuses: Iterable[str], fail_on: str, compared: bool = True) -> int:
