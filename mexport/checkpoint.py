@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mexport import hub
 from mexport.errors import MexportError
 from mexport.lazy import require
 
@@ -174,7 +175,7 @@ def resolve_checkpoint(model: str | Path, revision: str | None = None) -> Checkp
     directory = Path(model).expanduser()
     if not directory.exists():
         if _looks_like_hub_id(origin):
-            directory = _download(origin, revision)
+            directory = hub.snapshot(origin, HUB_PATTERNS, revision)
         else:
             raise MexportError(f"{model}: no such file or directory")
     if not directory.is_dir():
@@ -190,16 +191,6 @@ def resolve_checkpoint(model: str | Path, revision: str | None = None) -> Checkp
 def _looks_like_hub_id(name: str) -> bool:
     parts = name.split("/")
     return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))
-
-
-def _download(repo_id: str, revision: str | None) -> Path:
-    hub = require("huggingface_hub", "downloading a checkpoint from the Hugging Face Hub")
-    try:
-        return Path(hub.snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
-    except Exception as exc:  # network, auth and missing-repo errors all mean "cannot get it"
-        raise MexportError(
-            f"{repo_id}: not a local path and could not be downloaded from the Hub ({type(exc).__name__}: {exc})"
-        ) from exc
 
 
 def copy_side_files(checkpoint: Checkpoint, out_dir: Path) -> list[str]:

@@ -125,10 +125,9 @@ class PipelineConfig(BaseModel):
     @field_validator("opset")
     @classmethod
     def _opset_supported(cls, opset: int) -> int:
-        from mexport.export.exporter import MIN_OPSET
+        from mexport.export.exporter import check_opset
 
-        if opset < MIN_OPSET:
-            raise ValueError(f"opset {opset} not supported; use {MIN_OPSET} or newer")
+        _checked(check_opset, opset)
         return opset
 
     @field_validator("recipes")

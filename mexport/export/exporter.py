@@ -43,6 +43,9 @@ from mexport.manifest import new_manifest, sha256_file, write_manifest
 
 DEVICES = ("cpu", "cuda")
 MIN_OPSET = 14  # Optimum's Gemma2 configuration and the attention ops need at least this
+# the newest opset the pinned torch's exporter writes (torch.onnx._constants.ONNX_MAX_OPSET in torch 2.13; 24 raises
+# "Unsupported onnx_opset_version"); onnx's own newest, when older, bounds it too
+MAX_OPSET = 23
 FREE_SPACE_MARGIN = 1.02
 
 
@@ -60,13 +63,18 @@ class ExportResult:
         return str(self.manifest["status"])
 
 
+def check_opset(opset: int) -> None:
+    """An opset the exporter can write: MIN_OPSET up to MAX_OPSET (or the installed onnx's newest, when older)."""
+    onnx = require("onnx", "exporting to ONNX")
+    max_opset = min(MAX_OPSET, onnx.defs.onnx_opset_version())
+    if not MIN_OPSET <= opset <= max_opset:
+        raise MexportError(f"opset {opset} not supported; use {MIN_OPSET}..{max_opset}", hint="the default is 18")
+
+
 def _check_options(dtype: str, opset: int, device: str) -> None:
     if dtype not in EXPORT_DTYPES:
         raise MexportError(f"unknown dtype {dtype!r}; expected one of {', '.join(EXPORT_DTYPES)}")
-    onnx = require("onnx", "exporting to ONNX")
-    max_opset = onnx.defs.onnx_opset_version()
-    if not MIN_OPSET <= opset <= max_opset:
-        raise MexportError(f"opset {opset} not supported; use {MIN_OPSET}..{max_opset}")
+    check_opset(opset)
     if device not in DEVICES:
         raise MexportError(f"unknown device {device!r}; expected one of {', '.join(DEVICES)}")
 
