@@ -31,7 +31,6 @@ from mexport.export.graph import (
     assign_offsets,
     attach_initializers,
     externalize_parameters,
-    io_signature,
     trace_graph,
 )
 from mexport.export.verify import check_validation_memory, fp16_overflow_probe, validate_export
@@ -39,7 +38,7 @@ from mexport.export.weights import write_weights
 from mexport.formats import DATA_FILE, EXPORT_DTYPES, GRAPH_FILE, LARGE_ALIGNMENT, SMALL_ALIGNMENT, TASK
 from mexport.fsutil import check_free_space, check_output_dir, locks_output, staged_output_dir
 from mexport.lazy import require
-from mexport.manifest import new_manifest, sha256_file, write_manifest
+from mexport.manifest import io_signature, new_manifest, sha256_file, write_manifest
 
 DEVICES = ("cpu", "cuda")
 MIN_OPSET = 14  # Optimum's Gemma2 configuration and the attention ops need at least this

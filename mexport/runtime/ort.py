@@ -35,10 +35,10 @@ from typing import Any
 
 import numpy as np
 
-from mexport.errors import MexportError, MissingDependencyError
+from mexport.errors import IntegrityError, MexportError, MissingDependencyError
 from mexport.formats import DATA_FILE, GRAPH_FILE, LOGITS_INDICES, PAST_PREFIX, PRESENT_PREFIX
 from mexport.lazy import require
-from mexport.manifest import read_manifest
+from mexport.manifest import check_graph_io, read_manifest
 from mexport.runtime.base import (
     DecoderRuntime,
     DecoderSpec,
@@ -188,7 +188,7 @@ class OrtDecoder(DecoderRuntime):
             raise MexportError(f"unknown ONNX Runtime device {device!r}; expected one of {', '.join(DEVICE_PROVIDERS)}")
         for key in ("io", "model_config", "dtype"):
             if key not in self.manifest:
-                raise MexportError(f"{self.model_dir}: manifest has no {key!r} (written by an incompatible mexport?)")
+                raise IntegrityError(f"{self.model_dir}: manifest has no {key!r} (written by an incompatible mexport?)")
         self.device = device
         default_providers, self._value_device = DEVICE_PROVIDERS[device]
         self.providers = providers or default_providers
@@ -208,12 +208,13 @@ class OrtDecoder(DecoderRuntime):
         past_inputs = [entry for entry in io["inputs"] if entry["name"].startswith(PAST_PREFIX)]
         self.past_names = [entry["name"] for entry in past_inputs]
         self.present_names = [PRESENT_PREFIX + name[len(PAST_PREFIX) :] for name in self.past_names]
-        missing = [name for name in ["logits", *self.present_names] if name not in self.output_names]
-        if "input_ids" not in self.input_names or "attention_mask" not in self.input_names or missing:
-            raise MexportError(f"{self.model_dir}: manifest io is not a decoder with KV cache (missing {missing})")
+        missing = [name for name in ["input_ids", "attention_mask"] if name not in self.input_names]
+        missing += [name for name in ["logits", *self.present_names] if name not in self.output_names]
+        if missing:
+            raise IntegrityError(f"{self.model_dir}: manifest io is not a decoder with KV cache (missing {missing})")
         past_dtypes = {entry["dtype"] for entry in past_inputs}
         if len(past_dtypes) != 1:
-            raise MexportError(f"{self.model_dir}: manifest io has mixed KV-cache dtypes {sorted(past_dtypes)}")
+            raise IntegrityError(f"{self.model_dir}: manifest io has mixed KV-cache dtypes {sorted(past_dtypes)}")
         self.past_dtype = "float32" if self.emulated else past_dtypes.pop()
         self.uses_position_ids = "position_ids" in self.input_names
         self.lean_logits = LOGITS_INDICES in self.input_names  # older and --full-logits exports: sliced here
@@ -288,14 +289,16 @@ class OrtDecoder(DecoderRuntime):
     def activate(self) -> None:
         ort = require("onnxruntime", "running ONNX models")
         self._check_providers(ort)
+        onnx = require("onnx")
         if self.device == "cuda":
             self._refuse_cpu_fallback()
         try:
+            check_graph_io(self.manifest, onnx.load(str(self.model_path), load_external_data=False), self.model_dir)
             check_fp8_support(ort, self.manifest.get("recipe", {}).get("params", {}).get("weights"))
             session = ort_session(
                 self._model_source(), self.providers, self.model_dir, self.low_memory, self.intra_op_threads, self.qdq
             )
-        except MissingDependencyError:
+        except (MissingDependencyError, IntegrityError):
             raise
         except Exception as exc:  # ORT raises bare pybind errors (Fail, InvalidGraph, NoSuchFile, ...)
             missing_low_precision_kernel = "NOT_IMPLEMENTED" in str(exc) and self.compute_dtype != "fp32"
@@ -311,9 +314,6 @@ class OrtDecoder(DecoderRuntime):
                 f"ONNX Runtime fell back to {session.get_providers()} instead of {self.providers[0]}",
                 hint="check the CUDA / cuDNN (and TensorRT) libraries onnxruntime-gpu needs: " + GPU_PROVIDER_HINT,
             )
-        graph_inputs = sorted(value.name for value in session.get_inputs())
-        if graph_inputs != sorted(self.input_names):
-            raise MexportError(f"{self.model_path}: graph inputs {graph_inputs} do not match the manifest's io")
         self._session = session
 
     def deactivate(self) -> None:

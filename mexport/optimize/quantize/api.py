@@ -13,14 +13,15 @@ import numpy as np
 from mexport.console import phase, warn
 from mexport.errors import MexportError, ValidationFailedError
 from mexport.export.genai import write_genai_config
-from mexport.export.graph import io_signature
 from mexport.formats import DATA_FILE, GRAPH_FILE
 from mexport.fsutil import check_free_space, check_output_dir, locks_output, staged_output_dir
 from mexport.lazy import require
 from mexport.manifest import (
     MANIFEST_NAME,
     STAMP_NAME,
+    check_graph_io,
     file_records,
+    io_signature,
     new_manifest,
     read_manifest,
     settings_hash,
@@ -307,6 +308,7 @@ def quantize(
     check_output_dir(output, overwrite)
 
     graph = ModelGraph(model_dir, weights_map(parent), parent["model_config"].get("vocab_size"))
+    check_graph_io(parent, graph.model, model_dir)
     layers, excluded = select_layers(graph.linears(), exclude, include_lm_head)
     if not layers:
         raise MexportError("nothing to quantize: every linear layer is excluded")
