@@ -256,17 +256,20 @@ def load_config(path: Path, overrides: dict[str, Any] | None = None) -> Pipeline
         raise MexportError(
             f"{path}: unknown setting {', '.join(map(repr, unknown))}", hint="see examples/pipeline-tiny.toml"
         )
+    def beside_config(value: str) -> Path:  # "~/x" is the user's home, a relative path is the config file's folder
+        return path.parent / Path(value).expanduser()
+
     if isinstance(values.get("output"), str):
-        values["output"] = (path.parent / values["output"]).resolve()
-    if isinstance(values.get("calib"), str) and (path.parent / values["calib"]).is_file():
-        values["calib"] = str((path.parent / values["calib"]).resolve())
+        values["output"] = beside_config(values["output"]).resolve()
+    if isinstance(values.get("calib"), str) and beside_config(values["calib"]).is_file():
+        values["calib"] = str(beside_config(values["calib"]).resolve())
     if isinstance(values.get("model"), str) and not values["model"].startswith(FIXTURE_PREFIX):
-        local = path.parent / values["model"]
+        local = beside_config(values["model"])
         if local.exists():
             values["model"] = str(local.resolve())
     if isinstance(values.get("data"), dict):
         values["data"] = {
-            task: str((path.parent / source).resolve())
+            task: str(beside_config(source).resolve())
             if isinstance(source, str) and source not in SHIPPED_SETS
             else source
             for task, source in values["data"].items()
