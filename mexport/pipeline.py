@@ -51,6 +51,18 @@ def _one_or_many(value: Any) -> Any:
     return [value] if isinstance(value, str) else value
 
 
+def _home(value: Any) -> Any:
+    """A path setting with a leading ``~`` expanded (a hub id, fixture or task name never starts with one)."""
+    if isinstance(value, (str, Path)) and str(value).startswith("~"):
+        return type(value)(Path(value).expanduser())
+    if isinstance(value, dict):
+        return {key: _home(item) for key, item in value.items()}
+    return value
+
+
+HomePath = BeforeValidator(_home)
+
+
 def _checked(check: Callable[..., Any], *args: Any) -> None:
     """Run one of the library's own checks inside a validator, so pydantic collects its message with the rest."""
     try:
@@ -67,14 +79,14 @@ class PipelineConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    model: str = Field(min_length=1)
-    output: Path
+    model: Annotated[str, HomePath] = Field(min_length=1)
+    output: Annotated[Path, HomePath]
     revision: str | None = None
     dtype: str = "bf16"
     opset: int = Field(18, strict=True)
     export_device: Literal["cpu", "cuda"] = "cpu"
     recipes: Annotated[list[str], BeforeValidator(_one_or_many)] = Field(default_factory=list)
-    calib: str | None = None
+    calib: Annotated[str | None, HomePath] = None
     calib_size: int = Field(64, ge=1, strict=True)
     engine: str = "auto"
     engine_precision: str | None = None  # None: the export's dtype (the only choice TensorRT 11 builds)
@@ -86,7 +98,7 @@ class PipelineConfig(BaseModel):
     tasks: Annotated[list[str], BeforeValidator(_one_or_many)] = Field(
         default_factory=lambda: ["medmcqa", "medqa", "pubmedqa", "afrimedqa"], min_length=1
     )
-    data: dict[str, str] = Field(default_factory=dict)
+    data: Annotated[dict[str, str], HomePath] = Field(default_factory=dict)
     limit: int | None = Field(None, ge=1, strict=True)
     seed: int = Field(1234, strict=True)
     device: Literal["cpu", "cuda"] = "cpu"
