@@ -571,7 +571,8 @@ def render_accuracy_png(report: ValidationReport) -> bytes:
     axes.set_ylim(0, 103)
     axes.set_ylabel(f"accuracy (%), {CONFIDENCE:.0%} Wilson CI")
     axes.grid(axis="y", alpha=0.3)
-    axes.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=min(3, len(labels)))
+    if axes.get_legend_handles_labels()[0]:  # nothing scored: no legend to draw
+        axes.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=min(3, len(labels)))
     return _png_bytes(figure)
 
 
