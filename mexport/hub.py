@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 from mexport.errors import EnvironmentFailure, MexportError
@@ -58,7 +59,7 @@ def snapshot(repo_id: str, allow_patterns: list[str], revision: str | None = Non
                 repo_id, revision=revision, allow_patterns=allow_patterns, local_files_only=unreachable is not None
             )
         )
-    except Exception as exc:  # noqa: BLE001 - sorted below into "cannot reach" (exit 3) and "refused" (exit 2)
+    except Exception as exc:
         if unreachable is not None or _is_connection_failure(hub, exc):
             raise EnvironmentFailure(
                 f"{repo_id}: the Hugging Face Hub cannot be reached ({unreachable or _first_line(exc)}) and no copy "
@@ -72,9 +73,9 @@ def snapshot(repo_id: str, allow_patterns: list[str], revision: str | None = Non
         ) from exc
 
 
-def _is_connection_failure(hub: object, exc: BaseException) -> bool:
+def _is_connection_failure(hub: Any, exc: BaseException) -> bool:
     """Whether ``exc`` means the Hub did not answer (no cached copy to fall back on), not that it refused."""
-    errors = getattr(hub, "errors")
+    errors = hub.errors
     if isinstance(exc, errors.LocalEntryNotFoundError):  # huggingface_hub's "check your internet connection"
         return True
     if isinstance(exc, (errors.HfHubHTTPError, errors.HFValidationError)):  # the Hub answered: missing, gated, ...

@@ -43,7 +43,6 @@ from mexport.validate.scoring import QuestionScore
 from mexport.validate.verdict import (
     FAIL,
     INCONCLUSIVE,
-    PASS,
     check_policy,
     parity_verdict,
     shown_apart,
@@ -305,8 +304,10 @@ def test_a_second_validate_into_the_same_report_fails_at_once(tmp_path: Path) ->
     """Another process holds the report directory's lock (as a running validate does for its whole run)."""
     out = tmp_path / "reports"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from mexport.fsutil import output_lock\n"
-         f"with output_lock({str(out)!r}):\n    print('locked', flush=True); time.sleep(60)"],
+        [sys.executable, "-c", (
+            "import time; from mexport.fsutil import output_lock\n"
+            f"with output_lock({str(out)!r}):\n    print('locked', flush=True); time.sleep(60)"
+        )],
         stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
     )
     try:

@@ -379,7 +379,6 @@ class OrtDecoder(DecoderRuntime):
     def _make_repeat_session(self) -> Any:
         """A one-node Expand graph on the same device, so caches are repeated without a host round trip."""
         onnx = require("onnx")
-        ort = require("onnxruntime")
         helper = onnx.helper
         element_type = _onnx_element_type(self.past_dtype)
 

@@ -14,8 +14,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from mexport.checkpoint import load_tokenizer
 from mexport import hub
+from mexport.checkpoint import load_tokenizer
 from mexport.errors import MexportError
 from mexport.lazy import require
 from mexport.manifest import MANIFEST_NAME, read_manifest

@@ -24,8 +24,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from mexport import strict_json
-from mexport import __version__, console
+from mexport import __version__, console, strict_json
 from mexport.errors import MexportError
 from mexport.fixtures import tiny_gemma2
 from mexport.fsutil import output_lock, staged_output_dir

@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from mexport import strict_json
-from mexport.strict_json import non_finite_text
 from mexport.errors import EXIT_CHECK_FAILED, EXIT_INCONCLUSIVE
 from mexport.fsutil import replace_files_as_set
 from mexport.manifest import sha256_file
+from mexport.strict_json import non_finite_text
 from mexport.validate.stats import CONFIDENCE, MetricComparison, resolvable_difference, wilson_interval
 from mexport.validate.verdict import (
     DEFAULT_FAIL_ON,
