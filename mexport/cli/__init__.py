@@ -178,6 +178,12 @@ def emit_json(payload: Any) -> None:
     sys.stdout.flush()
 
 
+def echo_summary(message: str) -> None:
+    """A command's closing summary line on stdout; ``-q`` silences it (errors and warnings are never silenced)."""
+    if not console.is_quiet():
+        typer.echo(message)
+
+
 def exit_with(code: int) -> None:
     """End a command with ``code`` (a finished run whose checks failed or were inconclusive)."""
     if code:

@@ -464,7 +464,7 @@ def _parity_result(
     pairs = list(zip(scores[task.name][REFERENCE_LABEL], scores[task.name][info.label], strict=True))
     # only questions both sides scored, with finite reference log-likelihoods, are compared; the others are counted
     # by reason (a NaN reference has no answer to compare with; a NaN candidate is compared, and fails the verdict)
-    declined = Counter(_not_compared_reason(ref, cand) for ref, cand in pairs if _not_compared_reason(ref, cand))
+    declined = Counter(reason for ref, cand in pairs if (reason := _not_compared_reason(ref, cand)))
     compared = [(ref, cand) for ref, cand in pairs if not _not_compared_reason(ref, cand)]
     reference = [ref for ref, _ in compared]
     candidate = [cand for _, cand in compared]
