@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from mexport import hub
-from mexport.errors import MexportError
+from mexport.errors import MexportError, first_line
 from mexport.lazy import require
 
 SUPPORTED_MODEL_TYPES = ("gemma2",)
@@ -261,8 +261,7 @@ def load_tokenizer(path: Path) -> Any:
     try:
         return transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=False, local_files_only=True)
     except (OSError, ValueError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise MexportError(f"{path}: could not load its tokenizer: {first_line}") from exc
+        raise MexportError(f"{path}: could not load its tokenizer: {first_line(exc)}") from exc
 
 
 def side_files_bytes(checkpoint: Checkpoint) -> int:

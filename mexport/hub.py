@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from mexport.errors import EnvironmentFailure, MexportError
+from mexport.errors import EnvironmentFailure, MexportError, first_line
 from mexport.lazy import require
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -25,11 +25,6 @@ UNREACHABLE_HINT = (
     "check the network (or the proxy in HTTPS_PROXY / the endpoint in HF_ENDPOINT), or download the model on a "
     "connected machine (huggingface-cli download) and pass its local directory"
 )
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def unreachable_reason() -> str | None:
@@ -45,7 +40,7 @@ def unreachable_reason() -> str | None:
     try:
         socket.create_connection((host, port), timeout=PROBE_TIMEOUT_SECONDS).close()
     except OSError as exc:
-        return f"{host}:{port}: {exc.strerror or _first_line(exc)}"
+        return f"{host}:{port}: {exc.strerror or first_line(exc)}"
     return None
 
 
@@ -62,12 +57,12 @@ def snapshot(repo_id: str, allow_patterns: list[str], revision: str | None = Non
     except Exception as exc:
         if unreachable is not None or _is_connection_failure(hub, exc):
             raise EnvironmentFailure(
-                f"{repo_id}: the Hugging Face Hub cannot be reached ({unreachable or _first_line(exc)}) and no copy "
+                f"{repo_id}: the Hugging Face Hub cannot be reached ({unreachable or first_line(exc)}) and no copy "
                 "is in the local cache",
                 hint=UNREACHABLE_HINT,
             ) from exc
         raise MexportError(
-            f"{repo_id}: could not get it from the Hugging Face Hub: {_first_line(exc)}",
+            f"{repo_id}: could not get it from the Hugging Face Hub: {first_line(exc)}",
             hint="check the repository id (org/name) and --revision; for a gated model accept its terms on "
             "huggingface.co and log in (huggingface-cli login, or set HF_TOKEN); or pass a local directory",
         ) from exc

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from mexport.errors import IntegrityError, MexportError, MissingDependencyError
+from mexport.errors import IntegrityError, MexportError, MissingDependencyError, first_line
 from mexport.formats import DATA_FILE, GRAPH_FILE, LOGITS_INDICES, PAST_PREFIX, PRESENT_PREFIX
 from mexport.lazy import require
 from mexport.manifest import check_graph_io, read_manifest
@@ -69,11 +69,6 @@ GPU_PROVIDER_HINT = (
     "pip uninstall -y onnxruntime && pip install onnxruntime-gpu (on a host with an NVIDIA GPU and CUDA"
     "; TensorrtExecutionProvider also needs the TensorRT libraries: pip install 'mexport[gpu]')"
 )
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _onnx_element_type(dtype_name: str) -> int:
@@ -303,7 +298,7 @@ class OrtDecoder(DecoderRuntime):
         except Exception as exc:  # ORT raises bare pybind errors (Fail, InvalidGraph, NoSuchFile, ...)
             missing_low_precision_kernel = "NOT_IMPLEMENTED" in str(exc) and self.compute_dtype != "fp32"
             raise MexportError(
-                f"ONNX Runtime could not load {self.model_path} on {self.device}: {_first_line(exc)}",
+                f"ONNX Runtime could not load {self.model_path} on {self.device}: {first_line(exc)}",
                 hint=f"fp32_compute=True runs this {self.dtype} graph with fp32 compute"
                 if missing_low_precision_kernel
                 else None,
