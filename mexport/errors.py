@@ -86,6 +86,6 @@ class ValidationFailedError(MexportError):
 
 
 def first_line(exc: BaseException) -> str:
-    """The first line of an exception's message (its type's name when the message is empty), for one-line reports."""
+    """The first line of an exception's message (its type name when empty): third-party errors as one line."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
