@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from mexport import strict_json
-from mexport.errors import verdict_word
+from mexport.errors import EXIT_INCONCLUSIVE, VERDICT_WORDS, verdict_word
 from mexport.fsutil import replace_files_as_set
 from mexport.junit import JUnitCase, junit_xml
 from mexport.manifest import sha256_file
@@ -170,7 +170,9 @@ class ValidationReport:
     @property
     def outcome(self) -> str:
         """One word for the run: PASSED, FAILED or INCONCLUSIVE (under its ``fail_on`` policy; a run that compared
-        nothing is never PASSED: its exit code is the inconclusive one)."""
+        nothing is never PASSED)."""
+        if not self.compared:
+            return VERDICT_WORDS[EXIT_INCONCLUSIVE]
         return verdict_word(self.exit_code)
 
     @property
