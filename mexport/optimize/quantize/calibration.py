@@ -32,6 +32,8 @@ DEFAULT_SOURCE = "sample"  # every task's shipped sample file
 MAX_CALIBRATION_TOKENS = 512
 # activation rows kept per tensor for AWQ's search (a random subset of all calibration tokens)
 AWQ_ROWS = 512
+# Gram matrices (X^T X, float32) gathered in one calibration pass; more are split over several passes
+HESSIAN_BUDGET_BYTES = 3 << 30
 TEXT_SUFFIXES = (".jsonl", ".txt", ".text", ".md")
 
 
@@ -141,6 +143,12 @@ class ActivationStats:
     abs_sum: np.ndarray
     tokens: int
     rows: np.ndarray | None = None  # sampled activation rows (AWQ only)
+    gram_sum: np.ndarray | None = None  # sum of x^T x over every token (GPTQ only)
+
+    @property
+    def hessian(self) -> np.ndarray | None:
+        """``X^T X / n``, GPTQ's Hessian of the layer's squared output error."""
+        return None if self.gram_sum is None else (self.gram_sum / max(self.tokens, 1)).astype(np.float32)
 
     @property
     def amax(self) -> float:
@@ -151,8 +159,11 @@ class ActivationStats:
         return self.abs_sum / max(self.tokens, 1)
 
 
-def _stats_graph(graph: ModelGraph, tensors: dict[str, int], keep_rows: bool) -> tuple[Any, dict[str, list[str]]]:
-    """A copy of the graph whose outputs are per-channel |x| max and sum (and the rows) of ``tensors``."""
+def _stats_graph(
+    graph: ModelGraph, tensors: dict[str, int], keep_rows: bool, grams: bool = False
+) -> tuple[Any, dict[str, list[str]]]:
+    """A copy of the graph whose outputs are per-channel |x| max and sum (and the rows, and ``x^T x``) of
+    ``tensors``."""
     onnx = require("onnx")
     helper = onnx.helper
     model = copy.deepcopy(graph.model)
@@ -177,7 +188,16 @@ def _stats_graph(graph: ModelGraph, tensors: dict[str, int], keep_rows: bool) ->
                 helper.make_node("ReduceSum", reduce_inputs, [f"{prefix}_abssum"], **reduce_attributes),
             ]
         )
-        names = [f"{prefix}_absmax", f"{prefix}_abssum"] + ([f"{prefix}_rows"] if keep_rows else [])
+        names = [f"{prefix}_absmax", f"{prefix}_abssum", f"{prefix}_rows" if keep_rows else ""]
+        if grams:
+            model.graph.node.extend(
+                [
+                    helper.make_node("Transpose", [f"{prefix}_rows"], [f"{prefix}_columns"], perm=[1, 0]),
+                    helper.make_node("MatMul", [f"{prefix}_columns", f"{prefix}_rows"], [f"{prefix}_gram"]),
+                ]
+            )
+            names.append(f"{prefix}_gram")
+        names = [name for name in names if name]
         for name in names:
             model.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
         outputs[tensor] = names
@@ -231,10 +251,12 @@ def collect_activation_stats(
     keep_rows: bool = False,
     seed: int = 0,
     low_memory: bool | None = None,
+    grams: bool = False,
 ) -> dict[str, ActivationStats]:
-    """Run every calibration sample and reduce the ``tensors`` ({name: channels}) to per-channel statistics.
+    """Run every calibration sample and reduce the ``tensors`` ({name: channels}) to per-channel statistics
+    (and with ``grams`` each one's ``X^T X``; :func:`gram_batches` keeps those within memory).
     ``low_memory`` forces the bounded fp32 upcast of a bf16/fp16 graph on or off (None: by weight size)."""
-    model, outputs = _stats_graph(graph, tensors, keep_rows)
+    model, outputs = _stats_graph(graph, tensors, keep_rows, grams)
     session = _session(graph, model, manifest["dtype"], low_memory)
     stats = {
         tensor: ActivationStats(np.zeros(n, np.float32), np.zeros(n, np.float64), 0) for tensor, n in tensors.items()
@@ -252,6 +274,9 @@ def collect_activation_stats(
                 np.maximum(entry.absmax, values[names[0]], out=entry.absmax)
                 entry.abs_sum += values[names[1]]
                 entry.tokens += ids.shape[1]
+                if grams:
+                    gram = values[names[-1]].astype(np.float64)
+                    entry.gram_sum = gram if entry.gram_sum is None else entry.gram_sum + gram
                 if keep_rows:
                     rows = values[names[2]]
                     take = rng.choice(rows.shape[0], size=min(rows_per_sample, rows.shape[0]), replace=False)
@@ -261,3 +286,18 @@ def collect_activation_stats(
         for tensor, chunks in sampled_rows.items():
             stats[tensor].rows = np.concatenate(chunks)[:AWQ_ROWS]
     return stats
+
+
+def gram_batches(tensors: dict[str, int], budget_bytes: int = HESSIAN_BUDGET_BYTES) -> list[dict[str, int]]:
+    """``tensors`` ({name: channels}, in graph order) split into runs whose float64 Gram sums fit ``budget_bytes``
+    (each run is one calibration pass; a single tensor over the budget gets a pass of its own)."""
+    batches: list[dict[str, int]] = [{}]
+    used = 0
+    for tensor, channels in tensors.items():
+        size = 8 * channels * channels
+        if batches[-1] and used + size > budget_bytes:
+            batches.append({})
+            used = 0
+        batches[-1][tensor] = channels
+        used += size
+    return batches
