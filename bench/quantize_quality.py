@@ -86,9 +86,15 @@ quantize_static(source, target, Reader(), quant_format=QuantFormat.QDQ, per_chan
 """
 
 MODELOPT = """
-import sys, shutil, numpy as np
+import os, sys, shutil, numpy as np
 from modelopt.onnx.quantization import quantize
 source, target, mode, method, block, feeds_file = sys.argv[1:7]
+# ModelOpt rewrites its input in place (shape inference): give it a copy, never the export
+copy_dir = os.path.join(os.path.dirname(target), "input")
+os.makedirs(copy_dir, exist_ok=True)
+for name in ("model.onnx", "model.onnx.data"):
+    shutil.copy2(os.path.join(os.path.dirname(source), name), os.path.join(copy_dir, name))
+source = os.path.join(copy_dir, "model.onnx")
 feeds = np.load(feeds_file, allow_pickle=True)["feeds"]
 import onnx
 model = onnx.load(source, load_external_data=False)
@@ -102,6 +108,7 @@ if mode == "int4":
 else:
     kwargs.update(calibration_method=method)
 quantize(source, **kwargs)
+shutil.rmtree(copy_dir)
 """
 
 

@@ -126,3 +126,16 @@ def test_scheme_table_is_what_the_cuda_check_and_recipes_read() -> None:
     assert QDQ_MIN_OPSET["int4"] == 21 and QDQ_MIN_OPSET["float8e4m3fn"] == 19 and QDQ_MIN_OPSET["int8"] == 10
     assert set(BLOCKED_TYPES) == {"int4", "uint4"}
     assert get_scheme("int4").element_bytes == 0.5
+
+
+def test_gram_sums_in_place_give_the_full_symmetric_hessian(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mexport.optimize.quantize import calibration
+
+    monkeypatch.setattr(calibration, "SYMMETRIZE_ROWS", 16)  # several bands on a small matrix
+    rows = np.random.default_rng(3).normal(size=(300, 64)).astype(np.float32)
+    gram = None
+    for start in range(0, 300, 100):
+        gram = calibration._add_gram(gram, rows[start : start + 100])
+    stats = calibration.ActivationStats(np.zeros(64), np.zeros(64), 300, gram_sum=gram)
+    np.testing.assert_allclose(stats.take_hessian(), rows.T @ rows / 300, atol=1e-5)
+    assert stats.gram_sum is None

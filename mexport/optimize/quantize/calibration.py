@@ -32,8 +32,10 @@ DEFAULT_SOURCE = "sample"  # every task's shipped sample file
 MAX_CALIBRATION_TOKENS = 512
 # activation rows kept per tensor for AWQ's search (a random subset of all calibration tokens)
 AWQ_ROWS = 512
-# Gram matrices (X^T X, float32) gathered in one calibration pass; more are split over several passes
-HESSIAN_BUDGET_BYTES = 3 << 30
+# Gram matrices (X^T X, float32) gathered in one calibration pass: a quarter of the weights' bytes, at least
+# this much; more are split over several passes
+MIN_GRAM_BUDGET_BYTES = 1 << 30
+SYMMETRIZE_ROWS = 1024
 TEXT_SUFFIXES = (".jsonl", ".txt", ".text", ".md")
 
 
@@ -143,12 +145,21 @@ class ActivationStats:
     abs_sum: np.ndarray
     tokens: int
     rows: np.ndarray | None = None  # sampled activation rows (AWQ only)
-    gram_sum: np.ndarray | None = None  # sum of x^T x over every token (GPTQ only)
+    gram_sum: np.ndarray | None = None  # upper triangle of sum x^T x over every token, float32 (GPTQ only)
 
-    @property
-    def hessian(self) -> np.ndarray | None:
-        """``X^T X / n``, GPTQ's Hessian of the layer's squared output error."""
-        return None if self.gram_sum is None else (self.gram_sum / max(self.tokens, 1)).astype(np.float32)
+    def take_hessian(self) -> np.ndarray:
+        """``X^T X / n`` (GPTQ's Hessian of the squared output error), made in place from the Gram sum, which it
+        replaces: the largest array of a calibration (822 MB for the 9B's down_proj)."""
+        if self.gram_sum is None:
+            raise RuntimeError("no Gram matrix: calibrate with grams=True")
+        hessian, self.gram_sum = self.gram_sum, None
+        hessian /= max(self.tokens, 1)
+        for start in range(0, len(hessian), SYMMETRIZE_ROWS):  # mirror the upper triangle, a band at a time
+            stop = start + SYMMETRIZE_ROWS
+            band = hessian[start:stop, start:stop]
+            band[...] = np.triu(band) + np.triu(band, 1).T
+            hessian[stop:, start:stop] = hessian[start:stop, stop:].T
+        return hessian
 
     @property
     def amax(self) -> float:
@@ -162,8 +173,7 @@ class ActivationStats:
 def _stats_graph(
     graph: ModelGraph, tensors: dict[str, int], keep_rows: bool, grams: bool = False
 ) -> tuple[Any, dict[str, list[str]]]:
-    """A copy of the graph whose outputs are per-channel |x| max and sum (and the rows, and ``x^T x``) of
-    ``tensors``."""
+    """A copy of the graph whose outputs are per-channel |x| max and sum (and the rows) of ``tensors``."""
     onnx = require("onnx")
     helper = onnx.helper
     model = copy.deepcopy(graph.model)
@@ -188,16 +198,7 @@ def _stats_graph(
                 helper.make_node("ReduceSum", reduce_inputs, [f"{prefix}_abssum"], **reduce_attributes),
             ]
         )
-        names = [f"{prefix}_absmax", f"{prefix}_abssum", f"{prefix}_rows" if keep_rows else ""]
-        if grams:
-            model.graph.node.extend(
-                [
-                    helper.make_node("Transpose", [f"{prefix}_rows"], [f"{prefix}_columns"], perm=[1, 0]),
-                    helper.make_node("MatMul", [f"{prefix}_columns", f"{prefix}_rows"], [f"{prefix}_gram"]),
-                ]
-            )
-            names.append(f"{prefix}_gram")
-        names = [name for name in names if name]
+        names = [f"{prefix}_absmax", f"{prefix}_abssum"] + ([f"{prefix}_rows"] if keep_rows or grams else [])
         for name in names:
             model.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
         outputs[tensor] = names
@@ -275,8 +276,7 @@ def collect_activation_stats(
                 entry.abs_sum += values[names[1]]
                 entry.tokens += ids.shape[1]
                 if grams:
-                    gram = values[names[-1]].astype(np.float64)
-                    entry.gram_sum = gram if entry.gram_sum is None else entry.gram_sum + gram
+                    entry.gram_sum = _add_gram(entry.gram_sum, values[names[2]])
                 if keep_rows:
                     rows = values[names[2]]
                     take = rng.choice(rows.shape[0], size=min(rows_per_sample, rows.shape[0]), replace=False)
@@ -288,13 +288,30 @@ def collect_activation_stats(
     return stats
 
 
-def gram_batches(tensors: dict[str, int], budget_bytes: int = HESSIAN_BUDGET_BYTES) -> list[dict[str, int]]:
-    """``tensors`` ({name: channels}, in graph order) split into runs whose float64 Gram sums fit ``budget_bytes``
+def _add_gram(gram: np.ndarray | None, rows: np.ndarray) -> np.ndarray:
+    """``gram += rows^T rows`` in place (upper triangle, BLAS syrk: no temporary the size of the matrix)."""
+    from scipy.linalg import blas
+
+    if gram is None:
+        gram = np.zeros((rows.shape[1], rows.shape[1]), dtype=np.float32, order="F")
+    updated = blas.ssyrk(1.0, np.asarray(rows, np.float32), beta=1.0, c=gram, trans=1, lower=0, overwrite_c=1)
+    if updated is not gram:  # BLAS wrote a copy (never for a Fortran-ordered float32 matrix)
+        gram[...] = updated
+    return gram
+
+
+def gram_budget(weight_bytes: int) -> int:
+    """Bytes of Gram matrices one calibration pass may hold: a quarter of the model's weights, at least 1 GiB."""
+    return max(MIN_GRAM_BUDGET_BYTES, weight_bytes // 4)
+
+
+def gram_batches(tensors: dict[str, int], budget_bytes: int) -> list[dict[str, int]]:
+    """``tensors`` ({name: channels}, in graph order) split into runs whose float32 Gram sums fit ``budget_bytes``
     (each run is one calibration pass; a single tensor over the budget gets a pass of its own)."""
     batches: list[dict[str, int]] = [{}]
     used = 0
     for tensor, channels in tensors.items():
-        size = 8 * channels * channels
+        size = 4 * channels * channels
         if batches[-1] and used + size > budget_bytes:
             batches.append({})
             used = 0

@@ -80,10 +80,17 @@ def _codes(weight: np.ndarray, scales: np.ndarray, block_size: int) -> np.ndarra
 
 
 def _upper_inverse_cholesky(hessian: np.ndarray) -> np.ndarray:
-    """Upper-triangular ``U`` with ``H^-1 = U^T U`` (GPTQ's form of the inverse Hessian), in float64."""
-    lower = np.linalg.cholesky(hessian)
-    lower_inverse = np.linalg.solve(lower, np.eye(len(hessian)))
-    return np.linalg.cholesky(lower_inverse.T @ lower_inverse).T
+    """Upper-triangular ``U`` with ``H^-1 = U^T U`` (GPTQ's form of the inverse Hessian), computed in place in
+    ``hessian`` (float32, symmetric) by LAPACK: Cholesky, inverse from it, Cholesky again."""
+    from scipy.linalg import lapack
+
+    matrix = hessian.T  # the Fortran-ordered view of a C-ordered symmetric matrix is the same matrix
+    for routine in (lapack.spotrf, lapack.spotri, lapack.spotrf):
+        result, info = routine(matrix, lower=0, **{"overwrite_c" if routine is lapack.spotri else "overwrite_a": 1})
+        if info != 0:
+            raise np.linalg.LinAlgError(f"GPTQ: {routine.__name__} failed (info {info}): Hessian not positive definite")
+        matrix = result
+    return matrix  # potrf's default ``clean`` zeroed the lower triangle
 
 
 def gptq(
@@ -92,18 +99,19 @@ def gptq(
     """GPTQ of an ``[in, out]`` weight against ``H = X^T X / n`` (``[in, in]``); returns (codes, block scales)."""
     rows = weight.shape[0]
     work = np.array(weight, dtype=np.float32)
-    h = np.array(hessian, dtype=np.float64)
-    dead = np.diag(h) <= 0
-    h[dead, dead] = 1.0
+    diagonal = np.diag(hessian).astype(np.float32)
+    dead = diagonal <= 0
     work[dead] = 0.0
-    h[np.diag_indices(rows)] += GPTQ_DAMPING * float(np.mean(np.diag(h)))
+    order = np.argsort(-diagonal, kind="stable") if act_order else np.arange(rows)
+    h = np.array(hessian[np.ix_(order, order)] if act_order else hessian, dtype=np.float32, order="C")  # one copy
+    importance = np.where(dead, 1.0, diagonal)[order] + GPTQ_DAMPING * float(np.mean(diagonal))
+    h[np.diag_indices(rows)] = importance
     scales = np.empty((rows // block_size, weight.shape[1]), dtype=scale_dtype) if not act_order else clip_scales(
-        work, np.diag(h), block_size, scale_dtype
+        work, np.where(dead, 0.0, diagonal), block_size, scale_dtype
     )
-    order = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(rows)
-    work, h = work[order], h[np.ix_(order, order)]
-    upper = _upper_inverse_cholesky(h).astype(np.float32)
-    importance = np.diag(h).astype(np.float32)
+    work = work[order]
+    upper = _upper_inverse_cholesky(h)
+    del h
     codes = np.empty_like(work)
     batch = block_size * -(-GPTQ_BATCH_ROWS // block_size)
     for start in range(0, rows, batch):

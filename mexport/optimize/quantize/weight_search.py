@@ -1,8 +1,9 @@
 """Calibrated int4: each layer input's statistics and Hessian, gathered pass by pass, and each layer's chosen form.
 
-The Gram matrices ``X^T X`` are what bounds memory (down_proj's is 14336^2: 1.6 GB in float64 for the 9B), so the
-layer inputs are split into runs that fit :data:`~mexport.optimize.quantize.calibration.HESSIAN_BUDGET_BYTES`,
-one calibration pass each; a run's Hessians are dropped once its layers are quantized. Only the chosen int4 codes
+The Gram matrices ``X^T X`` are what bounds memory (down_proj's is 14336^2: 822 MB in float32 for the 9B), so the
+layer inputs are split into runs that fit :func:`~mexport.optimize.quantize.calibration.gram_budget` (a quarter of
+the weights' bytes, at least 1 GiB), one calibration pass each; a run's Hessians are dropped once its layers are
+quantized. Only the chosen int4 codes
 and scales are kept (half a byte per weight in the file, one byte per weight in memory until written).
 """
 
@@ -15,7 +16,8 @@ import numpy as np
 
 from mexport.console import phase
 from mexport.errors import MexportError
-from mexport.optimize.quantize.calibration import collect_activation_stats, gram_batches
+from mexport.formats import DATA_FILE
+from mexport.optimize.quantize.calibration import collect_activation_stats, gram_batches, gram_budget
 from mexport.optimize.quantize.graph import Linear, ModelGraph
 from mexport.optimize.quantize.int4 import (
     METHODS,
@@ -75,7 +77,9 @@ def search_int4(
     groups = grouped_by_input(layers)
     choices: dict[str, GroupChoice] = {}
     relative: dict[str, float] = {}
-    batches = gram_batches({tensor: group[0].in_features for tensor, group in groups.items()})
+    weight_bytes = (graph.model_dir / DATA_FILE).stat().st_size
+    inputs = {tensor: group[0].in_features for tensor, group in groups.items()}
+    batches = gram_batches(inputs, gram_budget(weight_bytes))
     for number, batch in enumerate(batches, start=1):
         stats = collect_activation_stats(graph, manifest, batch, token_ids, keep_rows=True, seed=seed, grams=True)
         with phase(f"int4 search ({method}), pass {number}/{len(batches)}: {len(batch)} layer inputs"):
@@ -84,11 +88,13 @@ def search_int4(
                 weights = [np.asarray(graph.weight_matrix(layer.weight, layer.transposed), np.float32) for layer in group]
                 blocks = [effective_block_size(layer.in_features, block_size) for layer in group]
                 dtype = graph.numpy_dtype(group[0].weight)
-                assert entry.rows is not None and entry.hessian is not None
+                assert entry.rows is not None
+                hessian = entry.take_hessian()
                 if asymmetric:
-                    choice = _asymmetric_group(weights, entry.hessian, entry.rows, blocks, dtype)
+                    choice = _asymmetric_group(weights, hessian, entry.rows, blocks, dtype)
                 else:
-                    choice = quantize_group(weights, entry.hessian, entry.rows, entry.mean_abs, blocks, dtype, methods, awq)
+                    choice = quantize_group(weights, hessian, entry.rows, entry.mean_abs, blocks, dtype, methods, awq)
+                del hessian
                 energy = OutputError(entry.rows)
                 for layer, weight, layer_choice in zip(group, weights, choice.layers, strict=True):
                     relative[layer.name] = layer_choice.loss / max(energy(weight), 1e-30)
