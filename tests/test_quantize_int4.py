@@ -32,7 +32,7 @@ def _loss(rows: np.ndarray, weight: np.ndarray, dequantized: np.ndarray) -> floa
 
 
 def test_clipping_search_never_loses_to_the_range_rule(layer) -> None:
-    rows, hessian, weight = layer
+    _, hessian, weight = layer
     importance = np.diag(hessian)
     plain = int4.clip_scales(weight, importance, 32, F32, search=False)
     clipped = int4.clip_scales(weight, importance, 32, F32)
@@ -87,7 +87,7 @@ def test_awq_group_is_never_worse_than_unscaled_and_scales_salient_channels(laye
 
 
 def test_asymmetric_uint4_has_zero_points_and_reconstructs_within_a_step(layer) -> None:
-    _, hessian, weight = layer
+    _, _, weight = layer
     quantized = int4.asymmetric_uint4(weight, np.ones(128, np.float32), 32, F32)
     assert quantized.scheme == "uint4" and quantized.zero_point is not None
     codes = quantized.values.astype(np.int16)

@@ -12,7 +12,6 @@ import pytest
 from mexport.errors import MexportError
 from mexport.optimize.quantize.calibration import load_calibration, read_text_file
 from mexport.optimize.quantize.numerics import (
-
     activation_scale,
     effective_block_size,
     quantize_weight,
