@@ -321,7 +321,8 @@ def _calibrate(
     if spec.weight_only and not searched:
         if calib is not None:
             load_calibration(calib, calib_size, seed)  # a --calib that names nothing is an error even when unused
-            warn(f"--calib ignored: {spec.name} with --method {method} needs no calibration")
+            which = f"{spec.name} --method {method}" if spec.blocked else spec.name
+            warn(f"--calib ignored: {which} needs no calibration")
         return None, {}, None
     calibration = load_calibration(calib, calib_size, seed)
     max_tokens = min(MAX_CALIBRATION_TOKENS, int(parent["model_config"].get("max_position_embeddings") or 512))
