@@ -14,8 +14,14 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from mexport.errors import first_line
+from mexport.formats import EXPORT_DTYPES
 from mexport.fsutil import format_bytes
 from mexport.hardware import Probe, probe
+from mexport.lazy import INSTALL_HINTS
+from mexport.optimize.engine.precision import PRECISION_MIN_CAPABILITY
+from mexport.optimize.quantize.recipes import RECIPES, cuda_supported_recipes
+from mexport.trt_common import TENSORRT_STUBS_ONLY
 
 # Meditron3-Gemma2-9B in bf16: 9.24e9 parameters x 2 bytes.
 REAL_MODEL_BF16_BYTES = 18_480_000_000
@@ -50,24 +56,20 @@ def check_python() -> Check:
 
 
 def check_packages() -> list[Check]:
-    required = {
-        "torch": "pip install torch==2.13.0",
-        "transformers": "pip install 'transformers>=4.57,<4.58'",
-        "optimum-onnx": "pip install optimum-onnx",
-        "onnx": "pip install onnx",
-        "typer": "pip install typer",
-    }
+    required = {"torch": "torch", "transformers": "transformers", "optimum-onnx": "optimum", "onnx": "onnx",
+                "typer": "typer"}  # distribution -> import name
     checks = []
-    for package, fix in required.items():
+    for package, module in required.items():
         version = _version(package)
-        checks.append(Check(package, OK if version else MISSING, version or "not installed", "" if version else fix))
+        fix = "" if version else INSTALL_HINTS[module]
+        checks.append(Check(package, OK if version else MISSING, version or "not installed", fix))
     ort_version = _version("onnxruntime") or _version("onnxruntime-gpu")
     checks.append(
         Check(
             "onnxruntime",
             OK if ort_version else MISSING,
             ort_version or "not installed",
-            "" if ort_version else "pip install onnxruntime (CPU) or onnxruntime-gpu (CUDA)",
+            "" if ort_version else INSTALL_HINTS["onnxruntime"],
         )
     )
     return checks
@@ -75,7 +77,7 @@ def check_packages() -> list[Check]:
 
 def check_onnxruntime_providers(machine: Probe) -> Check:
     if machine.ort_problem:
-        return Check("onnxruntime providers", MISSING, machine.ort_problem, "pip install onnxruntime")
+        return Check("onnxruntime providers", MISSING, machine.ort_problem, INSTALL_HINTS["onnxruntime"])
     gpu = [p for p in machine.ort_providers if p in ("CUDAExecutionProvider", "TensorrtExecutionProvider")]
     return Check(
         "onnxruntime providers",
@@ -89,9 +91,6 @@ def check_ort_cuda_recipes(machine: Probe) -> list[Check]:
     """Which recipes ONNX Runtime's CUDA provider runs on the GPU without falling back to the CPU, per export dtype
     (static: from its kernel table, so it answers on a CPU machine too); the others validate through TensorRT.
     "ok" only where this machine has the CUDA provider and a GPU: elsewhere the table is information."""
-    from mexport.formats import EXPORT_DTYPES
-    from mexport.runtime.cuda_kernels import cuda_supported_recipes
-
     checks = []
     for dtype in EXPORT_DTYPES:
         support = cuda_supported_recipes(dtype)
@@ -124,8 +123,8 @@ def check_cuda_devices(machine: Probe) -> list[Check]:
     checks = []
     for index, gpu in enumerate(machine.gpus):
         capability = gpu.compute_capability or (0, 0)
-        bf16 = capability >= (8, 0)
-        fp8 = capability >= (8, 9)
+        bf16 = capability >= PRECISION_MIN_CAPABILITY["bf16"]
+        fp8 = capability >= RECIPES["fp8"].min_capability
         detail = (
             f"{gpu.name}, {format_bytes(gpu.memory_bytes)}, sm_{capability[0]}{capability[1]}, "
             f"bf16 {'yes' if bf16 else 'no'}, fp8 {'yes' if fp8 else 'no'}"
@@ -137,8 +136,6 @@ def check_cuda_devices(machine: Probe) -> list[Check]:
 
 def check_tensorrt(machine: Probe) -> list[Check]:
     """TensorRT and Polygraphy; the type stubs alone (what CI installs for mypy) are "not installed", not a fault."""
-    from mexport.optimize.engine.precision import TENSORRT_STUBS_ONLY
-
     fix = (
         "pip install 'mexport[gpu]' on a Linux host with an NVIDIA GPU and CUDA; `mexport engine --plan` works "
         "without it"
@@ -154,8 +151,7 @@ def check_tensorrt(machine: Probe) -> list[Check]:
         polygraphy = importlib.import_module("polygraphy")
         checks.append(Check("polygraphy", OK, getattr(polygraphy, "__version__", _version("polygraphy") or "?")))
     except Exception as exc:  # noqa: BLE001 - report any broken install as a finding
-        first_line = str(exc).splitlines()[0] if str(exc) else ""
-        checks.append(Check("polygraphy", MISSING, f"not importable ({type(exc).__name__}: {first_line})", fix))
+        checks.append(Check("polygraphy", MISSING, f"not importable ({type(exc).__name__}: {first_line(exc)})", fix))
     return checks
 
 
@@ -176,7 +172,7 @@ def check_resources(path: Path) -> list[Check]:
     try:
         total_ram = importlib.import_module("psutil").virtual_memory().total
     except Exception as exc:  # noqa: BLE001
-        checks.append(Check("ram", WARN, f"cannot read RAM size: {exc}", "pip install psutil"))
+        checks.append(Check("ram", WARN, f"cannot read RAM size: {exc}", INSTALL_HINTS["psutil"]))
         return checks
     ram_ok = total_ram >= EXPORT_RAM_BYTES
     checks.append(

@@ -15,6 +15,7 @@ import subprocess
 from dataclasses import dataclass
 
 from mexport.errors import EnvironmentFailure, MexportError
+from mexport.trt_common import require_tensorrt
 
 MIB = 1 << 20
 GPU_HOST_HINT = (
@@ -115,8 +116,6 @@ def ort_providers() -> tuple[list[str], str | None]:
 
 def tensorrt_version() -> str:
     """The installed TensorRT's version, or MissingDependencyError saying why it cannot be used."""
-    from mexport.optimize.engine.precision import require_tensorrt  # defers importing TensorRT's bindings
-
     return require_tensorrt()
 
 

@@ -15,14 +15,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-from mexport import __version__
+from mexport import __version__, strict_json
 from mexport.errors import IntegrityError, MexportError
 from mexport.formats import EXPORT_DTYPES, GRAPH_FILE, PAST_PREFIX
 from mexport.fsutil import UNFINISHED_DIR, write_atomic
 from mexport.lazy import require
 
 GRAPH_KINDS = ("export", "quantize")  # artifacts whose graph is model.onnx
-REEXPORT_HINT = "the manifest or graph was changed after it was written: re-run the stage that made this directory"
 
 MANIFEST_NAME = "mexport.json"
 SCHEMA_VERSION = 1
@@ -95,7 +94,7 @@ def write_manifest(directory: Path, manifest: dict[str, Any]) -> Path:
     """Write ``mexport.json`` atomically (temp file + rename) so a crash never leaves half a manifest."""
     target = Path(directory) / MANIFEST_NAME
     tmp = target.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
+    tmp.write_text(strict_json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
     os.replace(tmp, target)
     return target
 
@@ -106,7 +105,7 @@ def read_manifest(
     """Read a stage's manifest, with a clear error when the directory is not an mexport artifact.
 
     ``verify``: also check every recorded file against its hash (:func:`verify_artifact`) and, for ONNX
-    artifacts, the graph's IO and dtype against the manifest's (:func:`check_graph_signature`); every stage that
+    artifacts, the graph's IO and dtype against the manifest's (:func:`check_graph_io`); every stage that
     reads an artifact's files passes it.
     """
     directory = Path(directory)
@@ -130,7 +129,7 @@ def read_manifest(
     if verify:
         verify_files(directory, manifest)
         if manifest.get("kind") in GRAPH_KINDS and (directory / GRAPH_FILE).is_file():  # a recorded one is checked
-            check_graph_signature(directory, manifest)
+            check_graph_io(manifest, _graph_header(directory / GRAPH_FILE), directory)
     return manifest
 
 
@@ -206,7 +205,7 @@ def verify_files(directory: Path, manifest: dict[str, Any], remember: bool = Tru
         verified[name] = {"stat": key, "sha256": record["sha256"]}  # stat from before hashing: a change since misses
     if remember and verified != stamp:
         try:
-            write_atomic(directory / STAMP_NAME, json.dumps(verified, sort_keys=True).encode())
+            write_atomic(directory / STAMP_NAME, strict_json.dumps(verified, sort_keys=True).encode())
         except OSError:
             pass  # a read-only artifact: verification still holds, it just is not remembered
 
@@ -228,7 +227,8 @@ def settings_hash(settings: dict[str, Any]) -> str:
 
 
 def io_signature(model: Any) -> dict[str, list[dict[str, Any]]]:
-    """Inputs and outputs of the final graph: name, numpy dtype name, shape (ints or symbolic strings)."""
+    """Inputs and outputs of a graph (ModelProto): name, numpy dtype name, shape (ints or symbolic strings), as the
+    manifest's ``io`` records them."""
     onnx = require("onnx")
 
     def describe(value: Any) -> dict[str, Any]:
@@ -242,30 +242,53 @@ def io_signature(model: Any) -> dict[str, list[dict[str, Any]]]:
     return {"inputs": [describe(v) for v in model.graph.input], "outputs": [describe(v) for v in model.graph.output]}
 
 
-def check_graph_signature(directory: Path, manifest: dict[str, Any]) -> None:
-    """The graph's inputs, outputs and KV-cache dtype are the ones the manifest records.
-
-    Readers size buffers and pick the compute dtype from the manifest, which no hash protects; a manifest edited
-    to claim another dtype or IO would be believed. The graph's header is read without its weights.
-    """
+def _graph_header(graph_path: Path) -> Any:
+    """The ONNX graph without its external weights, or IntegrityError when the file is not a readable graph."""
     onnx = require("onnx", "reading the ONNX graph")
-    graph_path = Path(directory) / GRAPH_FILE
     try:
-        model = onnx.load(str(graph_path), load_external_data=False)
+        return onnx.load(str(graph_path), load_external_data=False)
     except Exception as exc:  # a truncated or foreign file: protobuf raises DecodeError and friends
         raise IntegrityError(
-            f"{graph_path}: not a readable ONNX graph ({type(exc).__name__})", hint=REEXPORT_HINT
+            f"{graph_path}: not a readable ONNX graph ({type(exc).__name__})",
+            hint="the graph was changed after it was written: re-run the stage that made this directory",
         ) from exc
+
+
+def check_graph_io(manifest: dict[str, Any], model: Any, where: Path | str) -> None:
+    """Refuse a manifest whose ``io`` or KV-cache geometry no longer matches the graph it describes: the manifest is
+    not among the hashed files, and stages size their inputs from it (an edited or mixed-up artifact, exit 3)."""
     actual = io_signature(model)
-    if manifest.get("io") != actual:
-        raise IntegrityError(
-            f"{directory}: the manifest's io does not match {GRAPH_FILE}'s inputs and outputs", hint=REEXPORT_HINT
-        )
+    recorded = manifest.get("io") or {}
+    problems = []
+    for side in ("inputs", "outputs"):
+        by_name = {entry["name"]: entry for entry in actual[side]}
+        written = {entry.get("name"): entry for entry in recorded.get(side, []) if isinstance(entry, dict)}
+        for name in sorted(set(by_name) ^ set(written), key=str):
+            problems.append(f"{side[:-1]} {name} is {'only in the graph' if name in by_name else 'not in the graph'}")
+        for name in sorted(set(by_name) & set(written)):
+            for key in ("dtype", "shape"):
+                if by_name[name][key] != written[name].get(key):
+                    problems.append(f"{name} {key} {written[name].get(key)} in the manifest, {by_name[name][key]} in the graph")
+    config = manifest.get("model_config") or {}
+    geometry = [config.get("num_key_value_heads"), config.get("head_dim")]
+    for entry in actual["inputs"]:
+        if entry["name"].startswith(PAST_PREFIX) and [entry["shape"][1], entry["shape"][3]] != geometry:
+            problems.append(f"{entry['name']} has {entry['shape'][1]} KV heads of {entry['shape'][3]}, the manifest's "
+                            f"model_config {geometry[0]} of {geometry[1]}")
+            break
     dtype = manifest.get("dtype")
-    past = {entry["dtype"] for entry in actual["inputs"] if entry["name"].startswith(PAST_PREFIX)}
-    if dtype not in EXPORT_DTYPES or (past and past != {EXPORT_DTYPES[dtype]}):
-        graph_dtype = ", ".join(sorted(past)) or "unknown"
+    past_dtypes = {entry["dtype"] for entry in actual["inputs"] if entry["name"].startswith(PAST_PREFIX)}
+    if dtype not in EXPORT_DTYPES or (past_dtypes and past_dtypes != {EXPORT_DTYPES[dtype]}):
+        problems.append(
+            f"the manifest says dtype {dtype!r} but {GRAPH_FILE}'s KV cache is {', '.join(sorted(past_dtypes)) or 'unknown'}"
+        )
+    logits = next((entry for entry in actual["outputs"] if entry["name"] == "logits"), None)
+    vocab = config.get("vocab_size")
+    if logits and isinstance(logits["shape"][-1], int) and logits["shape"][-1] and logits["shape"][-1] != vocab:
+        problems.append(f"logits are {logits['shape'][-1]} wide, the manifest's model_config vocab_size {vocab}")
+    if problems:
+        shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
         raise IntegrityError(
-            f"{directory}: the manifest says dtype {dtype!r} but {GRAPH_FILE}'s KV cache is {graph_dtype}",
-            hint=REEXPORT_HINT,
+            f"{where}: {MANIFEST_NAME} does not describe this graph ({shown})",
+            hint="the manifest was edited or belongs to another artifact: re-create the artifact with mexport",
         )

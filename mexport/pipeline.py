@@ -16,11 +16,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from xml.etree import ElementTree
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from mexport import console
+from mexport import console, strict_json
 from mexport.errors import (
     EXIT_CHECK_FAILED,
     EXIT_INCONCLUSIVE,
@@ -28,14 +27,33 @@ from mexport.errors import (
     EnvironmentFailure,
     IntegrityError,
     MexportError,
+    verdict_word,
 )
-from mexport.fixtures import FIXTURE_NAMES
-from mexport.formats import DEFAULT_EXPORT_DTYPE
+from mexport.export import export_onnx
+from mexport.export.exporter import check_opset
+from mexport.fixtures import FIXTURE_NAMES, write_fixture
+from mexport.formats import DEFAULT_EXPORT_DTYPE, EXPORT_DTYPES
 from mexport.fsutil import claimed_output, write_atomic
 from mexport.hardware import probe
+from mexport.junit import FAILURE, SKIPPED, JUnitCase, junit_xml
 from mexport.manifest import MANIFEST_NAME, file_records, read_manifest, settings_hash, utc_now, verify_files
-from mexport.validate.tasks import SHIPPED_SETS
-from mexport.validate.verdict import DEFAULT_FAIL_ON
+from mexport.optimize import quantize
+from mexport.optimize.engine import build_engine, plan_engine, write_plan
+from mexport.optimize.engine.gpus import gpu_budget
+from mexport.optimize.engine.precision import PRECISIONS
+from mexport.optimize.quantize.calibration import calibration_task_names
+from mexport.optimize.quantize.recipes import cuda_recipe_support, get_recipe
+from mexport.trt_common import EngineSettings
+from mexport.validate import validate
+from mexport.validate.backends import HUB_ID
+from mexport.validate.tasks import SHIPPED_SETS, get_task
+from mexport.validate.verdict import (
+    DEFAULT_FAIL_ON,
+    check_agreement_floor,
+    check_fail_on,
+    check_margin,
+    check_recipe_margins,
+)
 
 STATE_FILE = "pipeline-state.json"
 FIXTURE_PREFIX = "fixture:"
@@ -47,12 +65,32 @@ def _one_or_many(value: Any) -> Any:
     return [value] if isinstance(value, str) else value
 
 
+def _home(value: Any) -> Any:
+    """A path setting with a leading ``~`` expanded (a hub id, fixture or task name never starts with one)."""
+    if isinstance(value, (str, Path)) and str(value).startswith("~"):
+        return type(value)(Path(value).expanduser())
+    if isinstance(value, dict):
+        return {key: _home(item) for key, item in value.items()}
+    return value
+
+
+HomePath = BeforeValidator(_home)
+
+
 def _checked(check: Callable[..., Any], *args: Any) -> None:
     """Run one of the library's own checks inside a validator, so pydantic collects its message with the rest."""
     try:
         check(*args)
     except MexportError as exc:
         raise ValueError(exc.message) from None
+
+
+ENGINE_DEFAULTS = EngineSettings()
+# PipelineConfig field -> the EngineSettings field it sets (and its key in the TOML file's [engine] table)
+ENGINE_FIELDS = {
+    "engine_precision": "precision", "max_batch": "max_batch", "max_input_len": "max_input_len",
+    "max_context": "max_context", "target": "target", "gpu_memory_gb": "gpu_memory_gb",
+}
 
 
 class PipelineConfig(BaseModel):
@@ -63,18 +101,18 @@ class PipelineConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    model: str = Field(min_length=1)
-    output: Path
+    model: Annotated[str, HomePath] = Field(min_length=1)
+    output: Annotated[Path, HomePath]
     revision: str | None = None
     dtype: str = DEFAULT_EXPORT_DTYPE
     opset: int = Field(18, strict=True)
     export_device: Literal["cpu", "cuda"] = "cpu"
     recipes: Annotated[list[str], BeforeValidator(_one_or_many)] = Field(default_factory=list)
-    calib: str | None = None
+    calib: Annotated[str | None, HomePath] = None
     calib_size: int = Field(64, ge=1, strict=True)
     engine: str = "auto"
     engine_precision: str | None = None  # None: the export's dtype (the only choice TensorRT 11 builds)
-    max_batch: int = Field(8, ge=1, strict=True)
+    max_batch: int = Field(ENGINE_DEFAULTS.max_batch, ge=1, strict=True)
     max_input_len: int | None = Field(None, ge=1, strict=True)  # None: min(2048, max_context)
     max_context: int | None = Field(None, ge=1, strict=True)  # None: min(4096, the model's max_position_embeddings)
     target: str | None = None
@@ -82,13 +120,13 @@ class PipelineConfig(BaseModel):
     tasks: Annotated[list[str], BeforeValidator(_one_or_many)] = Field(
         default_factory=lambda: ["medmcqa", "medqa", "pubmedqa", "afrimedqa"], min_length=1
     )
-    data: dict[str, str] = Field(default_factory=dict)
+    data: Annotated[dict[str, str], HomePath] = Field(default_factory=dict)
     limit: int | None = Field(None, ge=1, strict=True)
     seed: int = Field(1234, strict=True)
     device: Literal["cpu", "cuda"] = "cpu"
-    margin: float = Field(1.0, gt=0, allow_inf_nan=False)
-    recipe_margins: dict[str, Annotated[float, Field(gt=0, allow_inf_nan=False)]] = Field(default_factory=dict)
-    agreement_floor: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)
+    margin: float = 1.0
+    recipe_margins: dict[str, float] = Field(default_factory=dict)
+    agreement_floor: float | None = None
     fail_on: str = DEFAULT_FAIL_ON
 
     @field_validator("model")
@@ -100,7 +138,6 @@ class PipelineConfig(BaseModel):
                     f"unknown fixture {model!r}; available: {', '.join(FIXTURE_PREFIX + n for n in FIXTURE_NAMES)}"
                 )
             return model
-        from mexport.validate.backends import HUB_ID
 
         path = Path(model)
         if path.exists() and not (path / "config.json").is_file():
@@ -112,8 +149,6 @@ class PipelineConfig(BaseModel):
     @field_validator("dtype")
     @classmethod
     def _dtype_known(cls, dtype: str) -> str:
-        from mexport.formats import EXPORT_DTYPES
-
         if dtype not in EXPORT_DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; expected one of {', '.join(EXPORT_DTYPES)}")
         return dtype
@@ -121,17 +156,12 @@ class PipelineConfig(BaseModel):
     @field_validator("opset")
     @classmethod
     def _opset_supported(cls, opset: int) -> int:
-        from mexport.export.exporter import MIN_OPSET
-
-        if opset < MIN_OPSET:
-            raise ValueError(f"opset {opset} not supported; use {MIN_OPSET} or newer")
+        _checked(check_opset, opset)
         return opset
 
     @field_validator("recipes")
     @classmethod
     def _recipes_known(cls, recipes: list[str]) -> list[str]:
-        from mexport.optimize.quantize.recipes import get_recipe
-
         for recipe in recipes:
             _checked(get_recipe, recipe)
         if len(set(recipes)) != len(recipes):
@@ -141,8 +171,6 @@ class PipelineConfig(BaseModel):
     @field_validator("tasks")
     @classmethod
     def _tasks_known(cls, tasks: list[str]) -> list[str]:
-        from mexport.validate.tasks import get_task
-
         for task in tasks:
             _checked(get_task, task)
         return tasks
@@ -150,8 +178,6 @@ class PipelineConfig(BaseModel):
     @field_validator("data")
     @classmethod
     def _data_files_exist(cls, data: dict[str, str]) -> dict[str, str]:
-        from mexport.validate.tasks import get_task
-
         for task, source in data.items():
             _checked(get_task, task)
             if source not in SHIPPED_SETS and not Path(source).is_file():
@@ -161,8 +187,6 @@ class PipelineConfig(BaseModel):
     @field_validator("calib")
     @classmethod
     def _calib_exists(cls, calib: str | None) -> str | None:
-        from mexport.optimize.quantize.calibration import calibration_task_names
-
         names = calibration_task_names()
         if calib is not None and calib not in names and not Path(calib).is_file():
             raise ValueError(f"calibration file not found: {calib} (nor is it a task name: {', '.join(names)})")
@@ -178,35 +202,37 @@ class PipelineConfig(BaseModel):
     @field_validator("engine_precision")
     @classmethod
     def _precision_known(cls, precision: str | None) -> str | None:
-        from mexport.optimize.engine.precision import PRECISIONS
-
         if precision is not None and precision not in PRECISIONS:
             raise ValueError(f"unknown engine precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
         return precision
 
+    @field_validator("margin")
+    @classmethod
+    def _margin_valid(cls, margin: float) -> float:
+        _checked(check_margin, margin, "margin")
+        return margin
+
     @field_validator("recipe_margins")
     @classmethod
-    def _margin_recipes_known(cls, margins: dict[str, float]) -> dict[str, float]:
-        from mexport.optimize.quantize.recipes import get_recipe
-
-        for recipe in margins:
-            _checked(get_recipe, recipe)
+    def _recipe_margins_valid(cls, margins: dict[str, float]) -> dict[str, float]:
+        _checked(check_recipe_margins, margins, "recipe margin")
         return margins
+
+    @field_validator("agreement_floor")
+    @classmethod
+    def _agreement_floor_valid(cls, floor: float | None) -> float | None:
+        if floor is not None:
+            _checked(check_agreement_floor, floor, "agreement floor")
+        return floor
 
     @field_validator("fail_on")
     @classmethod
     def _fail_on_known(cls, fail_on: str) -> str:
-        from mexport.validate.verdict import FAIL_ON_CHOICES
-
-        if fail_on not in FAIL_ON_CHOICES:
-            raise ValueError(f"fail_on {fail_on!r}: expected one of {', '.join(FAIL_ON_CHOICES)}")
+        _checked(check_fail_on, fail_on, "fail_on")
         return fail_on
 
     @model_validator(mode="after")
     def _engine_fits_together(self) -> PipelineConfig:
-        from mexport.optimize.engine import EngineSettings
-        from mexport.optimize.engine.gpus import gpu_budget
-
         _checked(EngineSettings(max_batch=self.max_batch, max_input_len=self.max_input_len,
                                 max_context=self.max_context).limits.validate)
         _checked(gpu_budget, self.target, self.gpu_memory_gb)
@@ -218,9 +244,7 @@ _TOML_FIELDS = {
     ("model",): "model", ("output",): "output", ("revision",): "revision",
     ("export", "dtype"): "dtype", ("export", "opset"): "opset", ("export", "device"): "export_device",
     ("quantize", "recipes"): "recipes", ("quantize", "calib"): "calib", ("quantize", "calib_size"): "calib_size",
-    ("engine", "mode"): "engine", ("engine", "precision"): "engine_precision", ("engine", "max_batch"): "max_batch",
-    ("engine", "max_input_len"): "max_input_len", ("engine", "max_context"): "max_context",
-    ("engine", "target"): "target", ("engine", "gpu_memory_gb"): "gpu_memory_gb",
+    ("engine", "mode"): "engine", **{("engine", setting): field for field, setting in ENGINE_FIELDS.items()},
     ("validate", "tasks"): "tasks", ("validate", "data"): "data", ("validate", "limit"): "limit",
     ("validate", "seed"): "seed", ("validate", "device"): "device", ("validate", "margin"): "margin",
     ("validate", "recipe_margins"): "recipe_margins", ("validate", "agreement_floor"): "agreement_floor",
@@ -248,17 +272,20 @@ def load_config(path: Path, overrides: dict[str, Any] | None = None) -> Pipeline
         raise MexportError(
             f"{path}: unknown setting {', '.join(map(repr, unknown))}", hint="see examples/pipeline-tiny.toml"
         )
+    def beside_config(value: str) -> Path:  # "~/x" is the user's home, a relative path is the config file's folder
+        return path.parent / Path(value).expanduser()
+
     if isinstance(values.get("output"), str):
-        values["output"] = (path.parent / values["output"]).resolve()
-    if isinstance(values.get("calib"), str) and (path.parent / values["calib"]).is_file():
-        values["calib"] = str((path.parent / values["calib"]).resolve())
+        values["output"] = beside_config(values["output"]).resolve()
+    if isinstance(values.get("calib"), str) and beside_config(values["calib"]).is_file():
+        values["calib"] = str(beside_config(values["calib"]).resolve())
     if isinstance(values.get("model"), str) and not values["model"].startswith(FIXTURE_PREFIX):
-        local = path.parent / values["model"]
+        local = beside_config(values["model"])
         if local.exists():
             values["model"] = str(local.resolve())
     if isinstance(values.get("data"), dict):
         values["data"] = {
-            task: str((path.parent / source).resolve())
+            task: str(beside_config(source).resolve())
             if isinstance(source, str) and source not in SHIPPED_SETS
             else source
             for task, source in values["data"].items()
@@ -372,7 +399,7 @@ class _Runner:
 
     def _save_state(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
-        write_atomic(self.state_path, (json.dumps(self.state, indent=2, sort_keys=True) + "\n").encode())
+        write_atomic(self.state_path, (strict_json.dumps(self.state, indent=2, sort_keys=True) + "\n").encode())
 
     def step(
         self, name: str, settings: dict[str, Any], target: Path, action: Callable[[], str], marker: str = MANIFEST_NAME
@@ -500,7 +527,6 @@ def _run_steps(runner: _Runner, config: PipelineConfig) -> PipelineResult:
 
     def _validate() -> str:
         nonlocal validation, report_failed
-        from mexport.validate import validate
 
         report = validate(
             checkpoint,
@@ -545,7 +571,6 @@ def _runs_on_validate_device(runner: _Runner, config: PipelineConfig, label: str
     recipe = label.removeprefix("quant-")
     if config.device != "cuda" or recipe == label:
         return True
-    from mexport.runtime.cuda_kernels import cuda_recipe_support
 
     gap = cuda_recipe_support(recipe, config.dtype)
     if gap is not None:
@@ -562,8 +587,6 @@ def _checkpoint_step(runner: _Runner, config: PipelineConfig) -> tuple[str, str]
     target = runner.out / "checkpoint"
 
     def _write() -> str:
-        from mexport.fixtures import write_fixture
-
         write_fixture(name, target, overwrite=True)
         return f"fixture {name}"
 
@@ -572,8 +595,6 @@ def _checkpoint_step(runner: _Runner, config: PipelineConfig) -> tuple[str, str]
 
 
 def _export(checkpoint: str, target: Path, config: PipelineConfig) -> str:
-    from mexport.export import export_onnx
-
     result = export_onnx(
         checkpoint, target, dtype=config.dtype, opset=config.opset, revision=config.revision,
         device=config.export_device, overwrite=True,
@@ -582,8 +603,6 @@ def _export(checkpoint: str, target: Path, config: PipelineConfig) -> str:
 
 
 def _quantize(export_dir: Path, target: Path, recipe: str, config: PipelineConfig) -> str:
-    from mexport.optimize import quantize
-
     result = quantize(export_dir, target, recipe, calib=config.calib, calib_size=config.calib_size, overwrite=True)
     check = result.report.get("numeric_check")
     return f"top-1 agreement vs export {check['top1_agreement']:.1%}" if check else "quantized (no numeric check)"
@@ -596,12 +615,8 @@ def _engine_steps(
     if config.engine == "off":
         runner.skip("engine", "disabled in the config (engine.mode = off)")
         return []
-    from mexport.optimize.engine import EngineSettings, build_engine, plan_engine, write_plan
 
-    settings = EngineSettings(
-        precision=config.engine_precision, max_batch=config.max_batch, max_input_len=config.max_input_len,
-        max_context=config.max_context, gpu_memory_gb=config.gpu_memory_gb, target=config.target,
-    )
+    settings = EngineSettings(**{setting: getattr(config, field) for field, setting in ENGINE_FIELDS.items()})
     unavailable = None if config.engine == "plan" else _engine_unavailable_reason()
     if config.engine == "build" and unavailable:
         raise MexportError(f"engine.mode = build but {unavailable}")
@@ -648,7 +663,7 @@ def write_pipeline_reports(result: PipelineResult) -> dict[str, Path]:
     out = result.output
     payload = {"created": utc_now(), **result.to_dict()}
     paths = {
-        "json": write_atomic(out / "pipeline.json", (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode()),
+        "json": write_atomic(out / "pipeline.json", (strict_json.dumps(payload, indent=2, sort_keys=True) + "\n").encode()),
         "markdown": write_atomic(out / "pipeline.md", render_markdown(result).encode()),
         "junit": write_atomic(out / "pipeline-junit.xml", render_junit(result)),
     }
@@ -659,7 +674,7 @@ def render_markdown(result: PipelineResult) -> str:
     lines = [
         "# mexport pipeline",
         "",
-        f"**Result: {({1: 'FAILED', 4: 'INCONCLUSIVE'}).get(result.exit_code, 'passed')}**",
+        f"**Result: {verdict_word(result.exit_code)}**",
         "",
         "| step | status | seconds | detail |",
         "|---|---|---:|---|",
@@ -672,18 +687,10 @@ def render_markdown(result: PipelineResult) -> str:
 
 
 def render_junit(result: PipelineResult) -> bytes:
-    suite = ElementTree.Element(
-        "testsuite",
-        name="mexport.pipeline",
-        tests=str(len(result.steps)),
-        failures=str(sum(s.status == "failed" for s in result.steps)),
-        skipped=str(sum(s.status == "skipped" for s in result.steps)),
-    )
-    for step in result.steps:
-        case = ElementTree.SubElement(suite, "testcase", classname="mexport.pipeline", name=step.name,
-                                      time=f"{step.seconds:.2f}")
-        if step.status == "failed":
-            ElementTree.SubElement(case, "failure", message=step.detail)
-        elif step.status == "skipped":
-            ElementTree.SubElement(case, "skipped", message=step.detail)
-    return ElementTree.tostring(suite, encoding="utf-8", xml_declaration=True)
+    """One testcase per step: a failed step a failure, a skipped one skipped."""
+    outcomes = {"failed": FAILURE, "skipped": SKIPPED}
+    cases = [
+        JUnitCase("mexport.pipeline", step.name, outcomes.get(step.status), step.detail, seconds=step.seconds)
+        for step in result.steps
+    ]
+    return junit_xml("mexport.pipeline", cases)

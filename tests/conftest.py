@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The learned fixture's cache (``MEXPORT_CACHE``): a temporary directory shared by the whole run, never the
+    user's ``~/.cache``; ``MEXPORT_TEST_CACHE=DIR`` keeps it in DIR across runs instead."""
+    cache = Path(os.environ.get("MEXPORT_TEST_CACHE") or tmp_path_factory.mktemp("mexport-cache"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MEXPORT_CACHE", str(cache))
+        yield cache
 
 
 @pytest.fixture(scope="session")

@@ -68,7 +68,7 @@ def test_a_hub_id_that_cannot_be_fetched_has_a_hint(tmp_path: Path, monkeypatch:
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     error = _json_error(["onnx", "no-such-org/no-such-model", "-o", str(tmp_path / "x")])
-    assert "could not be downloaded" in error["message"] and "\n" not in error["message"]
+    assert "the Hugging Face Hub cannot be reached" in error["message"] and "\n" not in error["message"]
     assert "huggingface-cli download" in error["hint"]
 
 

@@ -9,6 +9,7 @@ from xml.etree import ElementTree
 import pytest
 from typer.testing import CliRunner
 
+from mexport import pipeline
 from mexport.cli import app
 from mexport.errors import MexportError
 from mexport.pipeline import PipelineConfig, config_from, load_config, run_pipeline
@@ -78,13 +79,11 @@ def _small(output: Path, **changes: object) -> PipelineConfig:
 def test_pipeline_end_to_end_then_resume_after_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "run"
     # the first run crashes in the validate step: everything before it is finished
-    import mexport.validate
-
     def crash(*args: object, **kwargs: object) -> None:
         raise RuntimeError("simulated crash during scoring")
 
     with monkeypatch.context() as patch:
-        patch.setattr(mexport.validate, "validate", crash)
+        patch.setattr(pipeline, "validate", crash)
         with pytest.raises(RuntimeError, match="simulated crash"):
             run_pipeline(_small(out))
     state = json.loads((out / "pipeline-state.json").read_text())["steps"]
@@ -157,7 +156,7 @@ def test_every_config_problem_is_listed_before_any_step(tmp_path: Path) -> None:
         "engine.max_batch: Input should be a valid integer (got 1.5)",
         "engine.max_context: Input should be greater than or equal to 1 (got 0)",
         "engine.gpu_memory_gb: Input should be a finite number",
-        "validate.margin: Input should be greater than 0 (got -1.0)",
+        "validate.margin: margin -1: the margin must be a finite number of accuracy points above 0 and below 100",
         "validate.data: data file for medqa not found",
         "validate.limit: Input should be a valid integer (got 'ten')",
     ):

@@ -30,7 +30,7 @@ SAMPLE = {"medmcqa": "sample"}
 
 @pytest.fixture(scope="module")
 def learned(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from mexport.validate.learned import make_learned_fixture
+    from mexport.fixtures.learned import make_learned_fixture
 
     return make_learned_fixture(tmp_path_factory.mktemp("learned") / "learned-gemma2")
 

@@ -7,8 +7,10 @@ from typing import Any
 
 import typer
 
+from mexport import console
 from mexport.cli import app, emit_json, json_option
 from mexport.formats import DEFAULT_EXPORT_DTYPE
+from mexport.fsutil import format_bytes
 
 
 def _validation_table(result: Any) -> Any:
@@ -23,6 +25,9 @@ def _validation_table(result: Any) -> Any:
     table.add_column("max rel", justify="right")
     table.add_column("top-1 agree", justify="right")
     for name, case in validation["cases"].items():
+        if case.get("non_finite_positions"):
+            table.add_row(name, str(case["positions"]), f"NaN/inf at {case['non_finite_positions']}", "–", "–")
+            continue
         table.add_row(
             name, str(case["positions"]), f"{case['max_abs']:.3g}", f"{case['max_rel']:.3g}",
             f"{case['top1_agreement']:.1%}",
@@ -43,7 +48,7 @@ def onnx_export(
         help="Float dtype of weights and activations: bf16 (default: the checkpoint's own, and what TensorRT 11 "
         "builds from), fp32 or fp16.",
     ),
-    opset: int = typer.Option(18, help="ONNX opset version."),
+    opset: int = typer.Option(18, help="ONNX opset version (14..23)."),
     revision: str = typer.Option(None, help="Hub revision (branch, tag or commit) when MODEL is a hub id."),
     device: str = typer.Option("cpu", help="Where validation runs: cpu or cuda."),
     no_validate: bool = typer.Option(False, "--no-validate", help="Skip the logit comparison with PyTorch."),
@@ -63,9 +68,7 @@ def onnx_export(
 
     Weights are streamed from the safetensors files into one model.onnx.data, never all in memory.
     """
-    from mexport import console
     from mexport.export import export_onnx
-    from mexport.fsutil import format_bytes
 
     result = export_onnx(
         model, output, dtype=dtype, opset=opset, revision=revision, device=device, validate=not no_validate,
@@ -92,7 +95,6 @@ def generate(
     as_json: bool = json_option(),
 ) -> None:
     """Greedy continuation of a prompt with ONNX Runtime and the KV cache, with tokens per second."""
-    from mexport import console
     from mexport.export import generate_text
 
     result = generate_text(model_dir, prompt, max_new_tokens, device=device)

@@ -22,17 +22,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from mexport.lazy import require
+from mexport.quant_schemes import SCHEMES
 
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 QDQ_SCALE_TYPES = ("float32", "float16")
 # opset from which the CUDA provider registers Q/DQ for a quantized element type
-QDQ_MIN_OPSET = {"int8": 10, "uint8": 10, "float8e4m3fn": 19, "float8e5m2": 19, "int4": 21, "uint4": 21}
-BLOCKED_TYPES = ("int4", "uint4")
+QDQ_MIN_OPSET = {scheme.element_type: scheme.ort_cuda_min_opset for scheme in SCHEMES.values()}
+BLOCKED_TYPES = tuple(scheme.element_type for scheme in SCHEMES.values() if scheme.ort_cuda_blocked)
 NO_BF16_OPS = frozenset({
     "Ceil", "Clip", "Cos", "CumSum", "Equal", "Floor", "Greater", "GreaterOrEqual", "Less", "LessOrEqual", "Log",
     "Pad", "Range", "Reciprocal", "ReduceMax", "ReduceMean", "ReduceMin", "Round", "Sin", "TopK",
 })
-RECIPE_WEIGHT_TYPES = {"fp8": "float8e4m3fn", "int8": "int8", "int4": "int4"}
 
 
 @dataclass(frozen=True)
@@ -95,24 +95,3 @@ def cuda_unsupported_nodes(model: Any) -> list[UnsupportedNode]:
         if reason:
             found.append(UnsupportedNode(node.name or node.output[0], node.op_type, reason))
     return found
-
-
-def cuda_recipe_support(recipe_name: str, dtype: str) -> str | None:
-    """Why ONNX Runtime's CUDA provider cannot run ``recipe_name`` quantized over a ``dtype`` export on the GPU
-    (None: it can; blocked int4 needs a release whose CUDA DequantizeLinear implements ``block_size``)."""
-    from mexport.formats import EXPORT_DTYPES
-    from mexport.optimize.quantize.recipes import get_recipe
-
-    recipe = get_recipe(recipe_name)
-    return qdq_gap(
-        "DequantizeLinear", RECIPE_WEIGHT_TYPES[recipe.weights], EXPORT_DTYPES[dtype], recipe.opset_for(dtype),
-        recipe.blocked,
-    )
-
-
-def cuda_supported_recipes(dtype: str) -> dict[str, str | None]:
-    """For ``doctor`` and engine plans: every recipe over a ``dtype`` export -> None (CUDA provider runs it) or why
-    not (use its TensorRT engine, or ``--backend-device cpu``)."""
-    from mexport.optimize.quantize.recipes import RECIPES
-
-    return {name: cuda_recipe_support(name, dtype) for name in RECIPES}

@@ -25,12 +25,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from mexport import console
-from mexport.errors import MexportError
+from mexport.errors import IntegrityError, MexportError
 from mexport.formats import ENGINE_FILE, LOGITS_INDICES, PAST_PREFIX, PRESENT_PREFIX
 from mexport.lazy import require
 from mexport.manifest import read_manifest
-from mexport.optimize.engine.precision import require_tensorrt, version_tuple
-from mexport.optimize.engine.profiles import BATCH, LOGITS, PAST, SEQUENCE, EngineLimits, resolve_shape
 from mexport.runtime.base import (
     DecoderRuntime,
     DecoderSpec,
@@ -40,6 +38,17 @@ from mexport.runtime.base import (
     kept_logits,
     position_ids_from_mask,
 )
+from mexport.trt_common import (
+    AMPERE,
+    BATCH,
+    LOGITS,
+    PAST,
+    SEQUENCE,
+    EngineLimits,
+    require_tensorrt,
+    resolve_shape,
+    version_tuple,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -47,7 +56,6 @@ if TYPE_CHECKING:
     import tensorrt as trt
     import torch
 
-AMPERE = (8, 0)
 EMPTY_BINDING_BYTES = 256  # an aligned address to bind zero-sized inputs to (torch gives them none)
 
 
@@ -256,7 +264,7 @@ class TrtDecoder(DecoderRuntime):
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         engine_inputs = sorted(name for name in names if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT)
         if engine_inputs != sorted(self.input_shapes):
-            raise MexportError(f"{self.engine_path}: engine inputs {engine_inputs} do not match the manifest's io")
+            raise IntegrityError(f"{self.engine_path}: engine inputs {engine_inputs} do not match the manifest's io")
         profiles = [
             EngineProfile(index, {name: self._profile_bounds(engine, name, index) for name in self.input_shapes})
             for index in range(engine.num_optimization_profiles)

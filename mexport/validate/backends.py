@@ -14,12 +14,15 @@ import re
 from pathlib import Path
 from typing import Any
 
+from mexport import hub
 from mexport.checkpoint import load_tokenizer
 from mexport.errors import MexportError
 from mexport.hardware import probe
 from mexport.lazy import require
 from mexport.manifest import MANIFEST_NAME, read_manifest
 from mexport.runtime.base import DecoderRuntime
+from mexport.runtime.ort import OrtDecoder
+from mexport.runtime.torch_runtime import TorchDecoder
 
 KINDS = ("torch", "ort", "trt")
 DEVICES_BY_KIND = {"torch": ("cpu", "cuda"), "ort": ("cpu", "cuda", "tensorrt"), "trt": ("cpu", "cuda")}
@@ -60,15 +63,7 @@ def _local_checkpoint(path: Path | str) -> Path:
         return location
     if not HUB_ID.match(str(path)):
         raise MexportError(f"{path}: no such checkpoint directory (and not a hub id like org/name)")
-    hub = require("huggingface_hub", f"fetching {path} from the Hugging Face hub")
-    try:
-        return Path(hub.snapshot_download(str(path), allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
-    except Exception as exc:  # offline, gated, missing repo: all mean "not available here"
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise MexportError(
-            f"could not get checkpoint {path} from the Hugging Face hub: {reason}",
-            hint="download it first (huggingface-cli download) and pass the local directory",
-        ) from exc
+    return hub.snapshot(str(path), ["*.json", "*.safetensors", "*.model", "*.txt"])
 
 
 def _ort_runtime(path: Path, device: str) -> DecoderRuntime:
@@ -81,7 +76,6 @@ def _ort_runtime(path: Path, device: str) -> DecoderRuntime:
                 f"ONNX Runtime here has no {provider} (available: {', '.join(available)})",
                 hint="install onnxruntime-gpu on a CUDA host (uninstall the CPU onnxruntime first)",
             )
-    from mexport.runtime.ort import OrtDecoder
 
     return OrtDecoder(path, device=device)
 
@@ -102,7 +96,6 @@ def _torch_runtime(path: Path, device: str) -> DecoderRuntime:
         torch = require("torch", "running the PyTorch reference")
         if not torch.cuda.is_available():
             raise BackendUnavailable("PyTorch sees no CUDA GPU", hint="use device cpu, or a CUDA build of torch")
-    from mexport.runtime.torch_runtime import TorchDecoder
 
     return TorchDecoder(path, device=device)
 

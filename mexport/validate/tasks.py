@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mexport.errors import MexportError
+from mexport.errors import MexportError, first_line
 from mexport.lazy import is_available, require
 from mexport.manifest import sha256_file
 from mexport.validate.items import TARGET_DELIMITER, MCQItem, TaskData, sample_indices, text_problem
@@ -409,7 +409,7 @@ def _read_rows(path: Path) -> Rows:
         try:
             rows = list(parquet.read_table(path).to_pylist())
         except Exception as exc:  # pyarrow raises ArrowInvalid / OSError subclasses for corrupt files
-            raise _bad_file(path, f"not a readable parquet file ({str(exc).strip().splitlines()[0]})") from exc
+            raise _bad_file(path, f"not a readable parquet file ({first_line(exc)})") from exc
         return Rows(str(path), rows, [f"row {number}" for number in range(1, len(rows) + 1)])
     if suffix not in DATA_SUFFIXES:
         raise MexportError(
@@ -447,7 +447,7 @@ def _read_hub_rows(spec: TaskSpec) -> Rows:
     try:
         dataset = datasets.load_dataset(spec.hub_id, spec.hub_config, split=spec.hub_split)
     except Exception as exc:  # network, auth, missing-config errors all mean "not available here"
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         raise MexportError(
             f"could not load {spec.name} from the Hugging Face hub ({_hub_source(spec)}): {reason}",
             hint=(

@@ -11,9 +11,7 @@ import math
 
 from mexport.errors import MexportError
 from mexport.hardware import MIB, GpuInfo
-
-GB = 1_000_000_000  # --gpu-memory / --workspace are decimal GB, like the sizes mexport prints
-
+from mexport.trt_common import GB
 
 # total memory as nvidia-smi reports it on each card (what a process can see, before the CUDA context)
 GPU_TARGETS: dict[str, GpuInfo] = {
@@ -25,23 +23,6 @@ GPU_TARGETS: dict[str, GpuInfo] = {
     "l4-24gb": GpuInfo("NVIDIA L4 24GB", 23034 * MIB, (8, 9)),
     "a10g-24gb": GpuInfo("NVIDIA A10G 24GB", 23028 * MIB, (8, 6)),
 }
-
-ARCHITECTURES: tuple[tuple[tuple[int, int], str], ...] = (
-    ((10, 0), "Blackwell"),
-    ((9, 0), "Hopper"),
-    ((8, 9), "Ada"),
-    ((8, 0), "Ampere"),
-    ((7, 5), "Turing"),
-)
-
-
-def architecture_name(capability: tuple[int, int]) -> str:
-    """The newest architecture whose first compute capability is at most ``capability``."""
-    for first, name in ARCHITECTURES:
-        if capability >= first:
-            return name
-    return "pre-Turing"
-
 
 def gpu_budget(target: str | None, gpu_memory_gb: float | None) -> GpuInfo | None:
     """The GPU a plan is checked against: a named target, a bare memory size, or None (not checked)."""

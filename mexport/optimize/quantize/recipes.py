@@ -9,9 +9,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mexport.errors import MexportError
+from mexport.formats import EXPORT_DTYPES
+from mexport.quant_schemes import SCHEMES
+from mexport.runtime.cuda_kernels import qdq_gap
 
 DEFAULT_SMOOTHQUANT_ALPHA = 0.5
 DEFAULT_BLOCK_SIZE = 128
+# int4-wo's weight search (mexport.optimize.quantize.weight_search.INT4_METHODS; "rtn" needs no calibration)
+DEFAULT_INT4_METHOD = "auto"
 # QuantizeLinear / DequantizeLinear take bf16 and fp16 scales and inputs from opset 19 (13 is float32 only)
 LOW_PRECISION_QDQ_OPSET = 19
 
@@ -37,14 +42,15 @@ class Recipe:
 
     @property
     def weight_bits(self) -> int:
-        return 4 if self.weights == "int4" else 8
+        return SCHEMES[self.weights].bits
 
     def opset_for(self, dtype: str) -> int:
         """The lowest opset whose Q/DQ ops this recipe's graph uses, for an export of ``dtype``."""
         return self.min_opset if dtype == "fp32" else max(self.min_opset, LOW_PRECISION_QDQ_OPSET)
 
-    def needs_calibration(self, awq: bool = False) -> bool:
-        return not self.weight_only or (awq and self.blocked)
+    def needs_calibration(self, method: str = DEFAULT_INT4_METHOD) -> bool:
+        """Activation statistics for W8A8; int4-wo's weight search unless ``method`` is round-to-nearest."""
+        return not self.weight_only or (self.blocked and method != "rtn")
 
 
 RECIPES: dict[str, Recipe] = {
@@ -91,14 +97,15 @@ RECIPES: dict[str, Recipe] = {
         Recipe(
             name="int4-wo",
             summary="INT4 weight-only, block-wise along the input dimension (opset-21 blocked DequantizeLinear), "
-            "optional AWQ scale search",
+            "per-layer choice of clipped scales, GPTQ and AWQ by calibrated output error",
             weights="int4",
             activations=None,
             blocked=True,
             smoothquant=False,
             min_opset=21,
             gpus="Ampere and newer (>= 8.0); TensorRT >= 10.15 for the opset-21 graph",
-            accuracy="largest of the four (15 levels per block); smaller blocks and AWQ recover part of it",
+            accuracy="largest of the four (16 levels per block); the calibrated search and smaller blocks recover "
+            "most of it",
             min_capability=(8, 0),
         ),
     )
@@ -113,3 +120,19 @@ def get_recipe(name: str) -> Recipe:
             "Ampere+ GPU",
         )
     return RECIPES[name]
+
+
+def cuda_recipe_support(recipe_name: str, dtype: str) -> str | None:
+    """Why ONNX Runtime's CUDA provider cannot run ``recipe_name`` quantized over a ``dtype`` export on the GPU
+    (None: it can; blocked int4 needs a release whose CUDA DequantizeLinear implements ``block_size``)."""
+    recipe = get_recipe(recipe_name)
+    return qdq_gap(
+        "DequantizeLinear", SCHEMES[recipe.weights].element_type, EXPORT_DTYPES[dtype], recipe.opset_for(dtype),
+        recipe.blocked,
+    )
+
+
+def cuda_supported_recipes(dtype: str) -> dict[str, str | None]:
+    """For ``doctor`` and engine plans: every recipe over a ``dtype`` export -> None (CUDA provider runs it) or why
+    not (use its TensorRT engine, or ``--backend-device cpu``)."""
+    return {name: cuda_recipe_support(name, dtype) for name in RECIPES}
