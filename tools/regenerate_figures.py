@@ -49,7 +49,7 @@ QUANTIZE_ROWS = [
         ("int8-wo", {}, "int8-wo"),
         ("int4-wo", {}, "int4-wo (default block)"),
         ("int4-wo", {"block_size": 32}, "int4-wo `--block-size 32`"),
-        ("int4-wo", {"block_size": 32, "awq": True}, "int4-wo `--block-size 32 --awq`"),
+        ("int4-wo", {"block_size": 32, "method": "awq"}, "int4-wo `--block-size 32 --method awq`"),
     )
 ]
 TIMING_KEYS = ("timings",)  # measured, machine-dependent: recorded and quoted, never compared
@@ -126,13 +126,13 @@ def run_quantize_table(work: Path) -> list[dict[str, Any]]:
     for dtype in ("fp32", "bf16"):
         exports[dtype] = work / f"export-{dtype}"
         export_onnx(checkpoint, exports[dtype], dtype=dtype)
-    baseline = {dtype: prompt_logits(path, prompts, f"{dtype} export") for dtype, path in exports.items()}
+    baseline = {dtype: prompt_logits(path, prompts, f"{dtype} export")[0] for dtype, path in exports.items()}
     rows = []
     for index, (dtype, recipe, options, label) in enumerate(QUANTIZE_ROWS):
         result = quantize(exports[dtype], work / f"q{index}", recipe, calib_size=64, **options)
         report = result.manifest["report"]
         check = report["numeric_check"]
-        random = compare_logits(baseline[dtype], prompt_logits(work / f"q{index}", prompts, label))
+        random = compare_logits(baseline[dtype], prompt_logits(work / f"q{index}", prompts, label)[0])
         rows.append({
             "export": dtype,
             "recipe": label,
