@@ -213,7 +213,7 @@ def test_cpu_validation_that_cannot_fit_in_ram_is_refused_before_work(
 def test_tolerance_follows_what_is_computed(dtype: str, compute: str, hidden_size: int, expected: str) -> None:
     from mexport.export.verify import ROUNDED_SCALE_TOLERANCE, TOLERANCES, tolerance_for
 
-    tolerance = tolerance_for(dtype, compute, hidden_size)
+    tolerance = tolerance_for(dtype, compute, {"model_type": "gemma2", "hidden_size": hidden_size})
     assert tolerance == (ROUNDED_SCALE_TOLERANCE if expected == "rounded" else TOLERANCES[expected])
 
 

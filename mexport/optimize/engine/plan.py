@@ -29,6 +29,7 @@ from mexport.errors import MexportError
 from mexport.formats import GRAPH_FILE
 from mexport.fsutil import format_bytes
 from mexport.manifest import read_manifest, verify_files
+from mexport.models import family_of
 from mexport.optimize.engine.compat import require_compatible
 from mexport.optimize.engine.gpus import GB, GpuInfo, gpu_budget
 from mexport.optimize.engine.precision import (
@@ -245,11 +246,14 @@ def estimate_weights(manifest: dict[str, Any], mode: BuildMode) -> tuple[int, st
     if onnx_bytes:
         return onnx_bytes, f"quantized ONNX files ({mode.recipe})"
     recipe = RECIPES[mode.recipe]
-    embedding = int(config["vocab_size"]) * int(config["hidden_size"])
+    # the embedding and an untied LM head stay in the float dtype (quantize leaves the LM head unless asked)
+    tables = 1 if config.get("tie_word_embeddings", True) else 2
+    embedding = tables * int(config["vocab_size"]) * int(config["hidden_size"])
     gemm_bytes = (params - embedding) * recipe.weight_bits // 8
     embedding_bytes = embedding * BYTES_PER_ELEMENT[mode.precision]
+    what = "embedding" if tables == 1 else "embedding and LM head"
     return gemm_bytes + embedding_bytes, (
-        f"{params - embedding:,} GEMM parameters x {recipe.weight_bits} bits + {embedding:,} embedding x "
+        f"{params - embedding:,} GEMM parameters x {recipe.weight_bits} bits + {embedding:,} {what} x "
         f"{mode.precision} (scales not counted)"
     )
 
@@ -283,8 +287,7 @@ def estimate_memory(
 ) -> MemoryEstimate:
     config = manifest["model_config"]
     kv_bytes = BYTES_PER_ELEMENT[_io_dtype(manifest, "inputs", "past_key_values.")]
-    per_token = 2 * int(config["num_hidden_layers"]) * int(config["num_key_value_heads"]) * int(config["head_dim"])
-    per_token *= kv_bytes
+    per_token = family_of(config).kv_bytes_per_token(config, kv_bytes)
     weights, source = estimate_weights(manifest, mode)
     return MemoryEstimate(
         weights_bytes=weights,

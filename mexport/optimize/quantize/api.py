@@ -27,6 +27,7 @@ from mexport.manifest import (
     verified_input,
     write_manifest,
 )
+from mexport.models import family_of
 from mexport.optimize.quantize.calibration import (
     MAX_CALIBRATION_TOKENS,
     ActivationStats,
@@ -299,7 +300,10 @@ def quantize(
         raise MexportError(f"{output}: the output must be a different directory from the export")
     check_output_dir(output, overwrite)
 
-    graph = ModelGraph(model_dir, weights_map(parent), parent["model_config"].get("vocab_size"))
+    graph = ModelGraph(
+        model_dir, weights_map(parent), parent["model_config"].get("vocab_size"),
+        family_of(parent["model_config"]).norm_form,
+    )
     layers, excluded = select_layers(graph.linears(), exclude, include_lm_head)
     if not layers:
         raise MexportError("nothing to quantize: every linear layer is excluded")
