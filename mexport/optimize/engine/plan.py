@@ -31,7 +31,7 @@ from mexport.fsutil import format_bytes
 from mexport.manifest import read_manifest, verify_files
 from mexport.models import family_of
 from mexport.optimize.engine.compat import require_compatible
-from mexport.optimize.engine.gpus import GB, GpuInfo, gpu_budget
+from mexport.optimize.engine.gpus import GB, GPU_TARGETS, GpuInfo, gpu_budget
 from mexport.optimize.engine.precision import (
     BYTES_PER_ELEMENT,
     RECIPES,
@@ -179,6 +179,22 @@ class EnginePlan:
     def fits(self) -> bool | None:
         return None if self.gpu is None else self.memory.total_bytes <= self.gpu.memory_bytes
 
+    def runs_on(self, gpu: GpuInfo) -> str | None:
+        """Why this engine cannot run on ``gpu`` (its memory, or a compute capability below the build mode's);
+        None when it fits."""
+        capability = gpu.compute_capability
+        if capability is not None and capability < self.mode.min_capability:
+            need = self.mode.min_capability
+            return f"needs compute capability >= {need[0]}.{need[1]}"
+        if self.memory.total_bytes > gpu.memory_bytes:
+            return f"needs {format_bytes(self.memory.total_bytes)}"
+        return None
+
+    @property
+    def fits_per_gpu(self) -> dict[str, str | None]:
+        """Each named GPU target (``--target``) and why the engine does not fit it (None: it fits)."""
+        return {name: self.runs_on(gpu) for name, gpu in GPU_TARGETS.items()}
+
     def to_dict(self) -> dict[str, Any]:
         gpu = None
         if self.gpu is not None:
@@ -203,6 +219,7 @@ class EnginePlan:
             "engine_bytes_estimate": self.memory.weights_bytes,
             "gpu": gpu,
             "fits": self.fits,
+            "fits_per_gpu": self.fits_per_gpu,
             "warnings": list(self.warnings),
         }
 

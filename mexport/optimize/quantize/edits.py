@@ -66,9 +66,9 @@ def _norm_form(graph: ModelGraph, gamma: str) -> str | None:
     if producer.op_type == "Add":
         for index in (0, 1):
             one = graph.constant_value(producer.input[index])
-            if one is not None and one.size == 1 and float(one.reshape(())) == 1.0:
-                if _norm_form(graph, producer.input[1 - index]) == NORM_WEIGHT:
-                    return NORM_ONE_PLUS_WEIGHT
+            is_one = one is not None and one.size == 1 and float(one.reshape(())) == 1.0
+            if is_one and _norm_form(graph, producer.input[1 - index]) == NORM_WEIGHT:
+                return NORM_ONE_PLUS_WEIGHT
     return None
 
 
