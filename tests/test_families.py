@@ -142,7 +142,7 @@ def test_every_recipe_quantizes_and_plans(family: str, quantized: dict[str, Any]
         smoothing = {entry.get("smoothing") for entry in result.manifest["quantized"].values()}
         if name in ("int8-sq", "int4-wo-awq"):
             assert "norm-fold" in smoothing, (name, smoothing)
-        plan = plan_engine(result.path, settings)
+        plan = plan_engine(result.output, settings)
         assert plan.fits and plan.compatibility["checked"], name
     plan = plan_engine(other_export.path, settings)
     assert plan.fits and plan.compatibility["checked"]
@@ -244,8 +244,107 @@ def test_validate_scores_the_export_and_a_quantized_model(
     from mexport.validate import validate
 
     report = validate(
-        other_checkpoint, [other_export.path, quantized["int4-wo"].path], ["mexport_afrimedqa_sample"],
+        other_checkpoint, [other_export.path, quantized["int4-wo"].output], ["mexport_afrimedqa_sample"],
         output=tmp_path / "report", include_path=TASK_DIR, limit=8, margin=50.0,
     )
     assert len(report.results) == 2 and report.tasks[0].n_items == 8
     assert report.results[0].verdict.status in ("pass", "inconclusive")  # the export, in candidate order
+
+
+@pytest.mark.parametrize("name", ["tiny-llama3", "tiny-qwen2"])
+def test_fixtures_carry_their_family_features(name: str, tmp_path: Path) -> None:
+    import transformers
+    from safetensors import safe_open
+
+    from mexport.fixtures import write_fixture
+
+    path = write_fixture(name, tmp_path / name)
+    config = transformers.AutoConfig.from_pretrained(path)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    ids = tokenizer.encode("Which nerve supplies the deltoid?")
+    with safe_open(str(path / "model.safetensors"), "pt") as weights:
+        names = set(weights.keys())
+        biases = [weights.get_tensor(n) for n in names if n.endswith("q_proj.bias")]
+    assert config.num_key_value_heads < config.num_attention_heads  # GQA
+    if name == "tiny-llama3":
+        assert config.rope_scaling["rope_type"] == "llama3" and config.rope_theta == 500000.0
+        assert not config.tie_word_embeddings and "lm_head.weight" in names
+        assert ids[0] == tokenizer.bos_token_id and tokenizer.bos_token == "<|begin_of_text|>"
+    else:
+        assert config.rope_theta == 1e6 and config.tie_word_embeddings and "lm_head.weight" not in names
+        assert biases and all(float(bias.abs().max()) > 0 for bias in biases)
+        assert tokenizer.bos_token_id is None and ids == tokenizer.encode("Which nerve supplies the deltoid?", add_special_tokens=False)
+    assert write_fixture(name, tmp_path / "again", seed=0) and (tmp_path / "again" / "model.safetensors").read_bytes() == (
+        path / "model.safetensors"
+    ).read_bytes()  # same seed, same bytes
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["tiny-llama3", "tiny-qwen2"])
+def test_pipeline_runs_every_stage_on_the_family_fixture(name: str, tmp_path: Path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from mexport.cli import app
+
+    out = tmp_path / "run"
+    result = CliRunner().invoke(
+        app,
+        ["pipeline", "--model", f"fixture:{name}", "-o", str(out), "--dtype", "bf16", "--recipe", "int8-sq",
+         "--recipe", "int4-wo", "--max-batch", "4", "--max-input-len", "256", "--max-context", "512",
+         "--tasks", "medmcqa", "--data", "medmcqa=sample", "--limit", "8", "--margin", "50",
+         "--margin-for", "int8-sq=50", "--margin-for", "int4-wo=50", "--agreement-floor", "0", "--json"],
+    )
+    assert result.exit_code in (0, 4), result.output  # random weights: pass or inconclusive, never a failure
+    payload = json.loads(result.stdout)
+    statuses = {step["name"]: step["status"] for step in payload["steps"]}
+    assert statuses["export"] == "done" and statuses["quantize:int8-sq"] == statuses["quantize:int4-wo"] == "done"
+    assert statuses["engine-plan:onnx-bf16"] == "done" and statuses["validate"] == "done"
+    model_type = json.loads((out / "onnx-bf16" / "mexport.json").read_text())["model_config"]["model_type"]
+    assert model_type == {"tiny-llama3": "llama", "tiny-qwen2": "qwen2"}[name]
+
+
+@pytest.mark.parametrize(
+    ("example", "model"),
+    [("pipeline-meditron3-8b.toml", "OpenMeditron/Meditron3-8B"),
+     ("pipeline-meditron3-qwen2.5-7b.toml", "OpenMeditron/Meditron3-Qwen2.5-7B")],
+)
+def test_suite_example_configs_parse(example: str, model: str) -> None:
+    from mexport.pipeline import load_config
+
+    config = load_config(Path(__file__).resolve().parents[1] / "examples" / example)
+    assert config.model == model and config.engine == "build" and config.dtype == "bf16"
+
+
+@pytest.mark.parametrize(("model_type", "refused"), [("gemma2", True), ("llama", True), ("qwen2", False)])
+def test_bos_refusal_follows_the_family(model_type: str, refused: bool) -> None:
+    from types import SimpleNamespace
+
+    from mexport.errors import MexportError
+    from mexport.runtime.base import DecoderSpec
+    from mexport.validate.scoring import _check_bos
+
+    config = {"model_type": model_type, "num_hidden_layers": 1, "num_key_value_heads": 1, "hidden_size": 8,
+              "num_attention_heads": 2, "vocab_size": 16}
+    runtime = SimpleNamespace(spec=DecoderSpec.from_model_config(config))
+    assert runtime.spec.head_dim == 4
+    tokenizer = SimpleNamespace(bos_token_id=2)
+    _check_bos(runtime, tokenizer, [2, 5, 6])
+    if refused:
+        with pytest.raises(MexportError, match="BOS"):
+            _check_bos(runtime, tokenizer, [5, 6])
+    else:
+        _check_bos(runtime, tokenizer, [5, 6])  # Qwen2: scored as encoded, as lm-eval does
+
+
+def test_every_family_is_registered_once_and_unknown_types_are_refused() -> None:
+    from mexport.errors import MexportError
+    from mexport.models import FAMILIES, supported_model_types
+
+    assert supported_model_types() == ("gemma2", "llama", "qwen2")
+    assert {family.name: family.norm_form for family in FAMILIES.values()} == {
+        "gemma2": "(1 + w)", "llama": "w", "qwen2": "w"
+    }
+    with pytest.raises(MexportError, match="unsupported architecture 'mistral'"):
+        family_for("mistral")

@@ -26,7 +26,9 @@ from typing import Any
 
 from mexport import __version__, console
 from mexport.errors import MexportError
+from mexport.fixtures import common as fixture_common
 from mexport.fixtures import tiny_gemma2
+from mexport.models import gemma2 as gemma2_family
 from mexport.fsutil import output_lock, staged_output_dir
 from mexport.lazy import require
 from mexport.manifest import package_versions
@@ -57,7 +59,7 @@ def _cache_key(tasks: Sequence[str], seed: int, steps: int) -> str:
     inputs = [path for task in tasks for path in (TASKS[task].sample_path, TASKS[task].demo_path)]
     # this module, the base fixture, and the prompt / tokenisation code that decides what the model is trained on
     inputs += [Path(__file__), tiny_gemma2.CORPUS_PATH]
-    inputs += [Path(module.__file__ or "") for module in (tiny_gemma2, tasks_module, scoring)]
+    inputs += [Path(module.__file__ or "") for module in (tiny_gemma2, fixture_common, gemma2_family, tasks_module, scoring)]
     for path in inputs:
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     versions = package_versions(("torch", "transformers", "tokenizers"))
