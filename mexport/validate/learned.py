@@ -28,10 +28,10 @@ from mexport import __version__, console
 from mexport.errors import MexportError
 from mexport.fixtures import common as fixture_common
 from mexport.fixtures import tiny_gemma2
-from mexport.models import gemma2 as gemma2_family
 from mexport.fsutil import output_lock, staged_output_dir
 from mexport.lazy import require
 from mexport.manifest import package_versions
+from mexport.models import gemma2 as gemma2_family
 from mexport.validate import scoring
 from mexport.validate import tasks as tasks_module
 from mexport.validate.scoring import encode_pair, score_items
