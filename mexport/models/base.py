@@ -133,6 +133,18 @@ class ModelFamily:
         return float(torch.tensor(scale, dtype=getattr(torch, dtype_name))) != scale
 
 
+def optimum_onnx_config(class_name: str) -> Callable[[], type]:
+    """A loader of Optimum's ONNX export config ``class_name`` (imported when called: Optimum is heavy)."""
+
+    def load() -> type:
+        from mexport.lazy import require
+
+        model_configs = require("optimum.exporters.onnx.model_configs", "the ONNX export configuration")
+        return getattr(model_configs, class_name)
+
+    return load
+
+
 FAMILIES: dict[str, ModelFamily] = {}  # model_type -> family
 
 

@@ -12,22 +12,13 @@
 
 from __future__ import annotations
 
-from mexport.lazy import require
-from mexport.models.base import NORM_WEIGHT, ModelFamily, SpecialTokens, register
-
-
-def _onnx_config() -> type:
-    require("optimum.exporters.onnx", "the ONNX export configuration")
-    from optimum.exporters.onnx.model_configs import LlamaOnnxConfig
-
-    return LlamaOnnxConfig
-
+from mexport.models.base import NORM_WEIGHT, ModelFamily, SpecialTokens, optimum_onnx_config, register
 
 LLAMA = register(
     ModelFamily(
         name="llama",
         model_types=("llama",),
-        onnx_config=_onnx_config,
+        onnx_config=optimum_onnx_config("LlamaOnnxConfig"),
         norm_form=NORM_WEIGHT,
         scales_embeddings=False,
         special_tokens=SpecialTokens(

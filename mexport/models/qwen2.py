@@ -13,22 +13,13 @@
 
 from __future__ import annotations
 
-from mexport.lazy import require
-from mexport.models.base import NORM_WEIGHT, ModelFamily, SpecialTokens, register
-
-
-def _onnx_config() -> type:
-    require("optimum.exporters.onnx", "the ONNX export configuration")
-    from optimum.exporters.onnx.model_configs import Qwen2OnnxConfig
-
-    return Qwen2OnnxConfig
-
+from mexport.models.base import NORM_WEIGHT, ModelFamily, SpecialTokens, optimum_onnx_config, register
 
 QWEN2 = register(
     ModelFamily(
         name="qwen2",
         model_types=("qwen2",),
-        onnx_config=_onnx_config,
+        onnx_config=optimum_onnx_config("Qwen2OnnxConfig"),
         norm_form=NORM_WEIGHT,
         scales_embeddings=False,
         special_tokens=SpecialTokens(
