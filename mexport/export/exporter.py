@@ -1,4 +1,5 @@
-"""``export_onnx``: a Gemma2 checkpoint to a self-contained ONNX model directory, without loading its weights.
+"""``export_onnx``: a checkpoint of a supported family (mexport.models) to a self-contained ONNX model directory,
+without loading its weights.
 
 Phases: trace a weightless graph (:mod:`mexport.export.graph`), stream the checkpoint's tensors into one
 external-data file (:mod:`mexport.export.weights`), copy config and tokenizer, write ``mexport.json``, then
@@ -42,7 +43,7 @@ from mexport.lazy import require
 from mexport.manifest import new_manifest, sha256_file, write_manifest
 
 DEVICES = ("cpu", "cuda")
-MIN_OPSET = 14  # Optimum's Gemma2 configuration and the attention ops need at least this
+MIN_OPSET = 14  # Optimum's decoder configurations and the attention ops need at least this
 FREE_SPACE_MARGIN = 1.02
 
 
