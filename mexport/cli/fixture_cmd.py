@@ -11,7 +11,7 @@ from mexport.cli import app, emit_json, json_option
 
 @app.command("fixture")
 def fixture(
-    name: str = typer.Argument(..., help="Fixture to write: tiny-gemma2 (4 layers, hidden 64), wide-gemma2 (vocab 32000, hidden 512), window-gemma2 (2 layers, sliding window 4096) learned-gemma2 (tiny, fine-tuned on the MCQ samples), tiny-llama3 (GQA, llama3 rope scaling, untied head) or tiny-qwen2 (GQA, q/k/v bias, tied, no BOS)."),
+    name: str = typer.Argument(..., help="Fixture to write: tiny-gemma2 (4 layers, hidden 64), wide-gemma2 (vocab 32000, hidden 512), window-gemma2 (2 layers, sliding window 4096), learned-gemma2 (tiny, fine-tuned on the MCQ samples), tiny-llama3 (GQA, llama3 rope scaling, untied head) or tiny-qwen2 (GQA, q/k/v bias, tied, no BOS)."),
     out_dir: Path = typer.Argument(..., help="Directory to write the checkpoint and tokenizer to."),
     seed: int = typer.Option(0, help="Weight seed (same seed, same bytes)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUT_DIR."),
