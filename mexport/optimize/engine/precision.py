@@ -153,7 +153,7 @@ def _fp16_warnings(precision: str) -> tuple[str, ...]:
         return ()
     return (
         (
-            "fp16 can overflow on LLM activations (Gemma2's residual stream and pre-softcap logits exceed 65504); "
+            "fp16 overflows on Gemma2 activations (the residual stream and pre-softcap logits exceed 65504); "
             "expect inf/NaN logits. bf16 keeps fp32's range: use --precision bf16"
         ),
     )
