@@ -37,8 +37,8 @@ def traced_manifest_dir(
 ) -> Path:
     """A directory holding the manifest a bf16 export of ``config``'s model would write (its io and model_config
     from the real weightless trace)."""
-    from mexport.export.graph import io_signature, trace_graph
-    from mexport.manifest import new_manifest, write_manifest
+    from mexport.export.graph import trace_graph
+    from mexport.manifest import io_signature, new_manifest, write_manifest
 
     label = label or ("full" if full_logits else "lean")
     checkpoint = workdir / f"{label}-checkpoint"
