@@ -18,8 +18,8 @@ from typing import Any
 from mexport import hub
 from mexport.errors import MexportError, first_line
 from mexport.lazy import require
+from mexport.models import supported_model_types
 
-SUPPORTED_MODEL_TYPES = ("gemma2",)
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 # copied beside the ONNX graph so an export directory is self-contained (tokenizer and generation defaults)
@@ -165,9 +165,9 @@ def read_config(directory: Path) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         raise MexportError(f"{path}: malformed JSON ({exc})") from exc
     model_type = config.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
+    if model_type not in supported_model_types():
         raise MexportError(
-            f"{directory}: unsupported architecture {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            f"{directory}: unsupported architecture {model_type!r}; supported: {', '.join(supported_model_types())}"
         )
     return config
 

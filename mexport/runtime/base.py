@@ -22,6 +22,8 @@ from typing import Any, Self, TypeVar
 
 import numpy as np
 
+from mexport.models import family_of
+
 T = TypeVar("T")
 
 PastKV = Any  # backend-specific KV cache; None means "no past" (prefill)
@@ -37,17 +39,22 @@ class DecoderSpec:
     vocab_size: int
     sliding_window: int | None = None
     max_context: int | None = None  # max_position_embeddings: the longest past + new tokens the model was made for
+    # prompts are scored with the tokenizer's BOS first, as lm-eval does for this family (see models.SpecialTokens)
+    scores_with_bos: bool = True
 
     @classmethod
     def from_model_config(cls, config: dict[str, Any]) -> DecoderSpec:
-        """From a manifest's ``model_config`` or an HF ``config.json`` (they share these key names)."""
+        """From a manifest's ``model_config`` or an HF ``config.json`` (they share these key names), with the
+        facts its model family derives (head size, window, BOS policy)."""
+        family = family_of(config)
         return cls(
             num_layers=int(config["num_hidden_layers"]),
             num_kv_heads=int(config["num_key_value_heads"]),
-            head_dim=int(config["head_dim"]),
+            head_dim=family.head_dim(config),
             vocab_size=int(config["vocab_size"]),
-            sliding_window=config.get("sliding_window"),
+            sliding_window=family.sliding_window(config),
             max_context=int(config["max_position_embeddings"]) if config.get("max_position_embeddings") else None,
+            scores_with_bos=family.adds_bos,
         )
 
 
