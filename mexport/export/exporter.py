@@ -20,6 +20,7 @@ from mexport.checkpoint import (
     TensorLocation,
     copy_side_files,
     has_tokenizer,
+    incomplete_checkpoint,
     resolve_checkpoint,
     side_files_bytes,
 )
@@ -31,7 +32,6 @@ from mexport.export.graph import (
     assign_offsets,
     attach_initializers,
     externalize_parameters,
-    io_signature,
     trace_graph,
 )
 from mexport.export.verify import check_validation_memory, fp16_overflow_probe, validate_export
@@ -40,6 +40,7 @@ from mexport.formats import DATA_FILE, EXPORT_DTYPES, GRAPH_FILE, LARGE_ALIGNMEN
 from mexport.fsutil import check_free_space, check_output_dir, locks_output, staged_output_dir
 from mexport.lazy import require
 from mexport.manifest import new_manifest, sha256_file, write_manifest
+from mexport.runtime.onnx_graph import io_signature
 
 DEVICES = ("cpu", "cuda")
 MIN_OPSET = 14  # Optimum's Gemma2 configuration and the attention ops need at least this
@@ -84,7 +85,7 @@ def _checkpoint_tensor(checkpoint: Checkpoint, name: str, shape: tuple[int, ...]
                     f"{location.file}: tensor {alias} has shape {list(location.shape)}, config.json implies {list(shape)}"
                 )
             return location
-    raise MexportError(f"{checkpoint.path}: checkpoint has no tensor {name} (incomplete or mismatched checkpoint)")
+    raise incomplete_checkpoint(checkpoint.path, [name])
 
 
 def _plan(

@@ -13,7 +13,6 @@ import numpy as np
 from mexport.console import phase, warn
 from mexport.errors import MexportError, ValidationFailedError
 from mexport.export.genai import write_genai_config
-from mexport.export.graph import io_signature
 from mexport.formats import DATA_FILE, GRAPH_FILE
 from mexport.fsutil import check_free_space, check_output_dir, locks_output, staged_output_dir
 from mexport.lazy import require
@@ -46,6 +45,7 @@ from mexport.optimize.quantize.numerics import (
 )
 from mexport.optimize.quantize.recipes import DEFAULT_BLOCK_SIZE, DEFAULT_SMOOTHQUANT_ALPHA, Recipe, get_recipe
 from mexport.optimize.quantize.report import compare_logits, model_bytes, node_counts, prompt_logits
+from mexport.runtime.onnx_graph import io_signature
 
 CHECK_PROMPT_TOKENS = 64
 MODEL_FILES = (GRAPH_FILE, DATA_FILE)
