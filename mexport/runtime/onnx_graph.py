@@ -30,6 +30,13 @@ FLOAT_NAMES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 QUANTIZED_OPS = ("DequantizeLinear", "MatMulNBits", "MatMulInteger", "DynamicQuantizeLinear", "GatherBlockQuantized")
 
 
+def _quantized_op(node: Any) -> str:
+    """A quantized op as a report names it; MatMulNBits with the accuracy level that decides its compute (4: int8
+    activations, 0 or unset: the weights dequantized to the activations' float type)."""
+    levels = [attribute.i for attribute in node.attribute if attribute.name == "accuracy_level"]
+    return f"{node.op_type} accuracy_level {levels[0]}" if node.op_type == "MatMulNBits" and levels else node.op_type
+
+
 def io_signature(model: Any) -> dict[str, list[dict[str, Any]]]:
     """Inputs and outputs of a graph: name, numpy dtype name, shape (ints or symbolic strings)."""
     onnx = require("onnx")
@@ -174,7 +181,7 @@ def describe_foreign_graph(graph_path: Path) -> dict[str, Any]:
                 f"{graph_path}: input {name} has shape {shape}; expected (batch, {wanted[1]} KV heads, past length, "
                 f"head_dim {wanted[3]}) as {config_path.name} says"
             )
-    ops = sorted({node.op_type for node in model.graph.node if node.op_type in QUANTIZED_OPS})
+    ops = sorted({_quantized_op(node) for node in model.graph.node if node.op_type in QUANTIZED_OPS})
     data_files = external_data_files(model, directory)
     side_files = [name for name in SIDE_FILES if (directory / name).is_file()]
     return {
