@@ -3,8 +3,8 @@
 A Hugging Face checkpoint (directory with ``config.json`` and no ``mexport.json``, or a hub id) runs with PyTorch;
 an export or quantize directory (``mexport.json`` kind export / quantize) with ONNX Runtime, and so does an ONNX
 decoder another tool wrote (a directory with one ``.onnx`` graph and no ``mexport.json``, or the ``.onnx`` file
-itself: :mod:`mexport.runtime.onnx_graph`); an engine directory with TensorRT. A backend this host cannot run (no TensorRT, no GPU, no CUDA provider) raises
-:class:`BackendUnavailable`, which validation reports as a skipped row instead of failing the run.
+itself: :mod:`mexport.runtime.onnx_graph`); an engine directory with TensorRT. A backend this host cannot run (no
+TensorRT, no GPU, no CUDA provider) raises :class:`BackendUnavailable`, which validation reports as a skipped row instead of failing the run.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """Validation orchestrator: score the reference and each candidate on the same questions, compare, report.
 
 Backends are loaded one at a time (a 9B reference and a candidate never share memory). Scores are cached per
-(backend identity: the content hash of every file it reads, task, question) in ``REPORT_DIR/.cache`` as JSON lines appended after every batch, so an
-interrupted run resumes where it stopped; ``resume=False`` ignores (and rewrites) the cache.
+(backend identity: the content hash of every file it reads, task, question) in ``REPORT_DIR/.cache`` as JSON lines
+appended after every batch, so an interrupted run resumes where it stopped; ``resume=False`` ignores (and rewrites)
+the cache.
 """
 
 from __future__ import annotations
@@ -188,7 +189,7 @@ def _open_backends(reference: Path, candidates: list[Path], device: str) -> list
     runtime, kind, tokenizer = open_backend(reference, kind="torch", device=device)
     backends = [_Backend(_backend_info(REFERENCE_LABEL, "reference", reference, kind, runtime), runtime, tokenizer)]
     reference_fingerprint = tokenizer_fingerprint(tokenizer)
-    reference_files = runtime.files
+    reference_digest = runtime.files.digest if runtime.files is not None else None
     used_labels = {REFERENCE_LABEL}
     for path in candidates:
         label = _unique_label(path.resolve().name, used_labels)
@@ -199,7 +200,7 @@ def _open_backends(reference: Path, candidates: list[Path], device: str) -> list
             info = _backend_info(label, "candidate", path, detect_kind(path), None, skip_reason=exc.message)
             backends.append(_Backend(info))
             continue
-        if runtime.files is not None and reference_files is not None and runtime.files.digest == reference_files.digest:
+        if runtime.files is not None and runtime.files.digest == reference_digest:
             raise MexportError(
                 f"candidate {path} is the reference {reference} (the same files, byte for byte): "
                 "comparing it with itself would pass vacuously",
@@ -220,7 +221,7 @@ def _open_backends(reference: Path, candidates: list[Path], device: str) -> list
 
 def _refuse_failed_artifact(path: Path) -> None:
     """A candidate whose own stage (or a stage it was made from) recorded a failed check is not validated."""
-    manifest: Any = _read_manifest_if_any(_local_dir(path, None))
+    manifest: Any = _read_manifest_if_any(path)
     while isinstance(manifest, Mapping):
         if manifest.get("status") == "failed":
             raise MexportError(
