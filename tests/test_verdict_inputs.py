@@ -24,22 +24,6 @@ WIDE = 25.0  # 16 questions resolve ±17 points at best: parity here is about ru
 LIMIT = 16
 
 
-@pytest.fixture(scope="module")
-def learned(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from mexport.validate.learned import make_learned_fixture
-
-    return make_learned_fixture(tmp_path_factory.mktemp("learned") / "learned-gemma2")
-
-
-@pytest.fixture(scope="module")
-def learned_export(tmp_path_factory: pytest.TempPathFactory, learned: Path) -> Path:
-    from mexport.export import export_onnx
-
-    out = tmp_path_factory.mktemp("export") / "learned-fp32"
-    export_onnx(learned, out, dtype="fp32")
-    return out
-
-
 def _side_files(source: Path, out: Path) -> None:
     """config.json and the tokenizer files, as another tool's output directory carries them."""
     out.mkdir(parents=True, exist_ok=True)
@@ -184,9 +168,7 @@ def test_validate_refuses_a_candidate_swapped_while_the_reference_was_scored(
     tmp_path: Path, learned: Path, learned_export: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Hours of reference scoring lie between opening a candidate and loading it: a swap then is exit 3."""
-    candidate = tmp_path / "learned-fp32"
-    shutil.copytree(learned_export, candidate)
-
+    candidate = shutil.copytree(learned_export, tmp_path / "learned-fp32")
     ScoredBy(monkeypatch, ("TorchDecoder", lambda: _swap_for_modified_copy(candidate / "model.onnx.data")))
     result = _validate_cli(learned, [candidate], tmp_path / "r")
     _one_line_error(result, 3, "model.onnx.data: replaced or modified after it was verified")
@@ -196,9 +178,7 @@ def test_validate_refuses_a_candidate_swapped_while_the_reference_was_scored(
 def test_a_candidate_written_while_it_is_scored_keeps_no_scores(
     tmp_path: Path, learned: Path, learned_export: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    candidate = tmp_path / "learned-fp32"
-    shutil.copytree(learned_export, candidate)
-    out = tmp_path / "r"
+    candidate, out = shutil.copytree(learned_export, tmp_path / "learned-fp32"), tmp_path / "r"
     counter = ScoredBy(monkeypatch, ("OrtDecoder", lambda: _rewrite_keeping_mtime(candidate / "model.onnx.data")))
     with pytest.raises(IntegrityError, match="replaced or modified after it was verified"):
         validate(learned, [candidate], ["medmcqa"], data=SAMPLE, limit=LIMIT, output=out, margin=WIDE)
