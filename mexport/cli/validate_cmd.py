@@ -39,6 +39,9 @@ def validate_command(
     fail_on: str = typer.Option(DEFAULT_FAIL_ON, "--fail-on", help=FAIL_ON_HELP),
     batch_size: int = typer.Option(8, "--batch-size", help="Questions per batched forward."),
     no_resume: bool = typer.Option(False, "--no-resume", help="Ignore scores cached in REPORT_DIR/.cache."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace report files in REPORT_DIR that mexport did not write (others are kept)."
+    ),
     as_json: bool = json_option(),
 ) -> None:
     """Prove MCQ accuracy parity: paired CIs, McNemar, agreement and KL per task.
@@ -66,6 +69,7 @@ def validate_command(
         batch_size=batch_size,
         resume=not no_resume,
         include_path=include_path,
+        overwrite=overwrite,
     )
     for task in report.tasks:
         if task.skipped:
@@ -73,7 +77,7 @@ def validate_command(
             console.warn(f"{task.name}: dropped {sum(task.skipped.values())} of {task.total_rows} rows ({reasons})")
     if as_json:
         emit_json({**report.summary(), "report_dir": str(Path(output).resolve())})
-    else:
+    elif not console.is_quiet():
         from rich.console import Console
 
         from mexport.validate.reports import summary_table

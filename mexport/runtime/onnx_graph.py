@@ -1,4 +1,4 @@
-"""What an ONNX decoder graph says about itself: its IO signature, and for a graph made by another tool (ModelOpt,
+"""What an ONNX decoder graph says about itself, for a graph made by another tool (ModelOpt,
 ONNX Runtime's quantizers, Optimum, the GenAI builder: no ``mexport.json``) everything a runtime needs.
 
 A foreign decoder is read as it is: IO names, dtypes and the past-KV layout from the graph, the model config and
@@ -20,7 +20,7 @@ from mexport.checkpoint import SIDE_FILES
 from mexport.errors import MexportError
 from mexport.formats import GRAPH_FILE, LOGITS_INDICES, PAST_PREFIX, PRESENT_PREFIX
 from mexport.lazy import require
-from mexport.manifest import MANIFEST_NAME
+from mexport.manifest import MANIFEST_NAME, io_signature
 
 GRAPH_SUFFIX = ".onnx"
 PAST_NAME = re.compile(re.escape(PAST_PREFIX) + r"(\d+)\.(key|value)$")
@@ -35,21 +35,6 @@ def _quantized_op(node: Any) -> str:
     activations, 0 or unset: the weights dequantized to the activations' float type)."""
     levels = [attribute.i for attribute in node.attribute if attribute.name == "accuracy_level"]
     return f"{node.op_type} accuracy_level {levels[0]}" if node.op_type == "MatMulNBits" and levels else node.op_type
-
-
-def io_signature(model: Any) -> dict[str, list[dict[str, Any]]]:
-    """Inputs and outputs of a graph: name, numpy dtype name, shape (ints or symbolic strings)."""
-    onnx = require("onnx")
-
-    def describe(value: Any) -> dict[str, Any]:
-        tensor_type = value.type.tensor_type
-        return {
-            "name": value.name,
-            "dtype": onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type).name,
-            "shape": [dim.dim_param if dim.HasField("dim_param") else dim.dim_value for dim in tensor_type.shape.dim],
-        }
-
-    return {"inputs": [describe(v) for v in model.graph.input], "outputs": [describe(v) for v in model.graph.output]}
 
 
 def find_graph(location: Path) -> Path:

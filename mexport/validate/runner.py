@@ -22,15 +22,18 @@ from typing import Any
 
 from mexport import console
 from mexport.errors import MexportError
+from mexport.fsutil import locks_output
 from mexport.manifest import MANIFEST_NAME, sha256_bytes, sha256_file, utc_now
 from mexport.validate.reports import (
     REFERENCE_LABEL,
     REPORT_FILES,
+    WRITTEN_RECORD,
     BackendInfo,
     ParityResult,
     ScoringSpeed,
     TaskInfo,
     ValidationReport,
+    foreign_report_files,
     is_scored,
     write_reports,
 )
@@ -58,6 +61,7 @@ class _Backend:
     identity: str = ""
 
 
+@locks_output("output")
 def validate(
     reference: Path | str,
     candidates: Sequence[Path | str],
@@ -76,13 +80,15 @@ def validate(
     batch_size: int = 8,
     resume: bool = True,
     include_path: Path | str | None = None,
+    overwrite: bool = False,
 ) -> ValidationReport:
     """Score ``reference`` (a PyTorch checkpoint) and each candidate directory on ``tasks``; write the reports.
 
     Returns the report whatever the verdicts; ``report.failed`` / ``report.exit_code`` say whether the run fails
     under ``fail_on`` ("parity": any FAIL; "inconclusive": also an INCONCLUSIVE; "any": also a skipped backend;
     "never"). Raises :class:`MexportError` for bad input, including a candidate whose tokenizer differs from the
-    reference's.
+    reference's, and a report file in ``output`` that mexport did not write (unless ``overwrite``). Holds the
+    output's lock for the whole run: a second run into the same report directory fails at once.
     """
     recipe_margins = dict(recipe_margins or {})
     check_policy(margin, agreement_floor, fail_on, recipe_margins)
@@ -91,7 +97,7 @@ def validate(
         raise MexportError("no candidate to validate", hint="pass --candidate DIR (an export, quantize or engine dir)")
     if batch_size < 1:
         raise MexportError(f"batch size must be >= 1, got {batch_size}")
-    out_dir = _check_output(Path(output))
+    out_dir = _check_output(Path(output), overwrite)
 
     from mexport.validate.tasks import load_task
 
@@ -110,6 +116,8 @@ def validate(
     for backend in backends:
         if backend.runtime is not None:
             _score_or_skip(backend, task_data, out_dir / CACHE_DIR, batch_size, resume, scores, speed)
+        if backend.info.role == "reference":
+            _check_reference_scored(scores)
 
     task_infos = [_task_info(loaded) for loaded in task_data.values()]
     results = [
@@ -165,17 +173,23 @@ def _check_tasks(
     return names
 
 
-def _check_output(out_dir: Path) -> Path:
-    """A new or empty directory, or one holding an earlier report of ours; never someone else's files."""
+def _check_output(out_dir: Path, overwrite: bool) -> Path:
+    """A new or empty directory, or one holding an earlier report of ours; never someone else's files: without
+    ``overwrite`` a report file mexport did not write (or that was edited since) is refused. Other files in the
+    directory are kept either way."""
     if out_dir.exists() and not out_dir.is_dir():
         raise MexportError(f"{out_dir}: exists and is not a directory")
-    if out_dir.is_dir():
+    if out_dir.is_dir() and not overwrite:
         entries = {entry.name for entry in out_dir.iterdir()}
-        ours = set(REPORT_FILES) | {CACHE_DIR}
-        if entries and not entries & ours:
+        foreign = foreign_report_files(out_dir)
+        if foreign or (entries and not entries & {*REPORT_FILES, WRITTEN_RECORD, CACHE_DIR}):
+            what = f"holds {', '.join(foreign)} not written by mexport (or edited since)" if foreign else (
+                "holds files that are not an mexport report"
+            )
             raise MexportError(
-                f"{out_dir}: directory holds files that are not an mexport report",
-                hint="choose a new or empty report directory",
+                f"{out_dir}: directory {what}",
+                hint="pass --overwrite to write the report there anyway (other files are kept), "
+                "or choose a new or empty report directory",
             )
     return out_dir.resolve()
 
@@ -277,6 +291,7 @@ def _backend_info(
         recipe=str(recipe) if recipe else None,
         dtype=manifest.get("dtype") or getattr(runtime, "dtype", None),
         precision=getattr(runtime, "precision", None),
+        compute=getattr(runtime, "session_settings", None),
         manifest_sha256=sha256_file(manifest_path) if manifest_path.is_file() else None,
         skip_reason=skip_reason,
         origin=origin,
@@ -415,6 +430,20 @@ def _score_in_batches(
     return seconds
 
 
+def _check_reference_scored(scores: Mapping[str, Mapping[str, list[Any]]]) -> None:
+    """Refuse a task none of whose questions the reference could score (e.g. every prompt longer than its context):
+    there is nothing to compare any candidate with, so no verdict can be given."""
+    for task, by_backend in scores.items():
+        entries = by_backend[REFERENCE_LABEL]
+        if entries and not any(is_scored(entry) for entry in entries):
+            reasons = Counter(str(entry.reason) for entry in entries)
+            shown = ", ".join(f"{count} {reason}" for reason, count in sorted(reasons.items()))
+            raise MexportError(
+                f"{task}: the reference scored none of its {len(entries)} questions ({shown})",
+                hint="use shorter prompts (fewer --shots) or a model with a longer context",
+            )
+
+
 def _question_tokens(tokenizer: Any, item: Any) -> int:
     """Tokens a question costs a scorer that reads its prompt once: prompt tokens + every choice's continuation."""
     from mexport.validate.scoring import encode_pair
@@ -462,14 +491,12 @@ def _parity_result(
     if info.skip_reason is not None:
         return ParityResult(task.name, info.label, margin_points, agreement_floor, skipped_verdict(info.skip_reason))
     pairs = list(zip(scores[task.name][REFERENCE_LABEL], scores[task.name][info.label], strict=True))
-    # only questions both sides scored are compared; the others are counted by reason
-    declined = Counter(
-        next(entry.reason for entry in (cand, ref) if not is_scored(entry))
-        for ref, cand in pairs
-        if not (is_scored(ref) and is_scored(cand))
-    )
-    reference = [ref for ref, cand in pairs if is_scored(ref) and is_scored(cand)]
-    candidate = [cand for ref, cand in pairs if is_scored(ref) and is_scored(cand)]
+    # only questions both sides scored, with finite reference log-likelihoods, are compared; the others are counted
+    # by reason (a NaN reference has no answer to compare with; a NaN candidate is compared, and fails the verdict)
+    declined = Counter(reason for ref, cand in pairs if (reason := _not_compared_reason(ref, cand)))
+    compared = [(ref, cand) for ref, cand in pairs if not _not_compared_reason(ref, cand)]
+    reference = [ref for ref, _ in compared]
+    candidate = [cand for _, cand in compared]
     pred_field = {"acc": "pred", "acc_norm": "pred_norm"}
     metrics = tuple(
         compare_metric(
@@ -481,9 +508,26 @@ def _parity_result(
         )
         for metric in task.metrics
     )
-    mean_kl, max_abs = distribution_drift([s.logliks for s in reference], [s.logliks for s in candidate])
-    non_finite = sum(not all(math.isfinite(value) for value in s.logliks) for s in candidate)
+    finite = [(ref, cand) for ref, cand in compared if _finite(cand)]
+    non_finite = len(compared) - len(finite)
+    # drift over the questions where it is a number; None when there is none (no NaN ever reaches a report)
+    mean_kl, max_abs = (
+        distribution_drift([r.logliks for r, _ in finite], [c.logliks for _, c in finite]) if finite else (None, None)
+    )
     verdict = parity_verdict(metrics, margin_points, agreement_floor, non_finite)
     return ParityResult(
         task.name, info.label, margin_points, agreement_floor, verdict, metrics, mean_kl, max_abs, dict(declined)
     )
+
+
+def _finite(score: Any) -> bool:
+    return all(math.isfinite(value) for value in score.logliks)
+
+
+def _not_compared_reason(reference: Any, candidate: Any) -> str | None:
+    """Why a question pair is left out of the comparison (a side declined it, or the reference's log-likelihoods
+    are NaN/inf), or None when it is compared."""
+    for entry in (candidate, reference):
+        if not is_scored(entry):
+            return str(entry.reason)
+    return None if _finite(reference) else "reference log-likelihood NaN/inf"
