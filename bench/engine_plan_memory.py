@@ -1,13 +1,13 @@
-"""Planned TensorRT engine memory of Meditron3-Gemma2-9B at H100 defaults, full vs lean logits (issue 12).
+"""Planned TensorRT engine memory of Meditron3-Gemma2-9B at H100 defaults, full vs lean logits.
 
 The 9B's real graph is traced (weightless, ~20 s on 2 cores: no checkpoint download) from its ``config.json`` in
-both forms, the full-logits graph (``--full-logits``: the LM head over every new position, as every export was
-before issue 12) and the default lean graph (``logits_indices``), and :func:`mexport.optimize.engine.plan_engine`
+both forms, the full-logits graph (``--full-logits``: the LM head over every new position) and the default
+lean graph (``logits_indices``), and :func:`mexport.optimize.engine.plan_engine`
 plans each at ``--target h100-80gb`` with the default limits (batch 8, input 2048, context 4096). Planning is
 deterministic arithmetic, so one run is the figure; there is nothing to repeat. The first row plans the full graph
-with 2048-token prefill calls (``--prefill-chunk 2048``), the call size engines had before chunked prefill (today's
-plan adds a chunk profile of that size after a past, so it is larger than the 14.09 GB the plan code before issue
-12 gave); ratios are given against both.
+with 2048-token prefill calls (``--prefill-chunk 2048``), one prefill profile of full calls (the plan adds a chunk
+profile of that size after a past, so it is larger than the 14.09 GB a plan of prefill and decode profiles alone
+gives); ratios are given against both.
 
     python bench/engine_plan_memory.py
 """
@@ -30,7 +30,7 @@ GEMMA2_9B_CONFIG = {
     "cache_implementation": "hybrid",
 }
 PARAMETERS_9B = 9_241_705_984
-ISSUE_BEFORE_BYTES = 14.09e9  # `engine --plan --target h100-80gb` of the full-width model before issue 12
+FULL_LOGITS_PLAN_BYTES = 14.09e9  # activations of a full-logits plan with prefill + decode profiles only, h100-80gb
 
 
 def traced_manifest_dir(workdir: Path, full_logits: bool) -> Path:
@@ -75,8 +75,8 @@ def main() -> None:
     for row in rows:
         activations = row["activations"]
         print(f"{row['label']:<42} {activations / 1e9:>15.2f} {row['total'] / 1e9:>9.2f} "
-              f"{activations / rows[0]['activations']:>8.3f}x {activations / ISSUE_BEFORE_BYTES:>11.3f}x")
-    print("issue 12 target: activations <= 2.5 GB")
+              f"{activations / rows[0]['activations']:>8.3f}x {activations / FULL_LOGITS_PLAN_BYTES:>11.3f}x")
+    print("target: activations <= 2.5 GB")
 
 
 if __name__ == "__main__":

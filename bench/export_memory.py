@@ -4,7 +4,7 @@ Builds a Gemma2 with Meditron3-Gemma2-9B's full width (hidden 3584, intermediate
 vocab 256000, tied embeddings, sliding window 4096) but only ``--layers`` layers, random bf16 weights saved as a
 sharded safetensors checkpoint (~2.6 GB for 2 layers), then runs each tool in its own wrapper process so
 ``ru_maxrss`` of RUSAGE_CHILDREN is that tool's peak alone. Figures are per checkpoint byte, the same ratios that
-the 9B targets use (issue #3: peak RSS / checkpoint <= 1.5, stretch 1.2; bf16 output / checkpoint <= 1.05).
+the 9B targets use (peak RSS / checkpoint <= 1.5, stretch 1.2; bf16 output / checkpoint <= 1.05).
 
     python bench/export_memory.py [--layers 2] [--skip-optimum] [--workdir DIR] [--keep]
 

@@ -1,4 +1,4 @@
-"""Prefill time and peak memory with full vs lean logits, for ONNX Runtime and PyTorch (issue 12).
+"""Prefill time and peak memory with full vs lean logits, for ONNX Runtime and PyTorch.
 
 A prefill whose caller needs the next-token distribution (the scorer on lettered tasks, ``generate``) asks for the
 last position only. The full-logits graph (``--full-logits`` export) computes ``batch x sequence x vocab`` logits and

@@ -14,7 +14,13 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from mexport.errors import MissingDependencyError, first_line
+from mexport.formats import EXPORT_DTYPES
 from mexport.fsutil import format_bytes
+from mexport.lazy import INSTALL_HINTS
+from mexport.optimize.engine.precision import PRECISION_MIN_CAPABILITY
+from mexport.optimize.quantize.recipes import RECIPES, cuda_supported_recipes
+from mexport.trt_common import TENSORRT_STUBS_ONLY, require_tensorrt
 
 # Meditron3-Gemma2-9B in bf16: 9.24e9 parameters x 2 bytes.
 REAL_MODEL_BF16_BYTES = 18_480_000_000
@@ -49,24 +55,20 @@ def check_python() -> Check:
 
 
 def check_packages() -> list[Check]:
-    required = {
-        "torch": "pip install torch==2.13.0",
-        "transformers": "pip install 'transformers>=4.57,<4.58'",
-        "optimum-onnx": "pip install optimum-onnx",
-        "onnx": "pip install onnx",
-        "typer": "pip install typer",
-    }
+    required = {"torch": "torch", "transformers": "transformers", "optimum-onnx": "optimum", "onnx": "onnx",
+                "typer": "typer"}  # distribution -> import name
     checks = []
-    for package, fix in required.items():
+    for package, module in required.items():
         version = _version(package)
-        checks.append(Check(package, OK if version else MISSING, version or "not installed", "" if version else fix))
+        fix = "" if version else INSTALL_HINTS[module]
+        checks.append(Check(package, OK if version else MISSING, version or "not installed", fix))
     ort_version = _version("onnxruntime") or _version("onnxruntime-gpu")
     checks.append(
         Check(
             "onnxruntime",
             OK if ort_version else MISSING,
             ort_version or "not installed",
-            "" if ort_version else "pip install onnxruntime (CPU) or onnxruntime-gpu (CUDA)",
+            "" if ort_version else INSTALL_HINTS["onnxruntime"],
         )
     )
     return checks
@@ -77,7 +79,7 @@ def check_onnxruntime_providers() -> Check:
         ort = importlib.import_module("onnxruntime")
         providers = ort.get_available_providers()
     except Exception as exc:  # noqa: BLE001 - report any broken install as a finding
-        return Check("onnxruntime providers", MISSING, f"onnxruntime unusable: {exc}", "pip install onnxruntime")
+        return Check("onnxruntime providers", MISSING, f"onnxruntime unusable: {exc}", INSTALL_HINTS["onnxruntime"])
     gpu = [p for p in providers if p in ("CUDAExecutionProvider", "TensorrtExecutionProvider")]
     return Check(
         "onnxruntime providers",
@@ -90,9 +92,6 @@ def check_onnxruntime_providers() -> Check:
 def check_ort_cuda_recipes() -> list[Check]:
     """Which recipes ONNX Runtime's CUDA provider runs on the GPU without falling back to the CPU, per export dtype
     (static: from its kernel table, so it answers on a CPU machine too); the others validate through TensorRT."""
-    from mexport.formats import EXPORT_DTYPES
-    from mexport.runtime.cuda_kernels import cuda_supported_recipes
-
     checks = []
     for dtype in EXPORT_DTYPES:
         support = cuda_supported_recipes(dtype)
@@ -128,8 +127,8 @@ def check_cuda_devices() -> list[Check]:
     for index in range(count):
         props = torch.cuda.get_device_properties(index)
         major, minor = props.major, props.minor
-        bf16 = (major, minor) >= (8, 0)
-        fp8 = (major, minor) >= (8, 9)
+        bf16 = (major, minor) >= PRECISION_MIN_CAPABILITY["bf16"]
+        fp8 = (major, minor) >= RECIPES["fp8"].min_capability
         detail = (
             f"{props.name}, {format_bytes(props.total_memory)}, sm_{major}{minor}, "
             f"bf16 {'yes' if bf16 else 'no'}, fp8 {'yes' if fp8 else 'no'}"
@@ -141,9 +140,6 @@ def check_cuda_devices() -> list[Check]:
 
 def check_tensorrt() -> list[Check]:
     """TensorRT and Polygraphy; the type stubs alone (what CI installs for mypy) are "not installed", not a fault."""
-    from mexport.errors import MissingDependencyError
-    from mexport.optimize.engine.precision import TENSORRT_STUBS_ONLY, require_tensorrt
-
     fix = (
         "pip install 'mexport[gpu]' on a Linux host with an NVIDIA GPU and CUDA; `mexport engine --plan` works "
         "without it"
@@ -159,8 +155,7 @@ def check_tensorrt() -> list[Check]:
         polygraphy = importlib.import_module("polygraphy")
         checks.append(Check("polygraphy", OK, getattr(polygraphy, "__version__", _version("polygraphy") or "?")))
     except Exception as exc:  # noqa: BLE001 - report any broken install as a finding
-        first_line = str(exc).splitlines()[0] if str(exc) else ""
-        checks.append(Check("polygraphy", MISSING, f"not importable ({type(exc).__name__}: {first_line})", fix))
+        checks.append(Check("polygraphy", MISSING, f"not importable ({type(exc).__name__}: {first_line(exc)})", fix))
     return checks
 
 
@@ -181,7 +176,7 @@ def check_resources(path: Path) -> list[Check]:
     try:
         total_ram = importlib.import_module("psutil").virtual_memory().total
     except Exception as exc:  # noqa: BLE001
-        checks.append(Check("ram", WARN, f"cannot read RAM size: {exc}", "pip install psutil"))
+        checks.append(Check("ram", WARN, f"cannot read RAM size: {exc}", INSTALL_HINTS["psutil"]))
         return checks
     ram_ok = total_ram >= EXPORT_RAM_BYTES
     checks.append(

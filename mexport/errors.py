@@ -35,6 +35,13 @@ EXIT_CODES = {
     EXIT_INCONCLUSIVE: "inconclusive: the sample cannot resolve the margin",
     EXIT_INTERNAL: "internal error (a bug in mexport)",
 }
+# the one word a report's headline gives a run that ended with a verdict
+VERDICT_WORDS = {EXIT_OK: "PASSED", EXIT_CHECK_FAILED: "FAILED", EXIT_INCONCLUSIVE: "INCONCLUSIVE"}
+
+
+def verdict_word(exit_code: int) -> str:
+    """PASSED, FAILED or INCONCLUSIVE for a run's exit code."""
+    return VERDICT_WORDS.get(exit_code, VERDICT_WORDS[EXIT_OK])
 
 
 class MexportError(Exception):

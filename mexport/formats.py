@@ -14,7 +14,12 @@ TASK = "text-generation-with-past"
 # mexport dtype name -> torch / numpy name (also how HF configs spell the saved dtype)
 EXPORT_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 ONNX_ELEMENT_TYPES = {"fp32": "FLOAT", "bf16": "BFLOAT16", "fp16": "FLOAT16"}
-ELEMENT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+# bytes per element of each float dtype, under its mexport and its torch / numpy name
+ELEMENT_BYTES = {
+    spelling: size
+    for name, size in {"fp32": 4, "bf16": 2, "fp16": 2}.items()
+    for spelling in (name, EXPORT_DTYPES[name])
+}
 
 # tensors of at least LARGE_TENSOR_BYTES start on a 64 KiB boundary so ONNX Runtime can memory-map them in place
 LARGE_TENSOR_BYTES = 1 << 20
@@ -26,7 +31,7 @@ TRANSPOSED_SUFFIX = "_transposed"
 # decoder IO names (Optimum's convention)
 PAST_PREFIX = "past_key_values."
 PRESENT_PREFIX = "present."
-# lean graphs (issue 12): int64 positions, within the new tokens of a call, whose logits the graph computes
+# lean graphs: int64 positions, within the new tokens of a call, whose logits the graph computes
 LOGITS_INDICES = "logits_indices"
 LOGITS_LENGTH_AXIS = "logits_length"
 

@@ -14,10 +14,11 @@ from mexport.errors import MissingDependencyError
 # import name -> what to install to get it
 INSTALL_HINTS: dict[str, str] = {
     "torch": "pip install torch==2.13.0",
-    "transformers": "pip install 'transformers<4.58'",
+    "transformers": "pip install 'transformers>=4.57,<4.58'",
     "optimum": "pip install optimum-onnx",
     "optimum.exporters.onnx": "pip install optimum-onnx",
     "onnx": "pip install onnx",
+    "typer": "pip install typer",
     "onnxruntime": "pip install onnxruntime (or onnxruntime-gpu on a CUDA host)",
     "onnxruntime.quantization": "pip install onnxruntime",
     "tensorrt": "pip install 'mexport[gpu]' on a host with an NVIDIA GPU and CUDA (TensorRT wheels are Linux/Windows + CUDA only)",

@@ -27,6 +27,9 @@ from mexport.errors import MexportError
 from mexport.lazy import require
 from mexport.manifest import MANIFEST_NAME
 from mexport.runtime.base import DecoderRuntime
+from mexport.validate.backends import open_backend
+from mexport.validate.lmeval_tasks import task_manager
+from mexport.validate.scoring import score_token_requests
 
 DEFAULT_MAX_GEN_TOKS = 256
 
@@ -64,8 +67,6 @@ class MexportLM(TemplateLM):
         disable_tqdm: bool = False,
         **kwargs: Any,
     ) -> list[tuple[float, bool]]:
-        from mexport.validate.scoring import score_token_requests
-
         pairs = [(context_ids, continuation_ids) for _, context_ids, continuation_ids in requests]
         return score_token_requests(
             self.runtime, self.tokenizer, pairs, batch_size=self.batch_size, progress=not disable_tqdm
@@ -117,8 +118,6 @@ def run_lm_eval(
     from lm_eval import simple_evaluate
     from lm_eval.loggers import EvaluationTracker
 
-    from mexport.validate.backends import open_backend
-    from mexport.validate.lmeval_tasks import task_manager
 
     manager = task_manager(include_path)
     unknown = [task for task in tasks if not manager.match_tasks([task])]

@@ -17,7 +17,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from xml.etree import ElementTree
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -29,9 +28,14 @@ from mexport.errors import (
     EnvironmentFailure,
     IntegrityError,
     MexportError,
+    verdict_word,
 )
-from mexport.fixtures import FIXTURE_NAMES
+from mexport.export import export_onnx
+from mexport.export.exporter import check_opset
+from mexport.fixtures import FIXTURE_NAMES, write_fixture
+from mexport.formats import EXPORT_DTYPES
 from mexport.fsutil import claimed_output, write_atomic
+from mexport.junit import FAILURE, SKIPPED, JUnitCase, junit_xml
 from mexport.manifest import (
     MANIFEST_NAME,
     file_records,
@@ -42,7 +46,15 @@ from mexport.manifest import (
     utc_now,
     verify_files,
 )
-from mexport.validate.tasks import SHIPPED_SETS
+from mexport.optimize import quantize
+from mexport.optimize.engine import build_engine, plan_engine, write_plan
+from mexport.optimize.engine.gpus import gpu_budget, require_cuda_gpu
+from mexport.optimize.engine.precision import PRECISIONS
+from mexport.optimize.quantize.recipes import cuda_recipe_support, get_recipe
+from mexport.trt_common import DEFAULT_MAX_INPUT_LEN, EngineLimits, EngineSettings, require_tensorrt
+from mexport.validate import validate
+from mexport.validate.backends import HUB_ID
+from mexport.validate.tasks import SHIPPED_SETS, TASKS, get_task
 from mexport.validate.verdict import (
     DEFAULT_FAIL_ON,
     check_agreement_floor,
@@ -81,6 +93,14 @@ def _checked(check: Callable[..., Any], *args: Any) -> None:
         raise ValueError(exc.message) from None
 
 
+ENGINE_DEFAULTS = EngineSettings()
+# PipelineConfig field -> the EngineSettings field it sets (and its key in the TOML file's [engine] table)
+ENGINE_FIELDS = {
+    "engine_precision": "precision", "max_batch": "max_batch", "max_input_len": "max_input_len",
+    "max_context": "max_context", "target": "target", "gpu_memory_gb": "gpu_memory_gb",
+}
+
+
 class PipelineConfig(BaseModel):
     """Everything a pipeline run needs, typed and range-checked; the TOML file's tables map onto these fields
     (see examples/) and every CLI flag of ``mexport pipeline`` sets one. Creating one validates every field and
@@ -100,9 +120,9 @@ class PipelineConfig(BaseModel):
     calib_size: int = Field(64, ge=1, strict=True)
     engine: str = "auto"
     engine_precision: str | None = None  # None: the export's dtype (the only choice TensorRT 11 builds)
-    max_batch: int = Field(8, ge=1, strict=True)
-    max_input_len: int = Field(2048, ge=1, strict=True)
-    max_context: int = Field(4096, ge=1, strict=True)
+    max_batch: int = Field(ENGINE_DEFAULTS.max_batch, ge=1, strict=True)
+    max_input_len: int = Field(DEFAULT_MAX_INPUT_LEN, ge=1, strict=True)
+    max_context: int = Field(ENGINE_DEFAULTS.max_context, ge=1, strict=True)
     target: str | None = None
     gpu_memory_gb: float | None = Field(None, gt=0, allow_inf_nan=False)
     tasks: Annotated[list[str], BeforeValidator(_one_or_many)] = Field(
@@ -126,7 +146,6 @@ class PipelineConfig(BaseModel):
                     f"unknown fixture {model!r}; available: {', '.join(FIXTURE_PREFIX + n for n in FIXTURE_NAMES)}"
                 )
             return model
-        from mexport.validate.backends import HUB_ID
 
         path = Path(model)
         if path.exists() and not (path / "config.json").is_file():
@@ -138,8 +157,6 @@ class PipelineConfig(BaseModel):
     @field_validator("dtype")
     @classmethod
     def _dtype_known(cls, dtype: str) -> str:
-        from mexport.formats import EXPORT_DTYPES
-
         if dtype not in EXPORT_DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; expected one of {', '.join(EXPORT_DTYPES)}")
         return dtype
@@ -147,16 +164,12 @@ class PipelineConfig(BaseModel):
     @field_validator("opset")
     @classmethod
     def _opset_supported(cls, opset: int) -> int:
-        from mexport.export.exporter import check_opset
-
         _checked(check_opset, opset)
         return opset
 
     @field_validator("recipes")
     @classmethod
     def _recipes_known(cls, recipes: list[str]) -> list[str]:
-        from mexport.optimize.quantize.recipes import get_recipe
-
         for recipe in recipes:
             _checked(get_recipe, recipe)
         if len(set(recipes)) != len(recipes):
@@ -166,8 +179,6 @@ class PipelineConfig(BaseModel):
     @field_validator("tasks")
     @classmethod
     def _tasks_known(cls, tasks: list[str]) -> list[str]:
-        from mexport.validate.tasks import get_task
-
         for task in tasks:
             _checked(get_task, task)
         return tasks
@@ -175,8 +186,6 @@ class PipelineConfig(BaseModel):
     @field_validator("data")
     @classmethod
     def _data_files_exist(cls, data: dict[str, str]) -> dict[str, str]:
-        from mexport.validate.tasks import get_task
-
         for task, source in data.items():
             _checked(get_task, task)
             if source not in SHIPPED_SETS and not Path(source).is_file():
@@ -186,8 +195,6 @@ class PipelineConfig(BaseModel):
     @field_validator("calib")
     @classmethod
     def _calib_exists(cls, calib: str | None) -> str | None:
-        from mexport.validate.tasks import TASKS
-
         if calib is not None and calib not in TASKS and not Path(calib).is_file():
             raise ValueError(f"calibration file not found: {calib} (nor is it a task name: {', '.join(TASKS)})")
         return calib
@@ -202,8 +209,6 @@ class PipelineConfig(BaseModel):
     @field_validator("engine_precision")
     @classmethod
     def _precision_known(cls, precision: str | None) -> str | None:
-        from mexport.optimize.engine.precision import PRECISIONS
-
         if precision is not None and precision not in PRECISIONS:
             raise ValueError(f"unknown engine precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
         return precision
@@ -235,9 +240,6 @@ class PipelineConfig(BaseModel):
 
     @model_validator(mode="after")
     def _engine_fits_together(self) -> PipelineConfig:
-        from mexport.optimize.engine.gpus import gpu_budget
-        from mexport.optimize.engine.profiles import EngineLimits
-
         _checked(EngineLimits(self.max_batch, self.max_input_len, self.max_context).validate)
         _checked(gpu_budget, self.target, self.gpu_memory_gb)
         return self
@@ -248,9 +250,7 @@ _TOML_FIELDS = {
     ("model",): "model", ("output",): "output", ("revision",): "revision",
     ("export", "dtype"): "dtype", ("export", "opset"): "opset", ("export", "device"): "export_device",
     ("quantize", "recipes"): "recipes", ("quantize", "calib"): "calib", ("quantize", "calib_size"): "calib_size",
-    ("engine", "mode"): "engine", ("engine", "precision"): "engine_precision", ("engine", "max_batch"): "max_batch",
-    ("engine", "max_input_len"): "max_input_len", ("engine", "max_context"): "max_context",
-    ("engine", "target"): "target", ("engine", "gpu_memory_gb"): "gpu_memory_gb",
+    ("engine", "mode"): "engine", **{("engine", setting): field for field, setting in ENGINE_FIELDS.items()},
     ("validate", "tasks"): "tasks", ("validate", "data"): "data", ("validate", "limit"): "limit",
     ("validate", "seed"): "seed", ("validate", "device"): "device", ("validate", "margin"): "margin",
     ("validate", "recipe_margins"): "recipe_margins", ("validate", "agreement_floor"): "agreement_floor",
@@ -543,7 +543,6 @@ def _run_steps(runner: _Runner, config: PipelineConfig) -> PipelineResult:
 
     def _validate() -> str:
         nonlocal validation, report_failed
-        from mexport.validate import validate
 
         report = validate(
             checkpoint,
@@ -588,7 +587,6 @@ def _runs_on_validate_device(runner: _Runner, config: PipelineConfig, label: str
     recipe = label.removeprefix("quant-")
     if config.device != "cuda" or recipe == label:
         return True
-    from mexport.runtime.cuda_kernels import cuda_recipe_support
 
     gap = cuda_recipe_support(recipe, config.dtype)
     if gap is not None:
@@ -607,8 +605,6 @@ def _checkpoint_step(runner: _Runner, config: PipelineConfig) -> tuple[str, str]
     target = runner.out / "checkpoint"
 
     def _write() -> str:
-        from mexport.fixtures import write_fixture
-
         write_fixture(name, target, overwrite=True)
         return f"fixture {name}"
 
@@ -617,8 +613,6 @@ def _checkpoint_step(runner: _Runner, config: PipelineConfig) -> tuple[str, str]
 
 
 def _export(checkpoint: str, target: Path, config: PipelineConfig) -> str:
-    from mexport.export import export_onnx
-
     result = export_onnx(
         checkpoint, target, dtype=config.dtype, opset=config.opset, revision=config.revision,
         device=config.export_device, overwrite=True,
@@ -627,8 +621,6 @@ def _export(checkpoint: str, target: Path, config: PipelineConfig) -> str:
 
 
 def _quantize(export_dir: Path, target: Path, recipe: str, config: PipelineConfig) -> str:
-    from mexport.optimize import quantize
-
     result = quantize(export_dir, target, recipe, calib=config.calib, calib_size=config.calib_size, overwrite=True)
     check = result.report.get("numeric_check")
     return f"top-1 agreement vs export {check['top1_agreement']:.1%}" if check else "quantized (no numeric check)"
@@ -641,12 +633,8 @@ def _engine_steps(
     if config.engine == "off":
         runner.skip("engine", "disabled in the config (engine.mode = off)")
         return []
-    from mexport.optimize.engine import EngineSettings, build_engine, plan_engine, write_plan
 
-    settings = EngineSettings(
-        precision=config.engine_precision, max_batch=config.max_batch, max_input_len=config.max_input_len,
-        max_context=config.max_context, gpu_memory_gb=config.gpu_memory_gb, target=config.target,
-    )
+    settings = EngineSettings(**{setting: getattr(config, field) for field, setting in ENGINE_FIELDS.items()})
     unavailable = None if config.engine == "plan" else _engine_unavailable_reason()
     if config.engine == "build" and unavailable:
         raise MexportError(f"engine.mode = build but {unavailable}")
@@ -672,9 +660,6 @@ def _engine_steps(
 
 
 def _engine_unavailable_reason() -> str | None:
-    from mexport.optimize.engine import require_tensorrt
-    from mexport.optimize.engine.gpus import require_cuda_gpu
-
     try:
         require_tensorrt()
         require_cuda_gpu()
@@ -711,7 +696,7 @@ def render_markdown(result: PipelineResult) -> str:
     lines = [
         "# mexport pipeline",
         "",
-        f"**Result: {({1: 'FAILED', 4: 'INCONCLUSIVE'}).get(result.exit_code, 'passed')}**",
+        f"**Result: {verdict_word(result.exit_code)}**",
         "",
         "| step | status | seconds | detail |",
         "|---|---|---:|---|",
@@ -724,18 +709,10 @@ def render_markdown(result: PipelineResult) -> str:
 
 
 def render_junit(result: PipelineResult) -> bytes:
-    suite = ElementTree.Element(
-        "testsuite",
-        name="mexport.pipeline",
-        tests=str(len(result.steps)),
-        failures=str(sum(s.status == "failed" for s in result.steps)),
-        skipped=str(sum(s.status == "skipped" for s in result.steps)),
-    )
-    for step in result.steps:
-        case = ElementTree.SubElement(suite, "testcase", classname="mexport.pipeline", name=step.name,
-                                      time=f"{step.seconds:.2f}")
-        if step.status == "failed":
-            ElementTree.SubElement(case, "failure", message=step.detail)
-        elif step.status == "skipped":
-            ElementTree.SubElement(case, "skipped", message=step.detail)
-    return ElementTree.tostring(suite, encoding="utf-8", xml_declaration=True)
+    """One testcase per step: a failed step a failure, a skipped one skipped."""
+    outcomes = {"failed": FAILURE, "skipped": SKIPPED}
+    cases = [
+        JUnitCase("mexport.pipeline", step.name, outcomes.get(step.status), step.detail, seconds=step.seconds)
+        for step in result.steps
+    ]
+    return junit_xml("mexport.pipeline", cases)

@@ -3,9 +3,21 @@ session."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The learned fixture's cache (``MEXPORT_CACHE``): a temporary directory shared by the whole run, never the
+    user's ``~/.cache``; ``MEXPORT_TEST_CACHE=DIR`` keeps it in DIR across runs instead."""
+    cache = Path(os.environ.get("MEXPORT_TEST_CACHE") or tmp_path_factory.mktemp("mexport-cache"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MEXPORT_CACHE", str(cache))
+        yield cache
 
 
 @pytest.fixture(scope="session")
@@ -36,7 +48,7 @@ def tiny_export_bf16(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: 
 @pytest.fixture(scope="session")
 def learned(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny Gemma2 fine-tuned on the shipped questions (cached in $MEXPORT_CACHE): it has accuracy to lose."""
-    from mexport.validate.learned import make_learned_fixture
+    from mexport.fixtures.learned import make_learned_fixture
 
     return make_learned_fixture(tmp_path_factory.mktemp("learned") / "learned-gemma2")
 

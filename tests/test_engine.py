@@ -21,12 +21,13 @@ from mexport.cli import app
 from mexport.errors import MexportError, MissingDependencyError
 from mexport.manifest import new_manifest, write_manifest
 from mexport.optimize.engine import EngineSettings, GpuInfo, build_engine, builder, gpus, plan_engine, write_plan
-from mexport.optimize.engine.builder import engine_manifest, require_tensorrt
+from mexport.optimize.engine.builder import engine_manifest
 from mexport.optimize.engine.gpus import GPU_TARGETS, parse_nvidia_smi, require_cuda_gpu
 from mexport.optimize.engine.precision import select_build_mode
-from mexport.optimize.engine.profiles import EngineLimits, derive_profiles
+from mexport.optimize.engine.profiles import derive_profiles
 from mexport.runtime.base import RuntimeLimits
 from mexport.runtime.trt import TrtDecoder, check_engine_compatibility
+from mexport.trt_common import EngineLimits, require_tensorrt, version_tuple
 
 runner = CliRunner()
 
@@ -226,7 +227,7 @@ def test_plan_states_the_tensorrt_version_it_targets(tmp_path: Path) -> None:
 def test_gpu_extra_pins_the_supported_range() -> None:
     import tomllib
 
-    from mexport.optimize.engine.precision import NEWEST_TENSORRT, SUPPORTED_TENSORRT, version_tuple
+    from mexport.optimize.engine.precision import NEWEST_TENSORRT, SUPPORTED_TENSORRT
 
     pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
     extra = pyproject["project"]["optional-dependencies"]["gpu"]
@@ -292,7 +293,7 @@ def test_9b_bf16_fits_h100_at_batch_1_context_8192(tmp_path: Path) -> None:
 
 
 def test_9b_lean_plan_at_h100_defaults_keeps_activations_small(tmp_path: Path) -> None:
-    """Issue 12: batch 8, input 2048, context 4096 planned 14.09 GB of activations (full logits, 2048-token prefill)."""
+    """Full logits with 2048-token prefill calls plan 14.09 GB of activations at batch 8, input 2048, context 4096."""
     before = plan_engine(model_dir(tmp_path), EngineSettings(prefill_chunk=2048, target="h100-80gb"))
     plan = plan_engine(model_dir(tmp_path, lean=True), EngineSettings(target="h100-80gb"))
     limits = plan.settings.limits

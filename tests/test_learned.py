@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from mexport.errors import MexportError
+from mexport.fixtures.learned import DEFAULT_TASKS, learned_note, make_learned_fixture
 from mexport.manifest import sha256_file
-from mexport.validate.learned import DEFAULT_TASKS, learned_note, make_learned_fixture
 from mexport.validate.tasks import TASKS, load_task
 
 THRESHOLD = 0.8

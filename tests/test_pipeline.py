@@ -9,6 +9,7 @@ from xml.etree import ElementTree
 import pytest
 from typer.testing import CliRunner
 
+from mexport import pipeline
 from mexport.cli import app
 from mexport.errors import MexportError
 from mexport.pipeline import PipelineConfig, config_from, load_config, run_pipeline
@@ -78,13 +79,11 @@ def _small(output: Path, **changes: object) -> PipelineConfig:
 def test_pipeline_end_to_end_then_resume_after_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "run"
     # the first run crashes in the validate step: everything before it is finished
-    import mexport.validate
-
     def crash(*args: object, **kwargs: object) -> None:
         raise RuntimeError("simulated crash during scoring")
 
     with monkeypatch.context() as patch:
-        patch.setattr(mexport.validate, "validate", crash)
+        patch.setattr(pipeline, "validate", crash)
         with pytest.raises(RuntimeError, match="simulated crash"):
             run_pipeline(_small(out))
     state = json.loads((out / "pipeline-state.json").read_text())["steps"]

@@ -326,7 +326,7 @@ def test_bounded_calibration_session_gives_the_folded_statistics(
     def stats(**options: Any) -> dict[str, Any]:
         return collect_activation_stats(graph, manifest, inputs, token_ids, keep_rows=True, **options)
 
-    folded = stats()  # the tiny export is below LOW_MEMORY_MIN_BYTES: folded, as before
+    folded = stats()  # the tiny export is below LOW_MEMORY_MIN_BYTES: folded
     assert not bounded_graphs
     forced = stats(low_memory=True)
     monkeypatch.setattr(ort, "LOW_MEMORY_MIN_BYTES", 0)  # the size rule OrtDecoder applies picks the bounded path

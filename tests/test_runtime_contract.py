@@ -53,13 +53,15 @@ class Backend(NamedTuple):
 
 @pytest.fixture(scope="module", params=RUNTIMES)
 def backend(request: pytest.FixtureRequest, tiny_checkpoint: Path) -> Iterator[Backend]:
-    from mexport.runtime import torch_runtime, upcast
+    from mexport.runtime import upcast
     from mexport.runtime.ort import OrtDecoder
     from mexport.runtime.torch_runtime import TorchDecoder
 
     if request.param.startswith("torch"):
         upcast_at_run_time = request.param.endswith("upcast")
-        decoder: DecoderRuntime = TorchDecoder(tiny_checkpoint, dtype="fp32", upcast_at_run_time=upcast_at_run_time)
+        decoder: DecoderRuntime = TorchDecoder(
+            tiny_checkpoint, dtype="fp32", upcast_at_run_time=upcast_at_run_time, upcast_slice_bytes=SLICE_BYTES
+        )
     elif request.param == "ort-fp16-native":
         decoder = OrtDecoder(request.getfixturevalue("tiny_export_fp16"), fp32_compute=False)
     elif request.param == "ort-fp32-full-logits":
@@ -68,7 +70,6 @@ def backend(request: pytest.FixtureRequest, tiny_checkpoint: Path) -> Iterator[B
         export = request.getfixturevalue(f"tiny_export_{request.param.split('-')[1]}")
         decoder = OrtDecoder(export, low_memory=request.param.endswith("low-memory"))
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(torch_runtime, "UPCAST_SLICE_BYTES", SLICE_BYTES)
         patch.setattr(upcast, "DEFAULT_SLICE_BYTES", SLICE_BYTES)
         with decoder:
             yield Backend(decoder, ATOL[request.param])

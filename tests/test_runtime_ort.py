@@ -255,7 +255,7 @@ def test_qdq_kernel_table(op: str, quantized: str, scale: str, opset: int, block
 
 
 def test_recipes_the_cuda_provider_can_run() -> None:
-    from mexport.runtime.cuda_kernels import cuda_supported_recipes
+    from mexport.optimize.quantize.recipes import cuda_supported_recipes
 
     assert cuda_supported_recipes("fp16") == {"fp8": None, "int8-sq": None, "int8-wo": None, "int4-wo": None}
     assert cuda_supported_recipes("fp32") == cuda_supported_recipes("fp16")

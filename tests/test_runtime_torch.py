@@ -39,12 +39,7 @@ def test_bf16_computes_in_bf16_close_to_fp32(tiny_checkpoint: Path) -> None:
     assert str(past.layers[0].keys.dtype) == "torch.bfloat16"
 
 
-def test_upcast_at_run_time_computes_fp32_over_the_stored_bf16_weights(
-    tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from mexport.runtime import torch_runtime
-
-    monkeypatch.setattr(torch_runtime, "UPCAST_SLICE_BYTES", 16 << 10)  # the tied LM head in 16 slices
+def test_upcast_at_run_time_computes_fp32_over_the_stored_bf16_weights(tiny_checkpoint: Path) -> None:
     ids = np.random.default_rng(2).integers(4, 1000, (2, 20)).astype(np.int64)
     mask = np.ones_like(ids)
     mask[1, :6] = 0
@@ -53,7 +48,8 @@ def test_upcast_at_run_time_computes_fp32_over_the_stored_bf16_weights(
     with TorchDecoder(tiny_checkpoint, dtype="fp32") as fp32_copy:
         expected, past = fp32_copy.forward(ids, mask)
         expected_step, _ = fp32_copy.forward(ids[:, :1], step_mask, past)
-    with TorchDecoder(tiny_checkpoint, dtype="fp32", upcast_at_run_time=True) as decoder:
+    # upcast_slice_bytes: the tied LM head in 16 slices
+    with TorchDecoder(tiny_checkpoint, dtype="fp32", upcast_at_run_time=True, upcast_slice_bytes=16 << 10) as decoder:
         assert decoder.precision == "bf16 weights, fp32 compute (PyTorch cpu)"
         model = decoder._loaded_model()
         assert {str(p.dtype) for p in model.parameters()} == {"torch.bfloat16"}

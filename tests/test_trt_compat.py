@@ -195,7 +195,7 @@ def test_every_export_dtype_and_recipe_output_passes(
 
 @pytest.mark.slow
 def test_plan_refuses_a_quantized_model_with_one_negative_scale(quantized: dict[str, Path], tmp_path: Path) -> None:
-    """Issue 11's case: the parser refuses a negative DequantizeLinear scale; the plan now does too (exit 2)."""
+    """The parser refuses a negative DequantizeLinear scale, and so does the plan (exit 2)."""
     import shutil
 
     broken = tmp_path / "broken"

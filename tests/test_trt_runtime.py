@@ -144,7 +144,7 @@ def test_engine_without_chunk_profile_decodes_token_by_token(
 
 
 def _lean(export: Path, out: Path) -> Path:
-    """The export if it has the ``logits_indices`` input (issue 12's lean logits), else a copy given one: a Gather
+    """The export if it has the ``logits_indices`` input (lean logits), else a copy given one: a Gather
     of the logits rows."""
     import onnx
     from onnx import TensorProto, helper
@@ -200,8 +200,8 @@ def test_whole_validate_run_on_a_batch_1_short_input_engine(
 ) -> None:
     from mexport import doctor
     from mexport.export import export_onnx
+    from mexport.fixtures.learned import make_learned_fixture
     from mexport.validate import validate
-    from mexport.validate.learned import make_learned_fixture
 
     learned = make_learned_fixture(tmp_path / "learned")
     export = tmp_path / "export"

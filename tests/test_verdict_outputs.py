@@ -190,13 +190,13 @@ def test_cli_and_pipeline_refuse_the_same_option_values(tmp_path: Path, flags: l
 
 
 def test_opset_outside_what_the_exporter_writes_is_refused_everywhere(tmp_path: Path) -> None:
-    from mexport.export.exporter import MAX_OPSET
+    from mexport.export.exporter import EXPORT_MAX_OPSET
     from mexport.pipeline import config_from
 
-    cli = runner.invoke(app, ["onnx", str(tmp_path), "-o", str(tmp_path / "x"), "--opset", str(MAX_OPSET + 1)])
-    assert cli.exit_code == 2 and f"opset {MAX_OPSET + 1} not supported; use 14..{MAX_OPSET}" in cli.output
-    with pytest.raises(MexportError, match=f"export.opset: opset {MAX_OPSET + 1} not supported"):
-        config_from({"model": "fixture:tiny-gemma2", "output": tmp_path, "opset": MAX_OPSET + 1})
+    cli = runner.invoke(app, ["onnx", str(tmp_path), "-o", str(tmp_path / "x"), "--opset", str(EXPORT_MAX_OPSET + 1)])
+    assert cli.exit_code == 2 and f"opset {EXPORT_MAX_OPSET + 1} not supported; use 14..{EXPORT_MAX_OPSET}" in cli.output
+    with pytest.raises(MexportError, match=f"export.opset: opset {EXPORT_MAX_OPSET + 1} not supported"):
+        config_from({"model": "fixture:tiny-gemma2", "output": tmp_path, "opset": EXPORT_MAX_OPSET + 1})
 
 
 # ------------------------------------------------------------------------------------------ C: the graph's math

@@ -6,6 +6,9 @@ an expected failure (:class:`~mexport.errors.MexportError`, an ``OSError`` such 
 line plus a hint, never a traceback unless ``-v``; an unexpected exception is reported as an internal error (exit 5)
 with its traceback. With ``--json`` a failure also prints a JSON error object on stdout. ``-q`` silences progress
 and summaries, never errors.
+
+A command imports its library function when it runs: the stage packages import numpy, pydantic and (lmeval)
+lm-eval, which ``mexport --help`` and shell completion should not pay for.
 """
 
 from __future__ import annotations

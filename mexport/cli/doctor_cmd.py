@@ -9,6 +9,7 @@ from rich.table import Table
 
 from mexport.cli import app, emit_json, json_option
 from mexport.console import console
+from mexport.errors import MexportError
 
 STYLE = {"ok": "green", "missing": "red", "warn": "yellow", "info": "cyan"}
 
@@ -20,7 +21,6 @@ def doctor(
 ) -> None:
     """Check Python, packages, ONNX Runtime providers, GPUs, TensorRT, disk and RAM for each stage."""
     from mexport.doctor import as_dicts, diagnose
-    from mexport.errors import MexportError
 
     if path.exists() and not path.is_dir():
         raise MexportError(f"--path {path}: is a file; pass the directory exports would be written to")

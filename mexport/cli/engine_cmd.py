@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
+import typing
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from mexport import console
 from mexport.cli import app, echo_summary, emit_json, json_option
+from mexport.fsutil import format_bytes
+from mexport.trt_common import EngineSettings
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -16,16 +23,41 @@ if TYPE_CHECKING:
     from mexport.optimize.engine import EnginePlan
     from mexport.optimize.engine.profiles import ShapeRange
 
-TARGET_HELP = (
-    "Check memory against a named GPU: h100-80gb, h200-141gb, a100-80gb, a100-40gb, l40s-48gb, l4-24gb, a10g-24gb."
-)
+
+
+def with_engine_settings(command: Callable[..., None]) -> Callable[..., None]:
+    """Give ``command`` one option per :class:`EngineSettings` field (default, help and flag declared there) in
+    place of its ``settings`` parameter, which receives the settings those options make."""
+    types = typing.get_type_hints(EngineSettings)
+    options = [
+        inspect.Parameter(
+            setting.name,
+            inspect.Parameter.KEYWORD_ONLY,
+            default=typer.Option(setting.default, *filter(None, [setting.metadata["flag"]]),
+                                 help=setting.metadata["help"]),
+            annotation=types[setting.name],
+        )
+        for setting in dataclasses.fields(EngineSettings)
+    ]
+    names = [option.name for option in options]
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        settings = EngineSettings(**{name: kwargs.pop(name) for name in names})
+        command(*args, settings=settings, **kwargs)
+
+    own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != "settings"]
+    arguments = [p for p in own if p.kind is not inspect.Parameter.KEYWORD_ONLY]
+    keywords = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own if p not in arguments]
+    wrapper.__signature__ = inspect.Signature([*arguments, *options, *keywords])  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {p.name: p.annotation for p in [*arguments, *options, *keywords]}
+    return wrapper
 
 
 def _plan_tables(plan: EnginePlan) -> list[Table]:
     from rich.markup import escape
     from rich.table import Table
 
-    from mexport.fsutil import format_bytes
 
     shapes = Table(title=f"optimization profiles ({plan.model_dir})")
     for column in ("profile", "input", "min", "opt", "max"):
@@ -91,29 +123,13 @@ def _plan_tables(plan: EnginePlan) -> list[Table]:
 
 
 @app.command("engine")
+@with_engine_settings
 def engine(
     model_dir: Path = typer.Argument(..., help="Export or quantize output directory (model.onnx + mexport.json)."),
     out: Path = typer.Option(..., "-o", "--output", help="Engine directory to write (or where plan.json goes)."),
-    precision: str = typer.Option(
-        None, help="bf16, fp16 or fp32 (default: the model's dtype; an fp32 export at bf16 needs TensorRT 10)."
-    ),
-    max_batch: int = typer.Option(8, help="Largest batch the engine accepts."),
-    max_input_len: int = typer.Option(None, help="Longest prompt in tokens (default: min(2048, --max-context))."),
-    max_context: int = typer.Option(4096, help="Longest prompt + generated tokens (KV cache length)."),
-    prefill_chunk: int = typer.Option(
-        None, help="New tokens per engine call; longer prompts run in chunks (default: min(256, --max-input-len))."
-    ),
-    max_logits: int = typer.Option(64, help="Lean-logits graphs: positions with logits per engine call."),
-    opt_batch: int = typer.Option(1, help="Batch size TensorRT tunes kernels for."),
-    workspace: float = typer.Option(4.0, help="Builder workspace pool in GB."),
-    timing_cache: Path = typer.Option(None, help="Tactic timing cache to read and update (default: OUT/timing.cache)."),
-    hw_compat: str = typer.Option("none", help="none, or ampere+ for an engine that runs on any Ampere or newer GPU."),
+    *,
+    settings: EngineSettings,
     plan_only: bool = typer.Option(False, "--plan", help="Only plan (profiles, flags, memory): no TensorRT, no GPU."),
-    gpu_memory: float = typer.Option(None, help="Check memory against a GPU of this many GB."),
-    target: str = typer.Option(None, help=TARGET_HELP),
-    tensorrt_version: str = typer.Option(
-        None, help="Plan for this TensorRT (X.Y; default: the installed one, else the newest the [gpu] extra allows)."
-    ),
     verbose: bool = typer.Option(False, "-v", "--verbose", help="TensorRT's verbose log and tracebacks."),
     as_json: bool = json_option(),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT (or its plan.json)."),
@@ -123,25 +139,10 @@ def engine(
     --plan needs no TensorRT and no GPU: it prints and writes shapes, precision, flags and a memory estimate.
     A plan that cannot fit the chosen GPU (--target / --gpu-memory) is refused with the numbers.
     """
-    from mexport.optimize.engine import EngineSettings, build_engine, plan_engine, write_plan
+    from mexport.optimize.engine import build_engine, plan_engine, write_plan
 
     if verbose:
         console.configure(quiet=console.console.quiet, verbose=True)
-    settings = EngineSettings(
-        precision=precision,
-        max_batch=max_batch,
-        max_input_len=max_input_len,
-        max_context=max_context,
-        prefill_chunk=prefill_chunk,
-        max_logits=max_logits,
-        opt_batch=opt_batch,
-        workspace_gb=workspace,
-        timing_cache=timing_cache,
-        hw_compat=hw_compat,
-        gpu_memory_gb=gpu_memory,
-        target=target,
-        tensorrt_version=tensorrt_version,
-    )
     if plan_only:
         plan = plan_engine(model_dir, settings)
         for warning in plan.warnings:

@@ -7,7 +7,9 @@ from typing import Any
 
 import typer
 
+from mexport import console
 from mexport.cli import app, emit_json, json_option
+from mexport.fsutil import format_bytes
 
 
 def _validation_table(result: Any) -> Any:
@@ -61,9 +63,7 @@ def onnx_export(
 
     Weights are streamed from the safetensors files into one model.onnx.data, never all in memory.
     """
-    from mexport import console
     from mexport.export import export_onnx
-    from mexport.fsutil import format_bytes
 
     result = export_onnx(
         model, output, dtype=dtype, opset=opset, revision=revision, device=device, validate=not no_validate,
@@ -90,7 +90,6 @@ def generate(
     as_json: bool = json_option(),
 ) -> None:
     """Greedy continuation of a prompt with ONNX Runtime and the KV cache, with tokens per second."""
-    from mexport import console
     from mexport.export import generate_text
 
     result = generate_text(model_dir, prompt, max_new_tokens, device=device)

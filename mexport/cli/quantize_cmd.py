@@ -6,7 +6,9 @@ from pathlib import Path
 
 import typer
 
+from mexport import console
 from mexport.cli import app, emit_json, json_option
+from mexport.fsutil import format_bytes
 from mexport.optimize.quantize.recipes import DEFAULT_BLOCK_SIZE, RECIPES
 
 
@@ -44,8 +46,6 @@ def quantize_command(
 
     Embeddings, norms, attention, softcapping and (unless asked) the LM head stay in the export's precision.
     """
-    from mexport import console
-    from mexport.fsutil import format_bytes
     from mexport.optimize import quantize
     from mexport.optimize.quantize.report import report_tables
 

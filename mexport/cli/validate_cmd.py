@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from mexport import console
 from mexport.cli import app, emit_json, exit_with, json_option, parse_assignments, parse_margins
 from mexport.validate.verdict import DEFAULT_FAIL_ON, FAIL_ON_HELP
 
@@ -49,7 +50,6 @@ def validate_command(
     Exit 0 when every verdict passes, 1 when parity fails, 4 when the questions cannot resolve the margin
     (inconclusive; see --fail-on).
     """
-    from mexport import console
     from mexport.validate import validate
 
     report = validate(

@@ -23,7 +23,7 @@ from mexport.checkpoint import (
     resolve_checkpoint,
     side_files_bytes,
 )
-from mexport.errors import MexportError, ValidationFailedError
+from mexport.errors import MexportError
 from mexport.export.genai import write_genai_config
 from mexport.export.graph import (
     StoredTensor,
@@ -34,17 +34,18 @@ from mexport.export.graph import (
     trace_graph,
 )
 from mexport.export.verify import check_validation_memory, fp16_overflow_probe, validate_export
-from mexport.export.weights import write_weights
+from mexport.export.weights import WeightsWritten, write_weights
 from mexport.formats import DATA_FILE, EXPORT_DTYPES, GRAPH_FILE, LARGE_ALIGNMENT, SMALL_ALIGNMENT, TASK
-from mexport.fsutil import check_free_space, check_output_dir, locks_output, staged_output_dir
+from mexport.fsutil import check_output_dir, locks_output
 from mexport.lazy import require
-from mexport.manifest import io_signature, new_manifest, sha256_file, write_manifest
+from mexport.manifest import io_signature, new_manifest, sha256_file
+from mexport.stage import write_artifact
 
 DEVICES = ("cpu", "cuda")
-MIN_OPSET = 14  # Optimum's Gemma2 configuration and the attention ops need at least this
+EXPORT_MIN_OPSET = 14  # Optimum's Gemma2 configuration and the attention ops need at least this
 # the newest opset the pinned torch's exporter writes (torch.onnx._constants.ONNX_MAX_OPSET in torch 2.13; 24 raises
 # "Unsupported onnx_opset_version"); onnx's own newest, when older, bounds it too
-MAX_OPSET = 23
+EXPORT_MAX_OPSET = 23
 FREE_SPACE_MARGIN = 1.02
 
 
@@ -63,11 +64,12 @@ class ExportResult:
 
 
 def check_opset(opset: int) -> None:
-    """An opset the exporter can write: MIN_OPSET up to MAX_OPSET (or the installed onnx's newest, when older)."""
+    """An opset the exporter can write: EXPORT_MIN_OPSET up to EXPORT_MAX_OPSET (or the installed onnx's newest,
+    when older)."""
     onnx = require("onnx", "exporting to ONNX")
-    max_opset = min(MAX_OPSET, onnx.defs.onnx_opset_version())
-    if not MIN_OPSET <= opset <= max_opset:
-        raise MexportError(f"opset {opset} not supported; use {MIN_OPSET}..{max_opset}", hint="the default is 18")
+    max_opset = min(EXPORT_MAX_OPSET, onnx.defs.onnx_opset_version())
+    if not EXPORT_MIN_OPSET <= opset <= max_opset:
+        raise MexportError(f"opset {opset} not supported; use {EXPORT_MIN_OPSET}..{max_opset}", hint="the default is 18")
 
 
 def _check_options(dtype: str, opset: int, device: str) -> None:
@@ -132,6 +134,53 @@ def _weights_entry(stored: list[StoredTensor], sources: dict[str, TensorLocation
     }
 
 
+def _write_export_files(
+    staging: Path,
+    checkpoint: Checkpoint,
+    traced: TracedGraph,
+    stored: list[StoredTensor],
+    sources: dict[str, TensorLocation],
+    data_bytes: int,
+    timings: dict[str, float],
+) -> tuple[dict[str, Any], WeightsWritten, str]:
+    """The graph, its weights (streamed from the checkpoint), the side files and the ONNX check, into ``staging``;
+    returns the files' records, the weights written and whether a tokenizer is "present" or "missing"."""
+    onnx = require("onnx", "exporting to ONNX")
+    onnx.save_model(traced.model, str(staging / GRAPH_FILE))
+    clock = time.perf_counter()
+    with console.progress(bytes_mode=True) as bar:
+        task = bar.add_task("writing weights", total=data_bytes)
+        written = write_weights(
+            staging / DATA_FILE, stored, sources, checkpoint.weight_files, lambda n: bar.advance(task, n)
+        )
+    timings["weights_s"] = time.perf_counter() - clock
+    side_files = copy_side_files(checkpoint, staging)
+    side_files += write_genai_config(staging, traced.model_config, io_signature(traced.model))
+    tokenizer = "present" if has_tokenizer(staging) else "missing"
+    if tokenizer == "missing":
+        console.warn(
+            f"{checkpoint.path}: no tokenizer files ({' or '.join(TOKENIZER_FILES)}): the export cannot be "
+            "validated or used for generation until they are added (recorded as tokenizer: missing)"
+        )
+    onnx.checker.check_model(str(staging / GRAPH_FILE))
+    files = {name: _file_entry(staging / name) for name in (GRAPH_FILE, *side_files)}
+    files[DATA_FILE] = {"bytes": written.bytes, "sha256": written.sha256}  # hashed while written
+    return files, written, tokenizer
+
+
+def _source_entry(checkpoint: Checkpoint, revision: str | None, written: WeightsWritten) -> dict[str, Any]:
+    return {
+        "model": checkpoint.origin,
+        "path": str(checkpoint.path),
+        "revision": revision,
+        "bytes": checkpoint.weight_bytes,
+        "files": {
+            file.name: {"bytes": file.stat().st_size, "sha256": written.source_sha256[file]}
+            for file in checkpoint.weight_files
+        },
+    }
+
+
 @locks_output("output")
 def export_onnx(
     model: str | Path,
@@ -157,7 +206,6 @@ def export_onnx(
     differ from PyTorch beyond the dtype's tolerance.
     """
     _check_options(dtype, opset, device)
-    onnx = require("onnx", "exporting to ONNX")
     output = Path(output)
     check_output_dir(output.resolve(), overwrite)
     started = time.perf_counter()
@@ -172,32 +220,13 @@ def export_onnx(
         traced = trace_graph(checkpoint.path, dtype, opset, full_logits)
     stored, sources, data_bytes = _plan(checkpoint, traced, dtype, untie_embeddings)
     timings["trace_s"] = time.perf_counter() - clock
-    check_free_space(
-        output.resolve().parent,
-        int((data_bytes + traced.model.ByteSize() + side_files_bytes(checkpoint)) * FREE_SPACE_MARGIN),
-        what=f"the export of {checkpoint.path.name}",
-    )
-
-    with staged_output_dir(output, overwrite=overwrite) as staging:
-        onnx.save_model(traced.model, str(staging / GRAPH_FILE))
-        clock = time.perf_counter()
-        with console.progress(bytes_mode=True) as bar:
-            task = bar.add_task("writing weights", total=data_bytes)
-            written = write_weights(
-                staging / DATA_FILE, stored, sources, checkpoint.weight_files, lambda n: bar.advance(task, n)
-            )
-        timings["weights_s"] = time.perf_counter() - clock
-        side_files = copy_side_files(checkpoint, staging)
-        side_files += write_genai_config(staging, traced.model_config, io_signature(traced.model))
-        tokenizer = "present" if has_tokenizer(staging) else "missing"
-        if tokenizer == "missing":
-            console.warn(
-                f"{checkpoint.path}: no tokenizer files ({' or '.join(TOKENIZER_FILES)}): the export cannot be "
-                "validated or used for generation until they are added (recorded as tokenizer: missing)"
-            )
-        onnx.checker.check_model(str(staging / GRAPH_FILE))
-        files = {name: _file_entry(staging / name) for name in (GRAPH_FILE, *side_files)}
-        files[DATA_FILE] = {"bytes": written.bytes, "sha256": written.sha256}  # hashed while written
+    needs_bytes = int((data_bytes + traced.model.ByteSize() + side_files_bytes(checkpoint)) * FREE_SPACE_MARGIN)
+    with write_artifact(
+        output, overwrite=overwrite, needs_bytes=needs_bytes, what=f"the export of {checkpoint.path.name}"
+    ) as artifact:
+        files, written, tokenizer = _write_export_files(
+            artifact.path, checkpoint, traced, stored, sources, data_bytes, timings
+        )
         manifest = new_manifest(
             "export",
             status="not_validated",
@@ -209,16 +238,7 @@ def export_onnx(
             io=io_signature(traced.model),
             files=files,
             weights=_weights_entry(stored, sources, data_bytes),
-            source={
-                "model": checkpoint.origin,
-                "path": str(checkpoint.path),
-                "revision": revision,
-                "bytes": checkpoint.weight_bytes,
-                "files": {
-                    file.name: {"bytes": file.stat().st_size, "sha256": written.source_sha256[file]}
-                    for file in checkpoint.weight_files
-                },
-            },
+            source=_source_entry(checkpoint, revision, written),
             export={
                 "untie_embeddings": untie_embeddings, "full_logits": full_logits, "device": device,
                 "fp16_overflow_probe": overflow_probe,
@@ -227,17 +247,17 @@ def export_onnx(
             validation=None,
         )
         timings["export_s"] = time.perf_counter() - started
-        write_manifest(staging, manifest)
+        artifact.record(manifest)
         if validate:
             clock = time.perf_counter()
-            summary = validate_export(checkpoint.path, staging, dtype, device, long_check=long_check)
+            summary = validate_export(checkpoint.path, artifact.path, dtype, device, long_check=long_check)
             timings["validate_s"] = time.perf_counter() - clock
             manifest.update(status=summary["status"], validation=summary)
         timings["total_s"] = time.perf_counter() - started
-        write_manifest(staging, manifest)
         if manifest["status"] == "failed":
-            raise ValidationFailedError(
+            artifact.fail(
                 f"export written to {output} but its logits differ from PyTorch: {manifest['validation']['failure']}",
                 hint="see validation in mexport.json",
             )
+        artifact.record()
     return ExportResult(output, manifest, manifest["validation"], timings)

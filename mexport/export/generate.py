@@ -12,6 +12,7 @@ from mexport.checkpoint import load_tokenizer
 from mexport.console import warn
 from mexport.errors import MexportError
 from mexport.manifest import read_manifest
+from mexport.runtime.ort import OrtDecoder
 
 
 @dataclass(frozen=True)
@@ -46,8 +47,6 @@ def generate_text(model_dir: Path, prompt: str, max_new_tokens: int = 32, device
 
     The directory is verified against its manifest first; ``max_new_tokens`` is capped (with a warning) so the
     prompt plus the new tokens fit the model's context."""
-    from mexport.runtime.ort import OrtDecoder
-
     if max_new_tokens < 1:
         raise MexportError(f"--max-new-tokens must be at least 1 (got {max_new_tokens})")
     read_manifest(model_dir, expected_kind=("export", "quantize"), verify=True)

@@ -195,7 +195,7 @@ def trace_graph(checkpoint_dir: Path, dtype: str, opset: int, full_logits: bool 
     Lean (default): an int64 input ``logits_indices`` ["logits_length"] names the positions among the new tokens
     whose logits are computed, so ``logits`` is [batch, logits_length, vocab] (transformers' tensor
     ``logits_to_keep``: a Gather before the LM head). A prefill that needs the next token pays for one row of
-    ``vocab`` logits, not ``sequence_length`` rows. ``full_logits``: the LM head over every position, as before.
+    ``vocab`` logits, not ``sequence_length`` rows. ``full_logits``: the LM head over every position.
     """
     torch = require("torch", "tracing the model")
     onnx = require("onnx", "building the ONNX graph")

@@ -32,7 +32,6 @@ NO_BF16_OPS = frozenset({
     "Ceil", "Clip", "Cos", "CumSum", "Equal", "Floor", "Greater", "GreaterOrEqual", "Less", "LessOrEqual", "Log",
     "Pad", "Range", "Reciprocal", "ReduceMax", "ReduceMean", "ReduceMin", "Round", "Sin", "TopK",
 })
-RECIPE_WEIGHT_TYPES = {"fp8": "float8e4m3fn", "int8": "int8", "int4": "int4"}
 
 
 @dataclass(frozen=True)
@@ -95,24 +94,3 @@ def cuda_unsupported_nodes(model: Any) -> list[UnsupportedNode]:
         if reason:
             found.append(UnsupportedNode(node.name or node.output[0], node.op_type, reason))
     return found
-
-
-def cuda_recipe_support(recipe_name: str, dtype: str) -> str | None:
-    """Why ONNX Runtime's CUDA provider cannot run ``recipe_name`` quantized over a ``dtype`` export on the GPU
-    (None: it can; blocked int4 needs a release whose CUDA DequantizeLinear implements ``block_size``)."""
-    from mexport.formats import EXPORT_DTYPES
-    from mexport.optimize.quantize.recipes import get_recipe
-
-    recipe = get_recipe(recipe_name)
-    return qdq_gap(
-        "DequantizeLinear", RECIPE_WEIGHT_TYPES[recipe.weights], EXPORT_DTYPES[dtype], recipe.opset_for(dtype),
-        recipe.blocked,
-    )
-
-
-def cuda_supported_recipes(dtype: str) -> dict[str, str | None]:
-    """For ``doctor`` and engine plans: every recipe over a ``dtype`` export -> None (CUDA provider runs it) or why
-    not (use its TensorRT engine, or ``--backend-device cpu``)."""
-    from mexport.optimize.quantize.recipes import RECIPES
-
-    return {name: cuda_recipe_support(name, dtype) for name in RECIPES}

@@ -25,7 +25,7 @@ import numpy as np
 
 from mexport import console
 from mexport.checkpoint import INDEX_FILE, SIDE_FILES, incomplete_checkpoint, read_config, weight_files
-from mexport.errors import MexportError
+from mexport.errors import MexportError, first_line
 from mexport.formats import EXPORT_DTYPES as TORCH_DTYPES  # mexport name -> torch / HF config name
 from mexport.lazy import require
 from mexport.manifest import VerifiedFiles, hash_files
@@ -52,14 +52,14 @@ def checkpoint_dtype(config: dict[str, Any]) -> str:
     return by_torch_name[saved]
 
 
-def _upcast_linear_forward(torch: Any, linear: Any, compute_dtype: Any, hidden: Any) -> Any:
+def _upcast_linear_forward(torch: Any, linear: Any, compute_dtype: Any, slice_bytes: int, hidden: Any) -> Any:
     """``linear(hidden)`` in ``compute_dtype`` with the weight cast one slice of output rows at a time.
 
     The slices share one buffer: a fresh 16 MiB block per slice left glibc's heap fragmented, so that in about half
     of identical runs the LM head kept one fp32 copy of Gemma's embedding allocated (2-layer full width: a
     reference forward peaking at 6.6 GB instead of 3.1 GB)."""
     weight, bias = linear.weight, linear.bias
-    rows = min(weight.shape[0], max(1, UPCAST_SLICE_BYTES // (weight.shape[1] * torch.finfo(compute_dtype).bits // 8)))
+    rows = min(weight.shape[0], max(1, slice_bytes // (weight.shape[1] * torch.finfo(compute_dtype).bits // 8)))
     buffer = torch.empty((rows, weight.shape[1]), dtype=compute_dtype, device=weight.device)
     output = torch.empty((*hidden.shape[:-1], weight.shape[0]), dtype=compute_dtype, device=hidden.device)
     for start in range(0, weight.shape[0], rows):
@@ -72,11 +72,11 @@ def _upcast_linear_forward(torch: Any, linear: Any, compute_dtype: Any, hidden: 
     return output
 
 
-def _upcast_at_run_time(torch: Any, model: Any, compute_dtype: Any) -> None:
+def _upcast_at_run_time(torch: Any, model: Any, compute_dtype: Any, slice_bytes: int) -> None:
     """Make ``model`` compute in ``compute_dtype`` while its weights keep their stored dtype (see module doc)."""
     for module in model.modules():
         if isinstance(module, torch.nn.Linear):
-            module.forward = functools.partial(_upcast_linear_forward, torch, module, compute_dtype)
+            module.forward = functools.partial(_upcast_linear_forward, torch, module, compute_dtype, slice_bytes)
         elif isinstance(module, torch.nn.Embedding):
             module.register_forward_hook(lambda _module, _inputs, rows: rows.to(compute_dtype))
 
@@ -91,10 +91,16 @@ class TorchDecoder(DecoderRuntime):
     name = "torch"
 
     def __init__(
-        self, checkpoint: Path | str, dtype: str | None = None, device: str = "cpu", upcast_at_run_time: bool = False
+        self,
+        checkpoint: Path | str,
+        dtype: str | None = None,
+        device: str = "cpu",
+        upcast_at_run_time: bool = False,
+        upcast_slice_bytes: int = UPCAST_SLICE_BYTES,
     ) -> None:
         """``upcast_at_run_time``: when ``dtype`` is wider than the checkpoint's, keep the stored weights and cast them
-        as each module runs (see module doc) instead of loading an upcast copy."""
+        as each module runs (see module doc) instead of loading an upcast copy, ``upcast_slice_bytes`` of fp32
+        weight at a time."""
         self.checkpoint = Path(checkpoint)
         self.config = read_config(self.checkpoint)
         weight_files(self.checkpoint)  # safetensors only: fail here, before any heavy import
@@ -107,6 +113,7 @@ class TorchDecoder(DecoderRuntime):
         if device not in DEVICES:
             raise MexportError(f"unknown torch device {device!r}; expected one of {', '.join(DEVICES)}")
         self.device = device
+        self.upcast_slice_bytes = upcast_slice_bytes
         self.spec = DecoderSpec.from_model_config(self.config)
         self._model: Any = None
 
@@ -138,11 +145,10 @@ class TorchDecoder(DecoderRuntime):
                     output_loading_info=True,
                 )
             except (OSError, ValueError, KeyError, RuntimeError) as exc:
-                lines = [line.strip() for line in str(exc).strip().splitlines()] or [type(exc).__name__]
-                mismatch = [line for line in lines if line.startswith("size mismatch")]
+                mismatch = [line.strip() for line in str(exc).splitlines() if line.strip().startswith("size mismatch")]
                 if isinstance(exc, RuntimeError) and not mismatch:
                     raise  # not the checkpoint's fault (out of memory, a bug)
-                reason = (mismatch or lines)[0]
+                reason = mismatch[0] if mismatch else first_line(exc)
                 raise MexportError(f"could not load checkpoint {self.checkpoint}: {reason}") from exc
             finally:
                 transformers.logging.set_verbosity(verbosity)
@@ -151,7 +157,7 @@ class TorchDecoder(DecoderRuntime):
             raise incomplete_checkpoint(self.checkpoint, sorted(loading["missing_keys"]))
         self.check_files_unchanged()
         if self.weights_dtype != self.dtype:
-            _upcast_at_run_time(torch, model, getattr(torch, TORCH_DTYPES[self.dtype]))
+            _upcast_at_run_time(torch, model, getattr(torch, TORCH_DTYPES[self.dtype]), self.upcast_slice_bytes)
         self._model = model.to(self.device).eval()
 
     def verify_files(self) -> VerifiedFiles:

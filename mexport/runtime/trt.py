@@ -29,8 +29,6 @@ from mexport.errors import IntegrityError, MexportError
 from mexport.formats import ENGINE_FILE, LOGITS_INDICES, PAST_PREFIX, PRESENT_PREFIX
 from mexport.lazy import require
 from mexport.manifest import VerifiedFiles, read_manifest, verify_artifact_files
-from mexport.optimize.engine.precision import require_tensorrt, version_tuple
-from mexport.optimize.engine.profiles import BATCH, LOGITS, PAST, SEQUENCE, EngineLimits, resolve_shape
 from mexport.runtime.base import (
     DecoderRuntime,
     DecoderSpec,
@@ -40,6 +38,17 @@ from mexport.runtime.base import (
     kept_logits,
     position_ids_from_mask,
 )
+from mexport.trt_common import (
+    AMPERE,
+    BATCH,
+    LOGITS,
+    PAST,
+    SEQUENCE,
+    EngineLimits,
+    require_tensorrt,
+    resolve_shape,
+    version_tuple,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -47,7 +56,6 @@ if TYPE_CHECKING:
     import tensorrt as trt
     import torch
 
-AMPERE = (8, 0)
 EMPTY_BINDING_BYTES = 256  # an aligned address to bind zero-sized inputs to (torch gives them none)
 
 

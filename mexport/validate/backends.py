@@ -22,6 +22,8 @@ from mexport.lazy import require
 from mexport.manifest import MANIFEST_NAME, read_manifest
 from mexport.runtime.base import DecoderRuntime
 from mexport.runtime.onnx_graph import GRAPH_SUFFIX
+from mexport.runtime.ort import OrtDecoder
+from mexport.runtime.torch_runtime import TorchDecoder
 
 KINDS = ("torch", "ort", "trt")
 DEVICES_BY_KIND = {"torch": ("cpu", "cuda"), "ort": ("cpu", "cuda", "tensorrt"), "trt": ("cpu", "cuda")}
@@ -79,7 +81,6 @@ def _ort_runtime(path: Path, device: str) -> DecoderRuntime:
                 f"ONNX Runtime here has no {provider} (available: {', '.join(ort.get_available_providers())})",
                 hint="install onnxruntime-gpu on a CUDA host (uninstall the CPU onnxruntime first)",
             )
-    from mexport.runtime.ort import OrtDecoder
 
     return OrtDecoder(path, device=device)
 
@@ -102,7 +103,6 @@ def _torch_runtime(path: Path, device: str) -> DecoderRuntime:
         torch = require("torch", "running the PyTorch reference")
         if not torch.cuda.is_available():
             raise BackendUnavailable("PyTorch sees no CUDA GPU", hint="use device cpu, or a CUDA build of torch")
-    from mexport.runtime.torch_runtime import TorchDecoder
 
     return TorchDecoder(path, device=device)
 

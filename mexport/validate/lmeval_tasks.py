@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from mexport.errors import MexportError
+from mexport.errors import MexportError, first_line
 from mexport.lazy import require
 
 
@@ -38,7 +38,7 @@ def _single_task(name: str, include_path: Path | str | None) -> Any:
     try:
         task = manager.load([name])["tasks"][name]
     except Exception as exc:  # the dataset download (network, gated, offline cache) or the task's own code
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         raise MexportError(
             f"lm-eval could not load task {name!r}: {reason}",
             hint="its dataset comes from the Hugging Face hub: check network access and the hub token, or run "

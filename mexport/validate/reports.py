@@ -10,15 +10,15 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mexport import strict_json
-from mexport.errors import EXIT_CHECK_FAILED, EXIT_INCONCLUSIVE
+from mexport.errors import EXIT_INCONCLUSIVE, VERDICT_WORDS, verdict_word
 from mexport.fsutil import replace_files_as_set
+from mexport.junit import JUnitCase, junit_xml
 from mexport.manifest import sha256_file
 from mexport.strict_json import non_finite_text
 from mexport.validate.stats import CONFIDENCE, MetricComparison, resolvable_difference, wilson_interval
@@ -174,8 +174,8 @@ class ValidationReport:
         """One word for the run: PASSED, FAILED or INCONCLUSIVE (under its ``fail_on`` policy; a run that compared
         nothing is never PASSED)."""
         if not self.compared:
-            return "INCONCLUSIVE"
-        return {EXIT_CHECK_FAILED: "FAILED", EXIT_INCONCLUSIVE: "INCONCLUSIVE"}.get(self.exit_code, "PASSED")
+            return VERDICT_WORDS[EXIT_INCONCLUSIVE]
+        return verdict_word(self.exit_code)
 
     @property
     def outcome_note(self) -> str | None:
@@ -518,32 +518,18 @@ def _junit_kind(status: str, fail_on: str) -> str | None:
 
 def render_junit(report: ValidationReport) -> bytes:
     """One testcase per task × candidate (classname mexport.parity.<task>); failure text says why."""
-    kinds = [_junit_kind(r.verdict.status, report.fail_on) for r in report.results]
-    counts = {
-        "tests": str(len(report.results)),
-        "failures": str(kinds.count("failure")),
-        "errors": "0",
-        "skipped": str(kinds.count("skipped")),
-    }
-    suites = ET.Element("testsuites", {"name": "mexport.parity", **counts})
-    suite = ET.SubElement(suites, "testsuite", {"name": "mexport.parity", **counts})
-    for result, kind in zip(report.results, kinds, strict=True):
-        case = ET.SubElement(
-            suite, "testcase", {"classname": f"mexport.parity.{result.task}", "name": result.candidate, "time": "0"}
-        )
-        status = result.verdict.status
-        if kind == "failure":
-            kind_name = "ParityInconclusive" if status == INCONCLUSIVE else "ParityFailure"
-            failure = ET.SubElement(case, "failure", {"message": result.verdict.message, "type": kind_name})
-            failure.text = _junit_details(result)
-        elif kind == "skipped":
-            message = result.verdict.message if status == SKIPPED else f"{status}: {result.verdict.message}"
-            ET.SubElement(case, "skipped", {"message": message})
-        else:
-            out = ET.SubElement(case, "system-out")
-            out.text = _junit_details(result)
-    ET.indent(suites)
-    return ET.tostring(suites, encoding="utf-8", xml_declaration=True) + b"\n"
+    cases = []
+    for result in report.results:
+        status, message = result.verdict.status, result.verdict.message
+        kind = _junit_kind(status, report.fail_on)
+        if kind == "skipped" and status != SKIPPED:
+            message = f"{status}: {message}"
+        cases.append(JUnitCase(
+            f"mexport.parity.{result.task}", result.candidate, kind, message,
+            failure_type="ParityInconclusive" if status == INCONCLUSIVE else "ParityFailure",
+            details=None if kind == "skipped" else _junit_details(result),
+        ))
+    return junit_xml("mexport.parity", cases)
 
 
 def _junit_details(result: ParityResult) -> str:

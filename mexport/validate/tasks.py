@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mexport.errors import MexportError
+from mexport.errors import MexportError, first_line
 from mexport.lazy import require
 from mexport.manifest import sha256_file
 
@@ -365,7 +365,7 @@ def _read_hub_rows(spec: TaskSpec) -> list[Any]:
     try:
         dataset = datasets.load_dataset(spec.hub_id, spec.hub_config, split=spec.hub_split)
     except Exception as exc:  # network, auth, missing-config errors all mean "not available here"
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         raise MexportError(
             f"could not load {spec.name} from the Hugging Face hub ({_hub_source(spec)}): {reason}",
             hint=(

@@ -5,9 +5,10 @@
 Importing this package imports neither TensorRT nor torch.
 """
 
-from mexport.optimize.engine.builder import EngineResult, build_engine, require_tensorrt
+from mexport.optimize.engine.builder import EngineResult, build_engine
 from mexport.optimize.engine.gpus import GPU_TARGETS, GpuInfo, detect_gpus
 from mexport.optimize.engine.plan import EnginePlan, EngineSettings, MemoryEstimate, plan_engine, write_plan
+from mexport.trt_common import require_tensorrt
 
 __all__ = [
     "GPU_TARGETS",

@@ -21,7 +21,7 @@ from mexport import console
 from mexport.errors import MexportError
 from mexport.formats import ENGINE_FILE
 from mexport.formats import GRAPH_FILE as ONNX_FILE
-from mexport.fsutil import check_free_space, locks_output, staged_output_dir
+from mexport.fsutil import locks_output
 from mexport.lazy import require
 from mexport.manifest import (
     MANIFEST_NAME,
@@ -29,7 +29,6 @@ from mexport.manifest import (
     file_records,
     new_manifest,
     verified_input,
-    write_manifest,
 )
 from mexport.optimize.engine.gpus import GpuInfo, require_cuda_gpu
 from mexport.optimize.engine.plan import (
@@ -40,10 +39,11 @@ from mexport.optimize.engine.plan import (
     read_source_manifest,
     write_plan,
 )
-from mexport.optimize.engine.precision import require_tensorrt
+from mexport.stage import write_artifact
+from mexport.trt_common import require_tensorrt
 
 TIMING_CACHE_FILE = "timing.cache"
-NOT_COPIED_SUFFIXES = (".onnx", ".data")  # the graph and its weights live in the engine now
+NOT_COPIED_SUFFIXES = (".onnx", ".data")  # the graph and its weights live in the engine
 @dataclass(frozen=True)
 class EngineResult:
     """A finished engine directory."""
@@ -193,10 +193,13 @@ def build_engine(model_dir: Path, out: Path, settings: EngineSettings, overwrite
             f"building on {gpu.name} (compute capability {gpu.capability_text}): the engine runs only on GPUs of "
             f"that capability, not on the planned {planned.name}; pass --hw-compat ampere+ to build for both"
         )
-    check_free_space(out.resolve().parent, plan.memory.weights_bytes * 11 // 10, what="the engine")
     if settings.timing_cache is not None and not settings.timing_cache.resolve().parent.is_dir():
         raise MexportError(f"--timing-cache {settings.timing_cache}: its directory does not exist")
-    with staged_output_dir(out, overwrite=overwrite or _holds_only_plan(out)) as stage:
+    with write_artifact(
+        out, overwrite=overwrite or _holds_only_plan(out), needs_bytes=plan.memory.weights_bytes * 11 // 10,
+        what="the engine",
+    ) as artifact:
+        stage = artifact.path
         if settings.timing_cache is None:
             build_cache, recorded_cache = stage / TIMING_CACHE_FILE, out.resolve() / TIMING_CACHE_FILE
             if recorded_cache.is_file():
@@ -217,5 +220,5 @@ def build_engine(model_dir: Path, out: Path, settings: EngineSettings, overwrite
             files = file_records(stage)
         manifest = engine_manifest(plan, source, gpu, tensorrt_version, build_seconds, files, recorded_cache)
         manifest["verified_inputs"] = [verified_input(model_dir, source)]
-        write_manifest(stage, manifest)
+        artifact.record(manifest)
     return EngineResult(out.resolve(), files[ENGINE_FILE]["bytes"], build_seconds, gpu, tensorrt_version, plan)

@@ -22,6 +22,7 @@ import numpy as np
 from mexport.errors import MexportError
 from mexport.formats import GRAPH_FILE
 from mexport.lazy import require
+from mexport.trt_common import version_tuple
 
 SOURCES = {
     "operators": "onnx/onnx-tensorrt docs/operators.md, TensorRT 10.15 release (op table, supported types, limits)",
@@ -32,11 +33,6 @@ SOURCES = {
     "release-notes": "TensorRT release notes 10.0-11.0 (opset ranges; Attention in 10.14; RotaryEmbedding, "
     "RMSNormalization, TensorScatter in 10.15; FP8 / FP4 blocked quantization in 11.0)",
 }
-
-
-def version_tuple(version: str) -> tuple[int, ...]:
-    """'10.13.0.35' -> (10, 13, 0, 35); compares release numbers correctly ('10.15' > '10.8')."""
-    return tuple(int(part) for part in version.split(".") if part.isdigit())
 
 
 @dataclass(frozen=True)
@@ -74,7 +70,7 @@ RULES: dict[str, Rule] = {
 
 # highest ONNX opset each TensorRT release's parser documents (lowest: 9); a later opset needs a later release
 OPSETS = ((20, "10.0"), (24, "10.15"), (25, "11.5"))
-MIN_OPSET = 9
+PARSER_MIN_OPSET = 9  # the lowest opset TensorRT's ONNX parser documents
 
 FLOATS = ("FP32", "FP16", "BF16")
 INTS = ("INT32", "INT64")
@@ -150,9 +146,9 @@ class Violation:
         return f"node {self.node!r} ({self.op}): {self.detail} [rule {self.rule}: {rule}; TensorRT {self.tensorrt}]"
 
 
-def opset_min_tensorrt(opset: int) -> str | None:
+def first_tensorrt_for_opset(opset: int) -> str | None:
     """The first TensorRT release whose parser documents ``opset``; None when none does."""
-    return next((version for highest, version in OPSETS if MIN_OPSET <= opset <= highest), None)
+    return next((version for highest, version in OPSETS if PARSER_MIN_OPSET <= opset <= highest), None)
 
 
 class _Graph:
@@ -324,9 +320,9 @@ def check_graph(model_dir: Path, tensorrt_version: str) -> list[Violation]:
     model = onnx.load(str(Path(model_dir) / GRAPH_FILE), load_external_data=False)
     graph = _Graph(model, Path(model_dir))
     violations = []
-    first = opset_min_tensorrt(graph.opset)
+    first = first_tensorrt_for_opset(graph.opset)
     if first is None or version_tuple(tensorrt_version) < version_tuple(first):
-        documented = f"is outside every documented range ({MIN_OPSET}-{OPSETS[-1][0]})"
+        documented = f"is outside every documented range ({PARSER_MIN_OPSET}-{OPSETS[-1][0]})"
         reason = f"needs TensorRT {first}" if first else documented
         violations.append(Violation("<model>", "opset_import", "opset", f"opset {graph.opset} {reason}",
                                     tensorrt_version))

@@ -14,9 +14,9 @@ import subprocess
 from dataclasses import dataclass
 
 from mexport.errors import MexportError
+from mexport.trt_common import GB
 
 MIB = 1 << 20
-GB = 1_000_000_000  # --gpu-memory / --workspace are decimal GB, like the sizes mexport prints
 
 
 @dataclass(frozen=True)
@@ -44,23 +44,6 @@ GPU_TARGETS: dict[str, GpuInfo] = {
     "l4-24gb": GpuInfo("NVIDIA L4 24GB", 23034 * MIB, (8, 9)),
     "a10g-24gb": GpuInfo("NVIDIA A10G 24GB", 23028 * MIB, (8, 6)),
 }
-
-ARCHITECTURES: tuple[tuple[tuple[int, int], str], ...] = (
-    ((10, 0), "Blackwell"),
-    ((9, 0), "Hopper"),
-    ((8, 9), "Ada"),
-    ((8, 0), "Ampere"),
-    ((7, 5), "Turing"),
-)
-
-
-def architecture_name(capability: tuple[int, int]) -> str:
-    """The newest architecture whose first compute capability is at most ``capability``."""
-    for first, name in ARCHITECTURES:
-        if capability >= first:
-            return name
-    return "pre-Turing"
-
 
 def gpu_budget(target: str | None, gpu_memory_gb: float | None) -> GpuInfo | None:
     """The GPU a plan is checked against: a named target, a bare memory size, or None (not checked)."""

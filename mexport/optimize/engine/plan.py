@@ -26,34 +26,30 @@ from typing import Any
 
 from mexport import strict_json
 from mexport.errors import MexportError
-from mexport.formats import GRAPH_FILE
+from mexport.formats import ELEMENT_BYTES, GRAPH_FILE
 from mexport.fsutil import format_bytes
 from mexport.manifest import read_manifest, verify_files
 from mexport.optimize.engine.compat import require_compatible
-from mexport.optimize.engine.gpus import GB, GpuInfo, gpu_budget
+from mexport.optimize.engine.gpus import GpuInfo, gpu_budget
 from mexport.optimize.engine.precision import (
-    BYTES_PER_ELEMENT,
-    RECIPES,
     BuildMode,
     TensorRTTarget,
     check_capability,
-    installed_tensorrt,
-    opset_min_tensorrt,
+    min_tensorrt_for_opset,
     resolve_tensorrt_target,
     select_build_mode,
-    version_tuple,
 )
-from mexport.optimize.engine.profiles import (
+from mexport.optimize.engine.profiles import OptimizationProfile, derive_profiles
+from mexport.optimize.quantize.recipes import RECIPES, cuda_recipe_support
+from mexport.trt_common import (
     BATCH,
-    DEFAULT_MAX_INPUT_LEN,
-    DEFAULT_MAX_LOGITS,
-    DEFAULT_PREFILL_CHUNK,
+    GB,
     LOGITS,
     PAST,
     SEQUENCE,
-    EngineLimits,
-    OptimizationProfile,
-    derive_profiles,
+    EngineSettings,
+    installed_tensorrt,
+    version_tuple,
 )
 
 PLAN_FILE = "plan.json"
@@ -62,50 +58,6 @@ HARDWARE_COMPAT = ("none", "ampere+")
 RUNTIME_RESERVE_BYTES = 1 * GB  # CUDA context, cuBLAS / TensorRT kernels and the runtime's own allocations
 KV_BUFFERS = 2  # past inputs and present outputs are distinct device buffers
 ONNX_WEIGHT_SUFFIXES = (".onnx", ".onnx.data")
-
-
-@dataclass(frozen=True)
-class EngineSettings:
-    """What ``mexport engine`` was asked for; defaults suit MCQ validation (5 options share one prompt)."""
-
-    precision: str | None = None  # None: the graph's own dtype (strongly typed, on every TensorRT)
-    max_batch: int = 8
-    max_input_len: int | None = None  # None: min(2048, max_context)
-    max_context: int = 4096
-    opt_batch: int = 1
-    prefill_chunk: int | None = None  # None: min(256, max_input_len)
-    max_logits: int = DEFAULT_MAX_LOGITS
-    workspace_gb: float = 4.0
-    timing_cache: Path | None = None
-    hw_compat: str = "none"
-    gpu_memory_gb: float | None = None
-    target: str | None = None
-    tensorrt_version: str | None = None  # plan for this TensorRT (X.Y); None: the installed one, else the newest
-
-    @property
-    def limits(self) -> EngineLimits:
-        """The limits with unset ones adapted to those given (``--max-context 256`` alone is a valid request)."""
-        max_input_len = self.max_input_len
-        if max_input_len is None:
-            max_input_len = min(DEFAULT_MAX_INPUT_LEN, self.max_context)
-        chunk = self.prefill_chunk if self.prefill_chunk is not None else min(DEFAULT_PREFILL_CHUNK, max_input_len)
-        return EngineLimits(self.max_batch, max_input_len, self.max_context, self.opt_batch, chunk, self.max_logits)
-
-    @property
-    def workspace_bytes(self) -> int:
-        return int(self.workspace_gb * GB)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "precision": self.precision,
-            **self.limits.to_dict(),
-            "workspace_gb": self.workspace_gb,
-            "timing_cache": str(self.timing_cache) if self.timing_cache else None,
-            "hw_compat": self.hw_compat,
-            "gpu_memory_gb": self.gpu_memory_gb,
-            "target": self.target,
-            "tensorrt_version": self.tensorrt_version,
-        }
 
 
 @dataclass(frozen=True)
@@ -229,7 +181,7 @@ def _io_dtype(manifest: dict[str, Any], group: str, name_prefix: str) -> str:
     if len(dtypes) != 1:
         raise MexportError(f"manifest io: expected one dtype for {name_prefix}* {group}, found {sorted(dtypes)}")
     dtype = str(dtypes.pop())
-    if dtype not in BYTES_PER_ELEMENT:
+    if dtype not in ELEMENT_BYTES:
         raise MexportError(f"manifest io: unsupported dtype {dtype!r} for {name_prefix}*")
     return dtype
 
@@ -239,7 +191,7 @@ def estimate_weights(manifest: dict[str, Any], mode: BuildMode) -> tuple[int, st
     config = manifest["model_config"]
     params = int(config["parameter_count"])
     if mode.recipe is None:
-        return params * BYTES_PER_ELEMENT[mode.precision], f"{params:,} parameters x {mode.precision}"
+        return params * ELEMENT_BYTES[mode.precision], f"{params:,} parameters x {mode.precision}"
     files = manifest.get("files") or {}
     onnx_bytes = sum(int(info["bytes"]) for name, info in files.items() if name.endswith(ONNX_WEIGHT_SUFFIXES))
     if onnx_bytes:
@@ -247,7 +199,7 @@ def estimate_weights(manifest: dict[str, Any], mode: BuildMode) -> tuple[int, st
     recipe = RECIPES[mode.recipe]
     embedding = int(config["vocab_size"]) * int(config["hidden_size"])
     gemm_bytes = (params - embedding) * recipe.weight_bits // 8
-    embedding_bytes = embedding * BYTES_PER_ELEMENT[mode.precision]
+    embedding_bytes = embedding * ELEMENT_BYTES[mode.precision]
     return gemm_bytes + embedding_bytes, (
         f"{params - embedding:,} GEMM parameters x {recipe.weight_bits} bits + {embedding:,} embedding x "
         f"{mode.precision} (scales not counted)"
@@ -263,7 +215,7 @@ def estimate_activations(
     never runs more than ``max_context`` cached + new tokens, so attention rows are capped there.
     """
     config = manifest["model_config"]
-    logits_bytes = BYTES_PER_ELEMENT[_io_dtype(manifest, "outputs", "logits")]
+    logits_bytes = ELEMENT_BYTES[_io_dtype(manifest, "outputs", "logits")]
     hidden, intermediate = int(config["hidden_size"]), int(config["intermediate_size"])
     heads, vocab = int(config["num_attention_heads"]), int(config["vocab_size"])
     peak = 0
@@ -282,7 +234,7 @@ def estimate_memory(
     manifest: dict[str, Any], mode: BuildMode, profiles: list[OptimizationProfile], settings: EngineSettings
 ) -> MemoryEstimate:
     config = manifest["model_config"]
-    kv_bytes = BYTES_PER_ELEMENT[_io_dtype(manifest, "inputs", "past_key_values.")]
+    kv_bytes = ELEMENT_BYTES[_io_dtype(manifest, "inputs", "past_key_values.")]
     per_token = 2 * int(config["num_hidden_layers"]) * int(config["num_key_value_heads"]) * int(config["head_dim"])
     per_token *= kv_bytes
     weights, source = estimate_weights(manifest, mode)
@@ -292,7 +244,7 @@ def estimate_memory(
         kv_bytes_per_token=per_token,
         kv_cache_bytes=per_token * settings.max_batch * settings.max_context,
         activation_bytes=estimate_activations(
-            manifest, profiles, BYTES_PER_ELEMENT[mode.precision], settings.max_context
+            manifest, profiles, ELEMENT_BYTES[mode.precision], settings.max_context
         ),
         workspace_bytes=settings.workspace_bytes,
     )
@@ -307,8 +259,6 @@ def _check_settings(settings: EngineSettings) -> None:
 
 def _ort_cuda_gap(manifest: dict[str, Any]) -> str | None:
     """Why ONNX Runtime's CUDA provider cannot run a quantized model on the GPU (None: it can, or not quantized)."""
-    from mexport.runtime.cuda_kernels import cuda_recipe_support
-
     recipe = recipe_name(manifest)
     return None if recipe is None else cuda_recipe_support(recipe, manifest["dtype"])
 
@@ -333,7 +283,7 @@ def plan_engine(model_dir: Path, settings: EngineSettings, local_gpu: GpuInfo | 
     memory = estimate_memory(manifest, mode, profiles, settings)
     gpu = gpu_budget(settings.target, settings.gpu_memory_gb) or local_gpu
     opset = int(manifest["opset"])
-    min_tensorrt = max(mode.min_tensorrt, opset_min_tensorrt(opset), key=version_tuple)
+    min_tensorrt = max(mode.min_tensorrt, min_tensorrt_for_opset(opset), key=version_tuple)
     if version_tuple(tensorrt.version) < version_tuple(min_tensorrt):
         raise MexportError(
             f"this graph needs TensorRT >= {min_tensorrt} (ONNX opset {opset}"

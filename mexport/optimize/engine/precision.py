@@ -22,12 +22,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from mexport.errors import MexportError, MissingDependencyError
-from mexport.lazy import INSTALL_HINTS
-from mexport.optimize.engine.compat import OPSETS, version_tuple
-from mexport.optimize.engine.compat import opset_min_tensorrt as first_tensorrt_for_opset
-from mexport.optimize.engine.gpus import architecture_name
+from mexport.errors import MexportError
+from mexport.optimize.engine.compat import OPSETS, PARSER_MIN_OPSET, first_tensorrt_for_opset
 from mexport.optimize.quantize.recipes import RECIPES
+from mexport.trt_common import architecture_name, version_tuple
 
 PRECISIONS = ("bf16", "fp16", "fp32")
 # the [gpu] extra's `tensorrt>=10.8,<12` (pyproject.toml): the API lines mexport reads were checked for this range
@@ -36,42 +34,9 @@ NEWEST_TENSORRT = "11.4"  # newest release the [gpu] extra allows when this mexp
 WEAK_TYPING_DEPRECATED = (10, 12)  # TensorRT 10.12 deprecates weak typing ...
 STRONG_TYPING_ONLY = (11, 0)  # ... 11.0 removes it and the FP16 / BF16 / INT8 / FP8 builder flags
 BUILDER_FLAGS = {"bf16": "BF16", "fp16": "FP16"}
-BYTES_PER_ELEMENT = {"fp32": 4, "bf16": 2, "fp16": 2, "float32": 4, "bfloat16": 2, "float16": 2}
 BASE_TENSORRT = "10.0"  # name-based IO, INT64 IO, BF16 and strongly typed networks
 # compute capability each float precision needs (TensorRT 10 supports Turing and newer)
 PRECISION_MIN_CAPABILITY = {"fp32": (7, 5), "fp16": (7, 5), "bf16": (8, 0)}
-
-
-TENSORRT_STUBS_ONLY = "TensorRT not installed (only type stubs): the 'tensorrt' module found has no Builder"
-TENSORRT_MISSING_HINT = (
-    f"{INSTALL_HINTS['tensorrt']}; see https://docs.nvidia.com/deeplearning/tensorrt/latest/installing-tensorrt/"
-    "installing.html. `mexport engine MODEL_DIR -o OUT --plan` works without TensorRT"
-)
-
-
-def require_tensorrt() -> str:
-    """TensorRT's version, or a clear error when its Python module is missing or cannot load its libraries.
-
-    A module without ``Builder`` counts as missing: that is what the type-stub package or the bindings without
-    their shared libraries look like.
-    """
-    try:
-        import tensorrt
-    except Exception as exc:  # a missing libnvinfer raises OSError / ImportError / RuntimeError
-        raise MissingDependencyError(
-            f"TensorRT is missing: the 'tensorrt' Python module does not import ({exc})", hint=TENSORRT_MISSING_HINT
-        ) from exc
-    if not hasattr(tensorrt, "Builder") or not hasattr(tensorrt, "__version__"):
-        raise MissingDependencyError(TENSORRT_STUBS_ONLY, hint=TENSORRT_MISSING_HINT)
-    return str(tensorrt.__version__)
-
-
-def installed_tensorrt() -> str | None:
-    """The installed TensorRT's version, or None (not installed, stubs only, or its libraries do not load)."""
-    try:
-        return require_tensorrt()
-    except MissingDependencyError:
-        return None
 
 
 @dataclass(frozen=True)
@@ -110,11 +75,12 @@ def resolve_tensorrt_target(requested: str | None, installed: str | None) -> Ten
     return target
 
 
-def opset_min_tensorrt(opset: int) -> str:
+def min_tensorrt_for_opset(opset: int) -> str:
+    """The first TensorRT release whose parser documents ``opset``; an input error when none does."""
     version = first_tensorrt_for_opset(opset)
     if version is None:
         raise MexportError(
-            f"ONNX opset {opset} is outside what any TensorRT parser mexport knows documents (9 to {OPSETS[-1][0]}, "
+            f"ONNX opset {opset} is outside what any TensorRT parser mexport knows documents ({PARSER_MIN_OPSET} to {OPSETS[-1][0]}, "
             f"opset {OPSETS[-1][0]} in TensorRT {OPSETS[-1][1]})",
             hint="export with another --opset",
         )

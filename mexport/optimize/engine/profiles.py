@@ -20,67 +20,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from mexport.errors import MexportError
-from mexport.formats import LOGITS_INDICES, LOGITS_LENGTH_AXIS
-
-BATCH = "batch_size"
-SEQUENCE = "sequence_length"
-PAST = "past_sequence_length"
-LOGITS = LOGITS_LENGTH_AXIS  # rows of logits a lean graph computes (its logits_indices input)
-SYMBOLS = (BATCH, SEQUENCE, PAST, LOGITS)
-
-DEFAULT_MAX_INPUT_LEN = 2048
-DEFAULT_PREFILL_CHUNK = 256  # keeps the 9B's batch-8 prefill activations near 1.5 GB (docs/engine.md)
-DEFAULT_MAX_LOGITS = 64  # positions per call with logits: MCQ continuations and generation need a few
-
-
-@dataclass(frozen=True)
-class EngineLimits:
-    """The largest shapes an engine accepts, and the batch it is tuned for."""
-
-    max_batch: int
-    max_input_len: int  # longest prompt (new tokens of one forward call), run in chunks of prefill_chunk
-    max_context: int
-    opt_batch: int = 1
-    prefill_chunk: int | None = None  # new tokens per engine call; None (engines before chunking): max_input_len
-    max_logits: int = DEFAULT_MAX_LOGITS  # lean-logits graphs: positions with logits per engine call
-
-    @property
-    def chunk(self) -> int:
-        return self.prefill_chunk or self.max_input_len
-
-    def validate(self, max_position_embeddings: int | None = None) -> None:
-        for name in ("max_batch", "max_input_len", "max_context", "opt_batch", "prefill_chunk", "max_logits"):
-            if getattr(self, name) is None:
-                continue
-            if getattr(self, name) < 1:
-                raise MexportError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.max_context < 2:
-            raise MexportError(f"--max-context must be at least 2 (prompt and generated token), got {self.max_context}")
-        if self.opt_batch > self.max_batch:
-            raise MexportError(f"--opt-batch {self.opt_batch} is larger than --max-batch {self.max_batch}")
-        if self.max_input_len > self.max_context:
-            raise MexportError(
-                f"--max-input-len {self.max_input_len} is larger than --max-context {self.max_context} "
-                "(the context holds the prompt plus generated tokens)"
-            )
-        if self.chunk > self.max_input_len:
-            raise MexportError(f"--prefill-chunk {self.chunk} is larger than --max-input-len {self.max_input_len}")
-        if max_position_embeddings is not None and self.max_context > max_position_embeddings:
-            raise MexportError(
-                f"--max-context {self.max_context} exceeds the model's max_position_embeddings "
-                f"{max_position_embeddings}"
-            )
-
-    def to_dict(self) -> dict[str, int]:
-        return {
-            "max_batch": self.max_batch,
-            "max_input_len": self.max_input_len,
-            "max_context": self.max_context,
-            "opt_batch": self.opt_batch,
-            "prefill_chunk": self.chunk,
-            "max_logits": self.max_logits,
-        }
+from mexport.formats import LOGITS_INDICES
+from mexport.trt_common import BATCH, LOGITS, PAST, SEQUENCE, EngineLimits, resolve_shape
 
 
 @dataclass(frozen=True)
@@ -111,30 +52,6 @@ class OptimizationProfile:
             "symbols": {name: list(values) for name, values in self.symbols.items()},
             "inputs": {name: shape.to_dict() for name, shape in self.shapes.items()},
         }
-
-
-def dimension_value(dim: int | str, values: Mapping[str, int], where: str) -> int:
-    """An int dimension as is; a symbolic one (``"past_sequence_length + sequence_length"``) evaluated."""
-    if isinstance(dim, int):
-        return dim
-    total = 0
-    for term in dim.split("+"):
-        term = term.strip()
-        if term.isdigit():
-            total += int(term)
-        elif term in values:
-            total += values[term]
-        else:
-            raise MexportError(
-                f"{where}: dimension {dim!r} uses {term!r}, which is none of {', '.join(SYMBOLS)}",
-                hint="engines are built from mexport exports, whose manifest io uses these names",
-            )
-    return total
-
-
-def resolve_shape(shape: Sequence[int | str], values: Mapping[str, int], where: str) -> tuple[int, ...]:
-    """A concrete shape from a manifest shape and symbol values."""
-    return tuple(dimension_value(dim, values, where) for dim in shape)
 
 
 def symbol_ranges(limits: EngineLimits, lean: bool) -> list[tuple[str, dict[str, tuple[int, int, int]]]]:

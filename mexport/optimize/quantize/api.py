@@ -11,10 +11,10 @@ from typing import Any
 import numpy as np
 
 from mexport.console import phase, warn
-from mexport.errors import MexportError, ValidationFailedError
+from mexport.errors import MexportError
 from mexport.export.genai import write_genai_config
 from mexport.formats import DATA_FILE, GRAPH_FILE
-from mexport.fsutil import check_free_space, check_output_dir, locks_output, staged_output_dir
+from mexport.fsutil import check_output_dir, locks_output
 from mexport.lazy import require
 from mexport.manifest import (
     MANIFEST_NAME,
@@ -26,7 +26,6 @@ from mexport.manifest import (
     read_manifest,
     settings_hash,
     verified_input,
-    write_manifest,
 )
 from mexport.optimize.quantize.calibration import (
     MAX_CALIBRATION_TOKENS,
@@ -53,6 +52,7 @@ from mexport.optimize.quantize.report import (
     non_finite_message,
     prompt_logits,
 )
+from mexport.stage import write_artifact
 
 CHECK_PROMPT_TOKENS = 64
 MODEL_FILES = (GRAPH_FILE, DATA_FILE)
@@ -271,6 +271,62 @@ def _numeric_check(
     return {"prompts": len(prompts), "compute": compute, **compare_logits(reference, candidate)}
 
 
+def _read_input(model_dir: Path, output: Path, overwrite: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The export's manifest, verified, and the record of that verification; ``output`` checked writable."""
+    parent = read_export(model_dir)
+    verified = verified_input(model_dir, parent)
+    if parent.get("status") == "failed":
+        warn(f"{model_dir}: the export failed its own logit check (status 'failed'); quantizing it anyway")
+    if output.resolve() == model_dir.resolve():
+        raise MexportError(f"{output}: the output must be a different directory from the export")
+    check_output_dir(output, overwrite)
+    return parent, verified
+
+
+def _report(
+    graph: ModelGraph,
+    records: dict[str, dict[str, Any]],
+    excluded: dict[str, dict[str, Any]],
+    bytes_before: int,
+    staging: Path,
+    check: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """The manifest's ``report``: node counts, excluded layers, sizes before and after, the numeric check."""
+    return {
+        "counts": node_counts(graph.model, records),
+        "excluded_layers": len(excluded),
+        "bytes": {"before": bytes_before, "after": model_bytes(staging, MODEL_FILES)},
+        "numeric_check": check,
+    }
+
+
+def _write_quantized_files(graph: ModelGraph, model_dir: Path, staging: Path, model_config: dict[str, Any]) -> None:
+    """The quantized graph and its data file, the export's side files and the genai config, checked by ONNX."""
+    graph.save(staging)
+    copy_model_side_files(model_dir, staging, skip=(*MODEL_FILES, MANIFEST_NAME, STAMP_NAME))
+    write_genai_config(staging, model_config, io_signature(graph.model))
+    onnx = require("onnx")
+    with phase("checking the graph (onnx.checker)"):
+        onnx.checker.check_model(str(staging / GRAPH_FILE), full_check=True)
+
+
+def _recipe_params(
+    spec: Recipe, exclude: tuple[str, ...], include_lm_head: bool, block_size: int | None, awq: bool
+) -> dict[str, Any]:
+    """The recipe settings the manifest records (and hashes)."""
+    params: dict[str, Any] = {
+        "weights": spec.weights,
+        "activations": spec.activations,
+        "exclude": list(exclude),
+        "include_lm_head": include_lm_head,
+    }
+    if spec.blocked:
+        params.update(block_size=block_size, awq=awq)
+    if spec.smoothquant:
+        params["smoothquant_alpha"] = DEFAULT_SMOOTHQUANT_ALPHA
+    return params
+
+
 @locks_output("output")
 def quantize(
     model_dir: str | Path,
@@ -299,13 +355,7 @@ def quantize(
     spec = get_recipe(recipe)
     exclude = tuple(exclude)
     block_size = _check_options(spec, block_size, awq, calib_size)
-    parent = read_export(model_dir)
-    verified = verified_input(model_dir, parent)
-    if parent.get("status") == "failed":
-        warn(f"{model_dir}: the export failed its own logit check (status 'failed'); quantizing it anyway")
-    if output.resolve() == model_dir.resolve():
-        raise MexportError(f"{output}: the output must be a different directory from the export")
-    check_output_dir(output, overwrite)
+    parent, verified = _read_input(model_dir, output, overwrite)
 
     graph = ModelGraph(model_dir, weights_map(parent), parent["model_config"].get("vocab_size"))
     check_graph_io(parent, graph.model, model_dir)
@@ -331,25 +381,9 @@ def quantize(
         records = apply_recipe(graph, spec, layers, stats, block_size=block_size, awq=awq)
     raised_from = graph.require_opset(spec.opset_for(parent["dtype"]))
     bytes_before = model_bytes(model_dir, MODEL_FILES)
-    check_free_space(output.resolve().parent, bytes_before, "the quantized model")
-
-    params: dict[str, Any] = {
-        "weights": spec.weights,
-        "activations": spec.activations,
-        "exclude": list(exclude),
-        "include_lm_head": include_lm_head,
-    }
-    if spec.blocked:
-        params.update(block_size=block_size, awq=awq)
-    if spec.smoothquant:
-        params["smoothquant_alpha"] = DEFAULT_SMOOTHQUANT_ALPHA
-    with staged_output_dir(output, overwrite) as staging:
-        graph.save(staging)
-        copy_model_side_files(model_dir, staging, skip=(*MODEL_FILES, MANIFEST_NAME, STAMP_NAME))
-        write_genai_config(staging, parent["model_config"], io_signature(graph.model))
-        onnx = require("onnx")
-        with phase("checking the graph (onnx.checker)"):
-            onnx.checker.check_model(str(staging / GRAPH_FILE), full_check=True)
+    params = _recipe_params(spec, exclude, include_lm_head, block_size, awq)
+    with write_artifact(output, overwrite=overwrite, needs_bytes=bytes_before, what="the quantized model") as artifact:
+        _write_quantized_files(graph, model_dir, artifact.path, parent["model_config"])
         manifest = new_manifest(
             "quantize",
             status="not_validated",
@@ -358,11 +392,7 @@ def quantize(
             opset_raised_from=raised_from,
             model_config=parent["model_config"],
             io=io_signature(graph.model),
-            recipe={
-                "name": spec.name,
-                "params": params,
-                "settings_hash": settings_hash({"recipe": spec.name, **params}),
-            },
+            recipe={"name": spec.name, "params": params, "settings_hash": settings_hash({"recipe": spec.name, **params})},
             calibration=calibration.describe() if calibration else None,
             quantized=records,
             excluded=excluded,
@@ -370,18 +400,11 @@ def quantize(
             verified_inputs=[verified],
             parent=parent,
         )
-        write_manifest(staging, manifest)  # the numeric check reads it through OrtDecoder
-        check = _numeric_check(model_dir, staging, check_prompts, seed, parent["model_config"])
-        manifest["report"] = {
-            "counts": node_counts(graph.model, records),
-            "excluded_layers": len(excluded),
-            "bytes": {"before": bytes_before, "after": model_bytes(staging, MODEL_FILES)},
-            "numeric_check": check,
-        }
-        manifest["files"] = file_records(staging)
+        artifact.record(manifest)  # the numeric check reads it through OrtDecoder
+        check = _numeric_check(model_dir, artifact.path, check_prompts, seed, parent["model_config"])
+        manifest["report"] = _report(graph, records, excluded, bytes_before, artifact.path, check)
+        manifest["files"] = file_records(artifact.path)
         if check is not None and not check["finite"]:
-            manifest["status"] = "failed"
-            write_manifest(staging, manifest)
-            raise ValidationFailedError(f"{spec.name}: NaN/inf logits from {non_finite_message(check)}")
-        write_manifest(staging, manifest)
+            artifact.fail(f"{spec.name}: NaN/inf logits from {non_finite_message(check)}")
+        artifact.record()
     return QuantizeResult(output, manifest)

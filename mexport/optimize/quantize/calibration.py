@@ -214,7 +214,7 @@ def prefill_feeds(manifest: dict[str, Any], input_ids: np.ndarray) -> dict[str, 
             feeds[name] = mask
         elif name == "position_ids":
             feeds[name] = position_ids_from_mask(mask, input_ids.shape[1])
-        elif name == LOGITS_INDICES:  # every position: the LM head's input statistics cover all rows, as before
+        elif name == LOGITS_INDICES:  # every position: the LM head's input statistics cover all rows
             feeds[name] = np.arange(input_ids.shape[1], dtype=np.int64)
         elif name.startswith("past_key_values."):
             feeds[name] = np.zeros((1, config["num_key_value_heads"], 0, config["head_dim"]), dtype=np.float32)

@@ -9,11 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mexport.errors import MexportError
+from mexport.formats import EXPORT_DTYPES
+from mexport.runtime.cuda_kernels import qdq_gap
 
 DEFAULT_SMOOTHQUANT_ALPHA = 0.5
 DEFAULT_BLOCK_SIZE = 128
 # QuantizeLinear / DequantizeLinear take bf16 and fp16 scales and inputs from opset 19 (13 is float32 only)
 LOW_PRECISION_QDQ_OPSET = 19
+# ONNX element type of each weight scheme
+WEIGHT_ELEMENT_TYPES = {"fp8": "float8e4m3fn", "int8": "int8", "int4": "int4"}
 
 
 @dataclass(frozen=True)
@@ -109,3 +113,19 @@ def get_recipe(name: str) -> Recipe:
     if name not in RECIPES:
         raise MexportError(f"unknown quantization recipe {name!r}; valid recipes: {', '.join(RECIPES)}")
     return RECIPES[name]
+
+
+def cuda_recipe_support(recipe_name: str, dtype: str) -> str | None:
+    """Why ONNX Runtime's CUDA provider cannot run ``recipe_name`` quantized over a ``dtype`` export on the GPU
+    (None: it can; blocked int4 needs a release whose CUDA DequantizeLinear implements ``block_size``)."""
+    recipe = get_recipe(recipe_name)
+    return qdq_gap(
+        "DequantizeLinear", WEIGHT_ELEMENT_TYPES[recipe.weights], EXPORT_DTYPES[dtype], recipe.opset_for(dtype),
+        recipe.blocked,
+    )
+
+
+def cuda_supported_recipes(dtype: str) -> dict[str, str | None]:
+    """For ``doctor`` and engine plans: every recipe over a ``dtype`` export -> None (CUDA provider runs it) or why
+    not (use its TensorRT engine, or ``--backend-device cpu``)."""
+    return {name: cuda_recipe_support(name, dtype) for name in RECIPES}

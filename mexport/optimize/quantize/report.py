@@ -16,6 +16,7 @@ import numpy as np
 from mexport.console import progress
 from mexport.fsutil import format_bytes
 from mexport.numerics import log_softmax
+from mexport.runtime.ort import OrtDecoder
 
 
 def compare_logits(reference: list[np.ndarray], candidate: list[np.ndarray]) -> dict[str, Any]:
@@ -59,8 +60,6 @@ def non_finite_message(check: dict[str, Any]) -> str:
 def prompt_logits(model_dir: Path, prompts: list[np.ndarray], description: str) -> tuple[list[np.ndarray], str]:
     """Logits (S, V) of each prompt (1, S) run alone, no padding, through :class:`OrtDecoder` on the CPU, and how
     they were computed (the runtime's precision)."""
-    from mexport.runtime.ort import OrtDecoder
-
     results = []
     with OrtDecoder(model_dir, device="cpu") as runtime, progress() as bar:
         task = bar.add_task(description, total=len(prompts))
