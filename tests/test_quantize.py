@@ -191,7 +191,7 @@ def test_accuracy_stays_close_and_follows_the_recipe_order(quantized, export_log
 
 
 def test_int4_blocks_round_trip_within_half_a_step(quantized, tiny_export_fp32: Path) -> None:
-    result = quantized("int4-wo", block_size=32)
+    result = quantized("int4-wo", block_size=32, method="rtn")
     model, export = _graph(result), onnx.load(str(tiny_export_fp32 / "model.onnx"), load_external_data=False)
     producers = {output: node for node in model.graph.node for output in node.output}
     for node in (n for n in model.graph.node if n.name in result.manifest["quantized"]):
@@ -214,15 +214,48 @@ def test_default_block_size_is_clamped_and_recorded(quantized) -> None:
     assert result.manifest["recipe"]["params"]["block_size"] == 128
 
 
-def test_awq_searches_scales_and_never_loses_to_rtn(quantized) -> None:
-    result = quantized("int4-wo", awq=True)
+def test_int4_search_picks_each_layer_by_output_error_and_beats_rtn(quantized, export_logits) -> None:
+    result = quantized("int4-wo")
     entries = result.manifest["quantized"].values()
-    assert all(entry["awq_loss"] <= entry["rtn_loss"] for entry in entries)
-    assert any(entry["awq_alpha"] > 0 for entry in entries)
+    assert result.manifest["recipe"]["params"]["method"] == "auto" and result.manifest["calibration"]["n"] == 16
+    for entry in entries:
+        assert entry["int4_method"] in entry["int4_losses"]
+        assert entry["int4_losses"][entry["int4_method"]] <= entry["int4_losses"]["rtn"]
+        assert 0 < entry["int4_relative_error"] < 1
+    assert {entry["int4_method"] for entry in entries} & {"gptq", "gptq-act-order"}
     assert {entry.get("smoothing") for entry in entries if entry["awq_alpha"] > 0} <= {"norm-fold", "mul"}
-    assert result.manifest["calibration"]["n"] == 16
     onnx.checker.check_model(str(result.output / "model.onnx"))
     assert_qdq_matches_manifest(result)
+    searched = compare_logits(export_logits, _logits(result.output))["mean_kl"]
+    rtn = compare_logits(export_logits, _logits(quantized("int4-wo", method="rtn").output))["mean_kl"]
+    assert searched < rtn
+
+
+def test_int8_layers_keep_the_worst_int4_layers_and_report_the_cost(quantized) -> None:
+    result = quantized("int4-wo", int8_layers=3)
+    quantized_layers = result.manifest["quantized"]
+    kept = result.report["int8_layers"]["layers"]
+    assert len(kept) == 3 and {quantized_layers[name]["weights"] for name in kept} == {"int8"}
+    errors = sorted((entry["int4_relative_error"] for entry in quantized_layers.values()), reverse=True)
+    assert sorted(quantized_layers[name]["int4_relative_error"] for name in kept) == sorted(errors[:3])
+    assert result.report["int8_layers"]["extra_bytes"] == sum(quantized_layers[n]["parameters"] for n in kept) // 2
+    assert_qdq_matches_manifest(result)
+    pattern = quantized("int4-wo", method="rtn", int8_layers="down_proj")
+    assert {name.split("/")[-2] for name in pattern.report["int8_layers"]["layers"]} == {"down_proj"}
+
+
+def test_asymmetric_int4_runs_on_onnx_runtime_and_tensorrt_check_refuses_it(quantized, export_logits) -> None:
+    from mexport.optimize.engine.compat import check_graph
+
+    result = quantized("int4-wo", asymmetric=True)
+    model = _graph(result)
+    dequantize = [node for node in model.graph.node if node.op_type == "DequantizeLinear"]
+    assert dequantize and all(len(node.input) == 3 for node in dequantize)
+    assert compare_logits(export_logits, _logits(result.output))["top1_agreement"] >= MIN_TOP1["int4-wo"]
+    rules = {violation.rule for violation in check_graph(result.output, "10.15")}
+    assert "symmetric-scheme" in rules
+    assert not {v.rule for v in check_graph(quantized("int4-wo").output, "10.15")} & {"symmetric-scheme",
+                                                                                          "zero-point-zero"}
 
 
 def test_smoothquant_folding_alone_preserves_the_function(
@@ -364,7 +397,10 @@ def test_input_must_be_an_mexport_export(tmp_path: Path, quantized) -> None:
     ("options", "message"),
     [
         ({"recipe": "int2"}, "unknown quantization recipe 'int2'; valid recipes: fp8, int8-sq, int8-wo, int4-wo"),
-        ({"recipe": "fp8", "awq": True}, "--awq applies to int4-wo only"),
+        ({"recipe": "fp8", "method": "awq"}, "--method applies to int4-wo only"),
+        ({"recipe": "int8-wo", "int8_layers": "auto"}, "--int8-layers applies to int4-wo only"),
+        ({"recipe": "int4-wo", "method": "hqq"}, "unknown int4 method 'hqq'"),
+        ({"recipe": "int4-wo", "method": "rtn", "asymmetric": True}, "--asymmetric searches clipping only"),
         ({"recipe": "int4-wo", "block_size": 1}, "--block-size must be at least 2"),
         ({"recipe": "int8-wo", "exclude": ("*",)}, "nothing to quantize"),
         ({"recipe": "fp8", "calib": "{tmp}/empty.txt"}, "has no text samples"),
@@ -433,7 +469,9 @@ def test_cli_help_lists_the_options() -> None:
         "--seed",
         "--exclude",
         "--block-size",
-        "--awq",
+        "--method",
+        "--int8-layers",
+        "--asymmetric",
         "--include-lm-head",
         "--overwrite",
         "--json",

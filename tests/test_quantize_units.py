@@ -12,14 +12,13 @@ import pytest
 from mexport.errors import MexportError
 from mexport.optimize.quantize.calibration import load_calibration, read_text_file
 from mexport.optimize.quantize.numerics import (
-    FP8_E4M3_MAX,
     activation_scale,
-    awq_search,
     effective_block_size,
     quantize_weight,
     smoothquant_factors,
 )
 from mexport.optimize.quantize.recipes import RECIPES, get_recipe
+from mexport.quant_schemes import FP8_E4M3_MAX
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
@@ -50,14 +49,18 @@ def test_weight_round_trip_is_within_the_scheme_step(weight, scheme, block_size,
     assert np.all(quantized.dequantize()[:, 7] == 0)
 
 
-def test_int4_stays_symmetric_and_blocks_follow_the_input_dimension(weight) -> None:
+def test_int4_range_rule_uses_the_whole_grid_and_blocks_follow_the_input_dimension(weight) -> None:
     quantized = quantize_weight(weight, "int4", np.dtype(np.float32), 64)
     values = quantized.values.astype(np.int8)
-    assert values.min() >= -7 and values.max() <= 7
+    assert values.min() >= -8 and values.max() <= 7
     assert quantized.scale.shape == (256 // 64, 48)
-    # each block's largest magnitude maps to exactly 7
-    blocks = np.abs(values.reshape(4, 64, 48)).max(axis=1)
-    assert np.all(blocks[:, [c for c in range(48) if c != 7]] == 7)
+    blocks = weight.reshape(4, 64, 48)
+    expected = np.maximum(-blocks.min(axis=1) / 8, blocks.max(axis=1) / 7)
+    live = [c for c in range(48) if c != 7]
+    np.testing.assert_allclose(quantized.scale[:, live], expected[:, live], rtol=1e-6)
+    codes = values.reshape(4, 64, 48)[:, :, live]
+    # each block reaches -8 (its minimum sets the scale) or 7 (its maximum does)
+    assert np.all((codes.min(axis=1) == -8) | (codes.max(axis=1) == 7))
 
 
 def test_fp8_saturates_instead_of_overflowing_to_nan() -> None:
@@ -74,16 +77,6 @@ def test_smoothquant_factors_follow_the_formula_and_skip_dead_channels() -> None
     np.testing.assert_allclose(factors, [np.sqrt(8) / np.sqrt(2), 1.0, 1.0, 1.0], rtol=1e-6)
 
 
-def test_awq_never_loses_to_round_to_nearest_on_its_calibration_rows() -> None:
-    rng = np.random.default_rng(1)
-    rows = rng.normal(size=(128, 64)).astype(np.float32)
-    rows[:, :4] *= 30  # salient input channels, as in real LLM activations
-    weights = [rng.normal(size=(64, 32)).astype(np.float32)]
-    choice = awq_search(rows, np.abs(rows).mean(axis=0), weights, 32, np.dtype(np.float32))
-    assert choice.loss <= choice.baseline_loss
-    assert choice.alpha > 0 and choice.loss < 0.9 * choice.baseline_loss
-
-
 @pytest.mark.parametrize(("features", "requested", "used"), [(3584, 128, 128), (64, 128, 64), (96, 64, 32)])
 def test_block_size_is_clamped_to_whole_blocks(features: int, requested: int, used: int) -> None:
     assert effective_block_size(features, requested) == used
@@ -93,7 +86,7 @@ def test_recipe_table_and_unknown_recipe() -> None:
     assert set(RECIPES) == {"fp8", "int8-sq", "int8-wo", "int4-wo"}
     assert get_recipe("fp8").needs_calibration() and get_recipe("int8-sq").needs_calibration()
     assert not get_recipe("int8-wo").needs_calibration()
-    assert get_recipe("int4-wo").needs_calibration(awq=True) and not get_recipe("int4-wo").needs_calibration()
+    assert get_recipe("int4-wo").needs_calibration() and not get_recipe("int4-wo").needs_calibration("rtn")
     with pytest.raises(MexportError, match="valid recipes: fp8, int8-sq, int8-wo, int4-wo"):
         get_recipe("int3")
 

@@ -9,7 +9,7 @@ import typer
 from mexport import console
 from mexport.cli import app, emit_json, json_option
 from mexport.fsutil import format_bytes
-from mexport.optimize.quantize.recipes import DEFAULT_BLOCK_SIZE, RECIPES
+from mexport.optimize.quantize.recipes import DEFAULT_BLOCK_SIZE, DEFAULT_INT4_METHOD, RECIPES
 
 
 @app.command("quantize")
@@ -34,7 +34,24 @@ def quantize_command(
     block_size: int = typer.Option(
         None, "--block-size", help=f"int4-wo block size along the input dim (default {DEFAULT_BLOCK_SIZE}); must divide it."
     ),
-    awq: bool = typer.Option(False, "--awq", help="int4-wo: AWQ per-input-channel scale search (calibrates)."),
+    method: str = typer.Option(
+        DEFAULT_INT4_METHOD,
+        "--method",
+        help="int4-wo weight search: auto (per layer the best of clipped scales, GPTQ, GPTQ act-order, with or "
+        "without AWQ scaling, by calibrated output error), gptq, awq, clip, or rtn (round-to-nearest, no "
+        "calibration).",
+    ),
+    int8_layers: str = typer.Option(
+        None,
+        "--int8-layers",
+        help="int4-wo: keep layers at int8 weight-only: auto (those whose int4 output error is an outlier), N "
+        "(the N worst), or a name pattern.",
+    ),
+    asymmetric: bool = typer.Option(
+        False,
+        "--asymmetric",
+        help="int4-wo: uint4 with zero points, for ONNX Runtime deployments only (TensorRT refuses zero points).",
+    ),
     include_lm_head: bool = typer.Option(False, "--include-lm-head", help="Quantize the LM head too."),
     check_prompts: int = typer.Option(
         4, "--check-prompts", help="Prompts for the numeric check vs the export (0: skip)."
@@ -58,7 +75,9 @@ def quantize_command(
         seed=seed,
         exclude=tuple(exclude),
         block_size=block_size,
-        awq=awq,
+        method=method,
+        int8_layers=int8_layers,
+        asymmetric=asymmetric,
         include_lm_head=include_lm_head,
         overwrite=overwrite,
         check_prompts=check_prompts,

@@ -22,12 +22,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from mexport.lazy import require
+from mexport.quant_schemes import SCHEMES
 
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 QDQ_SCALE_TYPES = ("float32", "float16")
 # opset from which the CUDA provider registers Q/DQ for a quantized element type
-QDQ_MIN_OPSET = {"int8": 10, "uint8": 10, "float8e4m3fn": 19, "float8e5m2": 19, "int4": 21, "uint4": 21}
-BLOCKED_TYPES = ("int4", "uint4")
+QDQ_MIN_OPSET = {scheme.element_type: scheme.ort_cuda_min_opset for scheme in SCHEMES.values()}
+BLOCKED_TYPES = tuple(scheme.element_type for scheme in SCHEMES.values() if scheme.ort_cuda_blocked)
 NO_BF16_OPS = frozenset({
     "Ceil", "Clip", "Cos", "CumSum", "Equal", "Floor", "Greater", "GreaterOrEqual", "Less", "LessOrEqual", "Log",
     "Pad", "Range", "Reciprocal", "ReduceMax", "ReduceMean", "ReduceMin", "Round", "Sin", "TopK",

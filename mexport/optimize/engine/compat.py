@@ -22,6 +22,7 @@ import numpy as np
 from mexport.errors import MexportError
 from mexport.formats import GRAPH_FILE
 from mexport.lazy import require
+from mexport.quant_schemes import SCHEMES
 from mexport.trt_common import version_tuple
 
 SOURCES = {
@@ -53,6 +54,9 @@ RULES: dict[str, Rule] = {
         Rule("topk-k", "TopK's K must be a constant below 3840", "operators"),
         Rule("scale-positive", "Q/DQ scales must be constant, finite and strictly positive", "parser"),
         Rule("zero-point-zero", "Q/DQ zero points must be constant zeros (symmetric quantization only)", "parser"),
+        Rule("symmetric-scheme", "a quantized type with zero points (mexport's --asymmetric uint4, ONNX Runtime's "
+             "asymmetric int4) is for ONNX Runtime only: TensorRT's IDequantizeLayer rejects non-zero zero points",
+             "parser"),
         Rule("scale-rank", "Q/DQ scales have rank <= 2: scalar (per-tensor), 1-D (per-channel, the size of the "
              "axis) or the input's rank (block-wise)", "parser"),
         Rule("activation-per-tensor", "an activation (non-constant input) is quantized per tensor: scalar scale",
@@ -256,6 +260,12 @@ def _qdq_violations(graph: _Graph, node: Any, version: str) -> Iterator[tuple[st
     constant = graph.is_constant(data)
     shape = graph.shapes.get(data, ())
     quantized_type = graph.types.get(data if node.op_type == "DequantizeLinear" else node.output[0], "?")
+    scheme = next((scheme for scheme in SCHEMES.values() if scheme.onnx_type == quantized_type), None)
+    if scheme is not None and not scheme.symmetric:
+        yield "symmetric-scheme", (
+            f"{quantized_type} ({scheme.name}) weights with zero points: {scheme.tensorrt}; re-quantize without "
+            "--asymmetric for TensorRT"
+        )
     if scale.ndim > 2:
         yield "scale-rank", f"scale {scale_name!r} has rank {scale.ndim}"
     elif scale.size > 1 and not constant:

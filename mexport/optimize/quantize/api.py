@@ -38,19 +38,35 @@ from mexport.optimize.quantize.calibration import (
 )
 from mexport.optimize.quantize.edits import quantize_activation, quantize_layer_weight, scale_input_channels
 from mexport.optimize.quantize.graph import Linear, ModelGraph, copy_model_side_files
+from mexport.optimize.quantize.int4 import GroupChoice
 from mexport.optimize.quantize.numerics import (
-    awq_search,
     effective_block_size,
     input_channel_absmax,
     smoothquant_factors,
 )
-from mexport.optimize.quantize.recipes import DEFAULT_BLOCK_SIZE, DEFAULT_SMOOTHQUANT_ALPHA, Recipe, get_recipe
+from mexport.optimize.quantize.recipes import (
+    DEFAULT_BLOCK_SIZE,
+    DEFAULT_INT4_METHOD,
+    DEFAULT_SMOOTHQUANT_ALPHA,
+    Recipe,
+    get_recipe,
+)
 from mexport.optimize.quantize.report import (
     compare_logits,
     model_bytes,
     node_counts,
     non_finite_message,
     prompt_logits,
+)
+from mexport.optimize.quantize.weight_search import (
+    UNCALIBRATED_METHOD,
+    Int4Plan,
+    check_method,
+    choose_int8_layers,
+    grouped_by_input,
+    parse_int8_layers,
+    ranks_layers,
+    search_int4,
 )
 from mexport.stage import write_artifact
 
@@ -139,13 +155,6 @@ def select_layers(
     return selected, excluded
 
 
-def _grouped_by_input(layers: list[Linear]) -> dict[str, list[Linear]]:
-    groups: dict[str, list[Linear]] = {}
-    for layer in layers:
-        groups.setdefault(layer.input, []).append(layer)
-    return groups
-
-
 # ---- the recipe ------------------------------------------------------------------------------------------------
 
 
@@ -156,71 +165,102 @@ def apply_recipe(
     stats: dict[str, ActivationStats],
     *,
     block_size: int = DEFAULT_BLOCK_SIZE,
-    awq: bool = False,
     alpha: float = DEFAULT_SMOOTHQUANT_ALPHA,
     quantize: bool = True,
+    int4_plan: Int4Plan | None = None,
+    int8_layers: tuple[str, ...] = (),
 ) -> dict[str, dict[str, Any]]:
-    """Edit ``graph``: input-channel scaling where the recipe asks for it, then Q/DQ on every layer.
+    """Edit ``graph``: input-channel scaling where the recipe (or the int4 search) asks for it, then Q/DQ on every
+    layer. ``int4_plan`` holds the searched int4 weights (None: round-to-nearest); ``int8_layers`` names the
+    layers of an int4 recipe kept at int8 weight-only.
 
     ``quantize=False`` stops after the scaling (a float graph that must compute what the export computes).
     Returns the manifest's per-node record.
     """
     records: dict[str, dict[str, Any]] = {}
-    for tensor, group in _grouped_by_input(layers).items():
+    for tensor, group in grouped_by_input(layers).items():
         record: dict[str, Any] = {}
         exported = {layer.name: (layer.weight, layer.transposed) for layer in group}  # before any scaling
         factors = None
+        choice = int4_plan.groups.get(tensor) if int4_plan is not None else None
         if recipe.smoothquant:
             weight_absmax = np.max(
                 [input_channel_absmax(graph.weight_matrix(layer.weight, layer.transposed)) for layer in group], axis=0
             )
             factors = smoothquant_factors(stats[tensor].absmax, weight_absmax, alpha)
             record["smoothquant_alpha"] = alpha
-        elif awq:
-            rows = stats[tensor].rows
-            if rows is None:
-                raise RuntimeError("AWQ needs activation rows: calibrate with keep_rows=True")
-            weights = [np.asarray(graph.weight_matrix(layer.weight, layer.transposed), np.float32) for layer in group]
-            block = effective_block_size(group[0].in_features, block_size)
-            choice = awq_search(rows, stats[tensor].mean_abs, weights, block, graph.numpy_dtype(group[0].weight))
-            record.update(awq_alpha=choice.alpha, awq_loss=choice.loss, rtn_loss=choice.baseline_loss)
-            factors = choice.factors if choice.alpha > 0 else None
+        elif choice is not None:
+            record["awq_alpha"] = choice.alpha
+            factors = choice.factors
         if factors is not None:
             record["smoothing"] = scale_input_channels(graph, group, factors)
         if quantize and recipe.activations:
             absmax = stats[tensor].absmax / (factors if factors is not None else 1.0)
             scale = quantize_activation(graph, group, recipe.activations, float(absmax.max()))
             record.update(activation_amax=float(absmax.max()), activation_scale=float(scale.astype(np.float32)))
-        for layer in group:
+        for index, layer in enumerate(group):
             weight, transposed = exported[layer.name]
             entry = {
                 "weight": weight,
                 "weight_transposed": transposed,
                 "checkpoint_tensor": layer.checkpoint_name,
                 "lm_head": layer.lm_head,
+                "parameters": layer.in_features * layer.out_features,
                 **record,
             }
+            if choice is not None:
+                layer_choice = choice.layers[index]
+                entry.update(int4_method=layer_choice.method, int4_losses=layer_choice.losses)
+                entry["int4_relative_error"] = int4_plan.relative_error[layer.name] if int4_plan else None
             if quantize:
-                layer_block = effective_block_size(layer.in_features, block_size) if recipe.blocked else None
-                tensors = quantize_layer_weight(graph, layer, recipe.weights, layer_block)
-                entry.update(
-                    tensors=tensors,
-                    weights=recipe.weights,
-                    activations=recipe.activations,
-                    granularity="per-channel" if layer_block is None else f"block-{layer_block}",
-                    activation_granularity="per-tensor" if recipe.activations else None,
-                )
+                entry.update(_quantize_weight(graph, recipe, layer, block_size, choice, index, int8_layers))
             records[layer.name] = entry
     return records
+
+
+def _quantize_weight(
+    graph: ModelGraph,
+    recipe: Recipe,
+    layer: Linear,
+    block_size: int,
+    choice: GroupChoice | None,
+    index: int,
+    int8_layers: tuple[str, ...],
+) -> dict[str, Any]:
+    """Q/DQ on one layer's weight; returns its manifest fields."""
+    scheme, layer_block, searched = recipe.weights, None, None
+    if recipe.blocked and layer.name in int8_layers:
+        scheme = "int8"
+    elif recipe.blocked:
+        layer_block = effective_block_size(layer.in_features, block_size)
+        if choice is not None:
+            searched = choice.layers[index].quantized
+            scheme = searched.scheme
+    tensors = quantize_layer_weight(graph, layer, scheme, layer_block, searched)
+    return {
+        "tensors": tensors,
+        "weights": scheme,
+        "activations": recipe.activations,
+        "granularity": "per-channel" if layer_block is None else f"block-{layer_block}",
+        "activation_granularity": "per-tensor" if recipe.activations else None,
+    }
 
 
 # ---- the stage -------------------------------------------------------------------------------------------------
 
 
-def _check_options(recipe: Recipe, block_size: int | None, awq: bool, calib_size: int) -> int:
+def _check_options(
+    recipe: Recipe, block_size: int | None, method: str, calib_size: int, int8_layers: Any, asymmetric: bool
+) -> int:
     """The block size to use (refused or warned about, never silently changed)."""
-    if awq and not recipe.blocked:
-        raise MexportError(f"--awq applies to int4-wo only, not {recipe.name}")
+    check_method(method)
+    if not recipe.blocked:
+        for given, option in ((method != DEFAULT_INT4_METHOD, "--method"), (int8_layers is not None, "--int8-layers"),
+                              (asymmetric, "--asymmetric")):
+            if given:
+                raise MexportError(f"{option} applies to int4-wo only, not {recipe.name}")
+    if asymmetric and method not in (DEFAULT_INT4_METHOD, "clip"):
+        raise MexportError(f"--asymmetric searches clipping only; it does not combine with --method {method}")
     if calib_size < 1:
         raise MexportError(f"--calib-size must be at least 1, got {calib_size}")
     if block_size is None:
@@ -290,14 +330,19 @@ def _report(
     bytes_before: int,
     staging: Path,
     check: dict[str, Any] | None,
+    kept_int8: tuple[str, ...] | None,
 ) -> dict[str, Any]:
-    """The manifest's ``report``: node counts, excluded layers, sizes before and after, the numeric check."""
-    return {
+    """The manifest's ``report``: node counts, excluded layers, sizes before and after, the numeric check, and
+    for blocked recipes what ``--int8-layers`` kept."""
+    report = {
         "counts": node_counts(graph.model, records),
         "excluded_layers": len(excluded),
         "bytes": {"before": bytes_before, "after": model_bytes(staging, MODEL_FILES)},
         "numeric_check": check,
     }
+    if kept_int8 is not None:
+        report["int8_layers"] = int8_layer_cost(records, kept_int8)
+    return report
 
 
 def _write_quantized_files(graph: ModelGraph, model_dir: Path, staging: Path, model_config: dict[str, Any]) -> None:
@@ -311,7 +356,11 @@ def _write_quantized_files(graph: ModelGraph, model_dir: Path, staging: Path, mo
 
 
 def _recipe_params(
-    spec: Recipe, exclude: tuple[str, ...], include_lm_head: bool, block_size: int | None, awq: bool
+    spec: Recipe,
+    exclude: tuple[str, ...],
+    include_lm_head: bool,
+    block_size: int | None,
+    int4_options: dict[str, Any],
 ) -> dict[str, Any]:
     """The recipe settings the manifest records (and hashes)."""
     params: dict[str, Any] = {
@@ -321,10 +370,56 @@ def _recipe_params(
         "include_lm_head": include_lm_head,
     }
     if spec.blocked:
-        params.update(block_size=block_size, awq=awq)
+        params.update(block_size=block_size, **int4_options)
     if spec.smoothquant:
         params["smoothquant_alpha"] = DEFAULT_SMOOTHQUANT_ALPHA
     return params
+
+
+def _calibrate(
+    graph: ModelGraph,
+    parent: dict[str, Any],
+    spec: Recipe,
+    layers: list[Linear],
+    calib: str | Path | None,
+    calib_size: int,
+    seed: int,
+    block_size: int,
+    method: str,
+    int8_layers: str | int | None,
+    asymmetric: bool,
+) -> tuple[CalibrationSet | None, dict[str, ActivationStats], Int4Plan | None]:
+    """Calibration texts, activation statistics (W8A8 recipes) and the int4 search (int4-wo), as the recipe needs."""
+    searched = spec.blocked and (method != UNCALIBRATED_METHOD or ranks_layers(int8_layers))
+    if spec.weight_only and not searched:
+        if calib is not None:
+            load_calibration(calib, calib_size, seed)  # a --calib that names nothing is an error even when unused
+            which = f"{spec.name} --method {method}" if spec.blocked else spec.name
+            warn(f"--calib ignored: {which} needs no calibration")
+        return None, {}, None
+    calibration = load_calibration(calib, calib_size, seed)
+    max_tokens = min(MAX_CALIBRATION_TOKENS, int(parent["model_config"].get("max_position_embeddings") or 512))
+    token_ids = tokenize(graph.model_dir, calibration.texts, max_tokens)
+    if searched:
+        search_method = DEFAULT_INT4_METHOD if method == UNCALIBRATED_METHOD else method
+        plan = search_int4(graph, parent, layers, token_ids, block_size, search_method, seed, asymmetric)
+        if method == UNCALIBRATED_METHOD:  # calibrated only to rank the layers for --int8-layers
+            plan = Int4Plan({}, plan.relative_error)
+        return calibration, {}, plan
+    inputs = {layer.input: layer.in_features for layer in layers}
+    return calibration, collect_activation_stats(graph, parent, inputs, token_ids, seed=seed), None
+
+
+def int8_layer_cost(records: dict[str, dict[str, Any]], kept_int8: tuple[str, ...]) -> dict[str, Any]:
+    """What ``--int8-layers`` kept and what it costs: the weight bytes over storing those layers in int4."""
+    int8_parameters = sum(records[name]["parameters"] for name in kept_int8)
+    all_parameters = sum(entry["parameters"] for entry in records.values())
+    return {
+        "layers": list(kept_int8),
+        "count": len(kept_int8),
+        "extra_bytes": int8_parameters // 2,  # one byte per weight instead of half a byte (scales aside)
+        "share_of_weights": int8_parameters / max(all_parameters, 1),
+    }
 
 
 @locks_output("output")
@@ -338,7 +433,9 @@ def quantize(
     seed: int = 0,
     exclude: tuple[str, ...] | list[str] = (),
     block_size: int | None = None,
-    awq: bool = False,
+    method: str = DEFAULT_INT4_METHOD,
+    int8_layers: str | int | None = None,
+    asymmetric: bool = False,
     include_lm_head: bool = False,
     overwrite: bool = False,
     check_prompts: int = 4,
@@ -347,14 +444,18 @@ def quantize(
 
     Linear layers (MatMuls with stored weights) get Q/DQ; embeddings, norms, attention, softmax and softcapping
     stay in the export's precision, and so does the tied LM head unless ``include_lm_head``. ``exclude`` patterns
-    (fnmatch or regex) keep matching layers unquantized. Recipes with activation quantization (and AWQ) calibrate
-    on ``calib`` (a JSONL/text file or a task name; default: the shipped MCQ samples). The output directory gets
-    the graph, one data file, the tokenizer/config files, and a manifest with the report.
+    (fnmatch or regex) keep matching layers unquantized. Recipes with activation quantization, and int4-wo's
+    searched ``method``s (all but "rtn"), calibrate on ``calib`` (a JSONL/text file or a task name; default: the
+    shipped MCQ samples). int4-wo only: ``int8_layers`` ("auto", a count, or a name pattern) keeps the layers
+    whose int4 output error is largest at int8 weight-only; ``asymmetric`` stores uint4 with zero points (ONNX
+    Runtime only: TensorRT refuses zero points). The output directory gets the graph, one data file, the
+    tokenizer/config files, and a manifest with the report.
     """
     model_dir, output = Path(model_dir), Path(output)
     spec = get_recipe(recipe)
     exclude = tuple(exclude)
-    block_size = _check_options(spec, block_size, awq, calib_size)
+    int8_layers = parse_int8_layers(int8_layers)
+    block_size = _check_options(spec, block_size, method, calib_size, int8_layers, asymmetric)
     parent, verified = _read_input(model_dir, output, overwrite)
 
     graph = ModelGraph(model_dir, weights_map(parent), parent["model_config"].get("vocab_size"))
@@ -365,23 +466,18 @@ def quantize(
     if spec.blocked:
         _check_block_size(layers, block_size)
 
-    calibration: CalibrationSet | None = None
-    stats: dict[str, ActivationStats] = {}
-    if spec.needs_calibration(awq):
-        calibration = load_calibration(calib, calib_size, seed)
-        max_tokens = min(MAX_CALIBRATION_TOKENS, int(parent["model_config"].get("max_position_embeddings") or 512))
-        token_ids = tokenize(model_dir, calibration.texts, max_tokens)
-        inputs = {layer.input: layer.in_features for layer in layers}
-        stats = collect_activation_stats(graph, parent, inputs, token_ids, keep_rows=awq, seed=seed)
-    elif calib is not None:
-        load_calibration(calib, calib_size, seed)  # a --calib that names nothing is an error even when unused
-        warn(f"--calib ignored: {spec.name} needs no calibration")
-
+    calibration, stats, plan = _calibrate(
+        graph, parent, spec, layers, calib, calib_size, seed, block_size, method, int8_layers, asymmetric
+    )
+    kept_int8 = tuple(choose_int8_layers(layers, int8_layers, plan.relative_error if plan else {}, _matches))
     with phase(f"applying {spec.name}"):
-        records = apply_recipe(graph, spec, layers, stats, block_size=block_size, awq=awq)
+        records = apply_recipe(
+            graph, spec, layers, stats, block_size=block_size, int4_plan=plan, int8_layers=kept_int8
+        )
     raised_from = graph.require_opset(spec.opset_for(parent["dtype"]))
     bytes_before = model_bytes(model_dir, MODEL_FILES)
-    params = _recipe_params(spec, exclude, include_lm_head, block_size, awq)
+    int4_options = {"method": method, "int8_layers": int8_layers, "asymmetric": asymmetric}
+    params = _recipe_params(spec, exclude, include_lm_head, block_size, int4_options)
     with write_artifact(output, overwrite=overwrite, needs_bytes=bytes_before, what="the quantized model") as artifact:
         _write_quantized_files(graph, model_dir, artifact.path, parent["model_config"])
         manifest = new_manifest(
@@ -402,7 +498,8 @@ def quantize(
         )
         artifact.record(manifest)  # the numeric check reads it through OrtDecoder
         check = _numeric_check(model_dir, artifact.path, check_prompts, seed, parent["model_config"])
-        manifest["report"] = _report(graph, records, excluded, bytes_before, artifact.path, check)
+        blocked_int8 = kept_int8 if spec.blocked else None
+        manifest["report"] = _report(graph, records, excluded, bytes_before, artifact.path, check, blocked_int8)
         manifest["files"] = file_records(artifact.path)
         if check is not None and not check["finite"]:
             artifact.fail(f"{spec.name}: NaN/inf logits from {non_finite_message(check)}")

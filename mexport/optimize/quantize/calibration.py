@@ -32,6 +32,10 @@ DEFAULT_SOURCE = "sample"  # every task's shipped sample file
 MAX_CALIBRATION_TOKENS = 512
 # activation rows kept per tensor for AWQ's search (a random subset of all calibration tokens)
 AWQ_ROWS = 512
+# Gram matrices (X^T X, float32) gathered in one calibration pass: a quarter of the weights' bytes, at least
+# this much; more are split over several passes
+MIN_GRAM_BUDGET_BYTES = 1 << 30
+SYMMETRIZE_ROWS = 1024
 TEXT_SUFFIXES = (".jsonl", ".txt", ".text", ".md")
 
 
@@ -141,6 +145,21 @@ class ActivationStats:
     abs_sum: np.ndarray
     tokens: int
     rows: np.ndarray | None = None  # sampled activation rows (AWQ only)
+    gram_sum: np.ndarray | None = None  # upper triangle of sum x^T x over every token, float32 (GPTQ only)
+
+    def take_hessian(self) -> np.ndarray:
+        """``X^T X / n`` (GPTQ's Hessian of the squared output error), made in place from the Gram sum, which it
+        replaces: the largest array of a calibration (822 MB for the 9B's down_proj)."""
+        if self.gram_sum is None:
+            raise RuntimeError("no Gram matrix: calibrate with grams=True")
+        hessian, self.gram_sum = self.gram_sum, None
+        hessian /= max(self.tokens, 1)
+        for start in range(0, len(hessian), SYMMETRIZE_ROWS):  # mirror the upper triangle, a band at a time
+            stop = start + SYMMETRIZE_ROWS
+            band = hessian[start:stop, start:stop]
+            band[...] = np.triu(band) + np.triu(band, 1).T
+            hessian[stop:, start:stop] = hessian[start:stop, stop:].T
+        return hessian
 
     @property
     def amax(self) -> float:
@@ -151,7 +170,9 @@ class ActivationStats:
         return self.abs_sum / max(self.tokens, 1)
 
 
-def _stats_graph(graph: ModelGraph, tensors: dict[str, int], keep_rows: bool) -> tuple[Any, dict[str, list[str]]]:
+def _stats_graph(
+    graph: ModelGraph, tensors: dict[str, int], keep_rows: bool, grams: bool = False
+) -> tuple[Any, dict[str, list[str]]]:
     """A copy of the graph whose outputs are per-channel |x| max and sum (and the rows) of ``tensors``."""
     onnx = require("onnx")
     helper = onnx.helper
@@ -177,7 +198,7 @@ def _stats_graph(graph: ModelGraph, tensors: dict[str, int], keep_rows: bool) ->
                 helper.make_node("ReduceSum", reduce_inputs, [f"{prefix}_abssum"], **reduce_attributes),
             ]
         )
-        names = [f"{prefix}_absmax", f"{prefix}_abssum"] + ([f"{prefix}_rows"] if keep_rows else [])
+        names = [f"{prefix}_absmax", f"{prefix}_abssum"] + ([f"{prefix}_rows"] if keep_rows or grams else [])
         for name in names:
             model.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
         outputs[tensor] = names
@@ -231,10 +252,12 @@ def collect_activation_stats(
     keep_rows: bool = False,
     seed: int = 0,
     low_memory: bool | None = None,
+    grams: bool = False,
 ) -> dict[str, ActivationStats]:
-    """Run every calibration sample and reduce the ``tensors`` ({name: channels}) to per-channel statistics.
+    """Run every calibration sample and reduce the ``tensors`` ({name: channels}) to per-channel statistics
+    (and with ``grams`` each one's ``X^T X``; :func:`gram_batches` keeps those within memory).
     ``low_memory`` forces the bounded fp32 upcast of a bf16/fp16 graph on or off (None: by weight size)."""
-    model, outputs = _stats_graph(graph, tensors, keep_rows)
+    model, outputs = _stats_graph(graph, tensors, keep_rows, grams)
     session = _session(graph, model, manifest["dtype"], low_memory)
     stats = {
         tensor: ActivationStats(np.zeros(n, np.float32), np.zeros(n, np.float64), 0) for tensor, n in tensors.items()
@@ -252,6 +275,8 @@ def collect_activation_stats(
                 np.maximum(entry.absmax, values[names[0]], out=entry.absmax)
                 entry.abs_sum += values[names[1]]
                 entry.tokens += ids.shape[1]
+                if grams:
+                    entry.gram_sum = _add_gram(entry.gram_sum, values[names[2]])
                 if keep_rows:
                     rows = values[names[2]]
                     take = rng.choice(rows.shape[0], size=min(rows_per_sample, rows.shape[0]), replace=False)
@@ -261,3 +286,35 @@ def collect_activation_stats(
         for tensor, chunks in sampled_rows.items():
             stats[tensor].rows = np.concatenate(chunks)[:AWQ_ROWS]
     return stats
+
+
+def _add_gram(gram: np.ndarray | None, rows: np.ndarray) -> np.ndarray:
+    """``gram += rows^T rows`` in place (upper triangle, BLAS syrk: no temporary the size of the matrix)."""
+    from scipy.linalg import blas
+
+    if gram is None:
+        gram = np.zeros((rows.shape[1], rows.shape[1]), dtype=np.float32, order="F")
+    updated = blas.ssyrk(1.0, np.asarray(rows, np.float32), beta=1.0, c=gram, trans=1, lower=0, overwrite_c=1)
+    if updated is not gram:  # BLAS wrote a copy (never for a Fortran-ordered float32 matrix)
+        gram[...] = updated
+    return gram
+
+
+def gram_budget(weight_bytes: int) -> int:
+    """Bytes of Gram matrices one calibration pass may hold: a quarter of the model's weights, at least 1 GiB."""
+    return max(MIN_GRAM_BUDGET_BYTES, weight_bytes // 4)
+
+
+def gram_batches(tensors: dict[str, int], budget_bytes: int) -> list[dict[str, int]]:
+    """``tensors`` ({name: channels}, in graph order) split into runs whose float32 Gram sums fit ``budget_bytes``
+    (each run is one calibration pass; a single tensor over the budget gets a pass of its own)."""
+    batches: list[dict[str, int]] = [{}]
+    used = 0
+    for tensor, channels in tensors.items():
+        size = 4 * channels * channels
+        if batches[-1] and used + size > budget_bytes:
+            batches.append({})
+            used = 0
+        batches[-1][tensor] = channels
+        used += size
+    return batches

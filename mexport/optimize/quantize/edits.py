@@ -20,9 +20,8 @@ from mexport.optimize.quantize.numerics import (
     quantize_weight,
     storage_dtype,
 )
+from mexport.quant_schemes import SCHEMES
 
-# element type of each scheme's stored values (onnx.TensorProto enum names)
-SCHEME_ELEMENT_TYPES = {"fp8": "FLOAT8E4M3FN", "int8": "INT8", "int4": "INT4"}
 # ops a norm's output may pass through on its way to the linear layers (bf16 exports cast back after the norm)
 PASS_THROUGH_OPS = {"Cast", "Identity"}
 # readers that see only a tensor's shape, so scaling its values cannot change what they compute
@@ -37,7 +36,7 @@ def _selects_positions(node: Any) -> bool:
 
 
 def _element_type(scheme: str) -> int:
-    return getattr(require("onnx").TensorProto, SCHEME_ELEMENT_TYPES[scheme])
+    return getattr(require("onnx").TensorProto, SCHEMES[scheme].onnx_type)
 
 
 def _base_name(weight: str) -> str:
@@ -137,12 +136,21 @@ def _scale_weight_rows(graph: ModelGraph, layer: Linear, factors: np.ndarray) ->
 # ---- Q/DQ insertion ----------------------------------------------------------------------------------------------
 
 
-def quantize_layer_weight(graph: ModelGraph, layer: Linear, scheme: str, block_size: int | None) -> dict[str, str]:
+def quantize_layer_weight(
+    graph: ModelGraph,
+    layer: Linear,
+    scheme: str,
+    block_size: int | None,
+    searched: QuantizedWeight | None = None,
+) -> dict[str, str]:
     """Store the layer's weight quantized and read it through a DequantizeLinear; returns the new tensor names.
+
+    ``searched``: values and scales already chosen (the int4 search); otherwise round-to-nearest when written.
 
     Per-channel: scale ``[out]``, ``axis=1``. Blocked (int4): scale ``[in / block, out]``, ``axis=0`` with the
     opset-21 ``block_size`` attribute, the layout TensorRT's blocked dequantization takes. Zero points (all zero)
-    are written for fp8 and int8, whose Q/DQ type they declare; int4 omits them (symmetric).
+    are written for fp8 and int8, whose Q/DQ type they declare; int4 omits them (symmetric); an asymmetric
+    scheme's (uint4) come with ``searched``.
     """
     onnx = require("onnx")
     base = _base_name(layer.weight)
@@ -164,11 +172,13 @@ def quantize_layer_weight(graph: ModelGraph, layer: Linear, scheme: str, block_s
     source, transposed = layer.weight, layer.transposed
 
     def compute() -> dict[str, np.ndarray]:
-        weight = graph.weight_matrix(source, transposed)
-        quantized: QuantizedWeight = quantize_weight(weight, scheme, scale_dtype, block_size)
-        tensors = {names["values"]: quantized.values, names["scale"]: quantized.scale}
+        quantized = searched or quantize_weight(graph.weight_matrix(source, transposed), scheme, scale_dtype, block_size)
+        tensors = {names["values"]: quantized.values, names["scale"]: quantized.scale.astype(scale_dtype)}
         if "zero_point" in names:
-            tensors[names["zero_point"]] = np.zeros(quantized.scale.shape, dtype=storage_dtype(scheme))
+            zero_point = quantized.zero_point
+            tensors[names["zero_point"]] = (
+                np.zeros(quantized.scale.shape, dtype=storage_dtype(scheme)) if zero_point is None else zero_point
+            )
         return tensors
 
     graph.add_pending(names["values"], shapes, compute)

@@ -14,10 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from mexport.lazy import require
+from mexport.quant_schemes import SCHEMES
 
-FP8_E4M3_MAX = 448.0
-# scheme -> largest magnitude used (int4 keeps [-7, 7]: symmetric, so -8 is never produced)
-QMAX = {"fp8": FP8_E4M3_MAX, "int8": 127.0, "int4": 7.0}
 # floor for activation ranges: a channel that never fired still gets a usable, finite scale
 MIN_ACTIVATION_AMAX = 1e-6
 # float32 elements converted at once when quantizing a large weight (64 MB)
@@ -32,21 +30,32 @@ def float_dtype(name: str) -> np.dtype:
 
 
 def storage_dtype(scheme: str) -> np.dtype:
-    ml_dtypes = require("ml_dtypes", "low-precision NumPy types")
-    return np.dtype({"fp8": ml_dtypes.float8_e4m3fn, "int8": np.int8, "int4": ml_dtypes.int4}[scheme])
+    storage = SCHEMES[scheme].storage
+    return np.dtype(getattr(np, storage, None) or getattr(require("ml_dtypes", "low-precision NumPy types"), storage))
 
 
 def make_scale(amax: np.ndarray, scheme: str, scale_dtype: np.dtype) -> np.ndarray:
     """``amax / qmax`` rounded to ``scale_dtype``, never zero (a zero scale would divide by zero in Q)."""
-    scale = (np.asarray(amax, dtype=np.float32) / QMAX[scheme]).astype(scale_dtype)
+    return positive_scale(np.asarray(amax, dtype=np.float32) / SCHEMES[scheme].qmax, scale_dtype)
+
+
+def positive_scale(scale: np.ndarray, scale_dtype: np.dtype) -> np.ndarray:
+    """``scale`` rounded to ``scale_dtype``, zeros (all-zero channels or blocks) raised to its smallest normal."""
+    rounded = np.asarray(scale).astype(scale_dtype)
     tiny = np.array(require("ml_dtypes").finfo(scale_dtype).tiny, dtype=scale_dtype)  # np.finfo has no bfloat16
-    return np.where(scale.astype(np.float32) > 0, scale, tiny)
+    return np.where(rounded.astype(np.float32) > 0, rounded, tiny)
+
+
+def range_scale(values: np.ndarray, scheme: str, axis: int) -> np.ndarray:
+    """``max(min / qmin, max / qmax)`` along ``axis``: the smallest positive scale that represents both ends of
+    the range on the scheme's grid (``amax / qmax`` for the grids symmetric about 0; int4's -8..7 gains the -8)."""
+    scheme_spec = SCHEMES[scheme]
+    return np.maximum(values.min(axis=axis) / scheme_spec.qmin, values.max(axis=axis) / scheme_spec.qmax)
 
 
 def quantize_values(values: np.ndarray, scale: np.ndarray, scheme: str) -> np.ndarray:
     """``values / scale`` clipped to the scheme's range and rounded into its storage type."""
-    qmax = QMAX[scheme]
-    scaled = np.clip(values.astype(np.float32) / scale.astype(np.float32), -qmax, qmax)
+    scaled = np.clip(values.astype(np.float32) / scale.astype(np.float32), SCHEMES[scheme].qmin, SCHEMES[scheme].qmax)
     if scheme == "fp8":
         return scaled.astype(storage_dtype("fp8"))  # round-to-nearest-even cast, in range after the clip
     return np.rint(scaled).astype(np.int8).astype(storage_dtype(scheme))
@@ -60,6 +69,7 @@ class QuantizedWeight:
     scale: np.ndarray  # [out] per channel, or [in / block_size, out] per block
     scheme: str
     block_size: int | None = None  # None: per output channel (axis 1)
+    zero_point: np.ndarray | None = None  # asymmetric schemes only (shape of scale, storage dtype)
 
     @property
     def granularity(self) -> str:
@@ -69,7 +79,11 @@ class QuantizedWeight:
         scale = self.scale.astype(np.float32)
         if self.block_size is not None:
             scale = np.repeat(scale, self.block_size, axis=0)
-        return self.values.astype(np.float32) * scale
+        values = self.values.astype(np.float32)
+        if self.zero_point is not None:
+            zero_point = self.zero_point.astype(np.float32)
+            values = values - (np.repeat(zero_point, self.block_size, axis=0) if self.block_size else zero_point)
+        return values * scale
 
 
 def column_slices(shape: tuple[int, ...]) -> list[slice]:
@@ -82,8 +96,8 @@ def column_slices(shape: tuple[int, ...]) -> list[slice]:
 def quantize_weight(
     weight: np.ndarray, scheme: str, scale_dtype: np.dtype, block_size: int | None = None
 ) -> QuantizedWeight:
-    """Symmetric quantization of an ``[in, out]`` weight: one scale per output column, or per block of
-    ``block_size`` input rows within each column (``in`` must be a multiple of ``block_size``).
+    """Symmetric round-to-nearest of an ``[in, out]`` weight: one range-rule scale per output column, or per block
+    of ``block_size`` input rows within each column (``in`` must be a multiple of ``block_size``).
 
     ``weight`` may be a memory-mapped view in its stored dtype: it is read and converted a slice of columns at a
     time, so a tied 256000-row embedding never exists in float32 as a whole.
@@ -94,11 +108,11 @@ def quantize_weight(
     for columns in column_slices(weight.shape):
         chunk = np.asarray(weight[:, columns], dtype=np.float32)
         if block_size is None:
-            scale[columns] = make_scale(np.abs(chunk).max(axis=0), scheme, scale_dtype)
+            scale[columns] = positive_scale(range_scale(chunk, scheme, axis=0), scale_dtype)
             values[:, columns] = quantize_values(chunk, scale[None, columns], scheme)
         else:
             blocks = chunk.reshape(rows // block_size, block_size, chunk.shape[1])
-            scale[:, columns] = make_scale(np.abs(blocks).max(axis=1), scheme, scale_dtype)
+            scale[:, columns] = positive_scale(range_scale(blocks, scheme, axis=1), scale_dtype)
             values[:, columns] = quantize_values(blocks, scale[:, None, columns], scheme).reshape(chunk.shape)
     return QuantizedWeight(values, scale, scheme, block_size)
 
@@ -134,56 +148,3 @@ def smoothquant_factors(activation_absmax: np.ndarray, weight_absmax: np.ndarray
     factors = np.ones_like(x)
     factors[valid] = x[valid] ** alpha / w[valid] ** (1.0 - alpha)
     return factors.astype(np.float32)
-
-
-@dataclass
-class AwqChoice:
-    """The outcome of one AWQ scale search over the layers that share an input."""
-
-    factors: np.ndarray  # per input channel; weights are multiplied by it, activations divided
-    alpha: float
-    loss: float  # output MSE on the calibration rows with the chosen factors
-    baseline_loss: float  # same with factors = 1 (plain round-to-nearest)
-
-
-def awq_search(
-    rows: np.ndarray,
-    mean_abs: np.ndarray,
-    weights: list[np.ndarray],
-    block_size: int,
-    scale_dtype: np.dtype,
-    grid: int = 20,
-) -> AwqChoice:
-    """AWQ-style search: ``s = mean|X|^alpha`` (normalised), alpha on a grid in [0, 1), keeping the alpha whose
-    int4-quantized layers best reproduce the float outputs on the calibration ``rows`` ([n, in]).
-
-    alpha = 0 is plain round-to-nearest, so the choice is never worse than that on the calibration rows.
-    """
-    rows = rows.astype(np.float32)
-    # the output error of a weight error E is ||X E||^2; with fewer channels than rows, X^T X is the cheaper form
-    gram = rows.T @ rows / rows.shape[0] if rows.shape[0] > rows.shape[1] else None
-
-    def output_mse(error: np.ndarray) -> float:
-        if gram is not None:
-            return float(np.sum((gram @ error) * error)) / error.shape[1]
-        return float(np.mean((rows @ error) ** 2))
-
-    salience = np.maximum(np.asarray(mean_abs, dtype=np.float64), 1e-8)
-    best: AwqChoice | None = None
-    baseline = 0.0
-    for step in range(grid):
-        alpha = step / grid
-        factors = salience**alpha
-        factors = (factors / np.sqrt(factors.max() * factors.min())).astype(np.float32)
-        loss = 0.0
-        for weight in weights:
-            quantized = quantize_weight(weight * factors[:, None], "int4", scale_dtype, block_size)
-            # (X / s) @ Q(W s) == X @ (Q(W s) / s): compare against W directly
-            loss += output_mse(weight - quantized.dequantize() / factors[:, None])
-        if step == 0:
-            baseline = loss
-        if best is None or loss < best.loss:
-            best = AwqChoice(factors, alpha, loss, baseline)
-    assert best is not None
-    best.baseline_loss = baseline
-    return best

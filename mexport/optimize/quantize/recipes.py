@@ -10,14 +10,15 @@ from dataclasses import dataclass
 
 from mexport.errors import MexportError
 from mexport.formats import EXPORT_DTYPES
+from mexport.quant_schemes import SCHEMES
 from mexport.runtime.cuda_kernels import qdq_gap
 
 DEFAULT_SMOOTHQUANT_ALPHA = 0.5
 DEFAULT_BLOCK_SIZE = 128
+# int4-wo's weight search (mexport.optimize.quantize.weight_search.INT4_METHODS; "rtn" needs no calibration)
+DEFAULT_INT4_METHOD = "auto"
 # QuantizeLinear / DequantizeLinear take bf16 and fp16 scales and inputs from opset 19 (13 is float32 only)
 LOW_PRECISION_QDQ_OPSET = 19
-# ONNX element type of each weight scheme
-WEIGHT_ELEMENT_TYPES = {"fp8": "float8e4m3fn", "int8": "int8", "int4": "int4"}
 
 
 @dataclass(frozen=True)
@@ -41,14 +42,15 @@ class Recipe:
 
     @property
     def weight_bits(self) -> int:
-        return 4 if self.weights == "int4" else 8
+        return SCHEMES[self.weights].bits
 
     def opset_for(self, dtype: str) -> int:
         """The lowest opset whose Q/DQ ops this recipe's graph uses, for an export of ``dtype``."""
         return self.min_opset if dtype == "fp32" else max(self.min_opset, LOW_PRECISION_QDQ_OPSET)
 
-    def needs_calibration(self, awq: bool = False) -> bool:
-        return not self.weight_only or (awq and self.blocked)
+    def needs_calibration(self, method: str = DEFAULT_INT4_METHOD) -> bool:
+        """Activation statistics for W8A8; int4-wo's weight search unless ``method`` is round-to-nearest."""
+        return not self.weight_only or (self.blocked and method != "rtn")
 
 
 RECIPES: dict[str, Recipe] = {
@@ -95,14 +97,15 @@ RECIPES: dict[str, Recipe] = {
         Recipe(
             name="int4-wo",
             summary="INT4 weight-only, block-wise along the input dimension (opset-21 blocked DequantizeLinear), "
-            "optional AWQ scale search",
+            "per-layer choice of clipped scales, GPTQ and AWQ by calibrated output error",
             weights="int4",
             activations=None,
             blocked=True,
             smoothquant=False,
             min_opset=21,
             gpus="Ampere and newer (>= 8.0); TensorRT >= 10.15 for the opset-21 graph",
-            accuracy="largest of the four (15 levels per block); smaller blocks and AWQ recover part of it",
+            accuracy="largest of the four (16 levels per block); the calibrated search and smaller blocks recover "
+            "most of it",
             min_capability=(8, 0),
         ),
     )
@@ -120,7 +123,7 @@ def cuda_recipe_support(recipe_name: str, dtype: str) -> str | None:
     (None: it can; blocked int4 needs a release whose CUDA DequantizeLinear implements ``block_size``)."""
     recipe = get_recipe(recipe_name)
     return qdq_gap(
-        "DequantizeLinear", WEIGHT_ELEMENT_TYPES[recipe.weights], EXPORT_DTYPES[dtype], recipe.opset_for(dtype),
+        "DequantizeLinear", SCHEMES[recipe.weights].element_type, EXPORT_DTYPES[dtype], recipe.opset_for(dtype),
         recipe.blocked,
     )
 
