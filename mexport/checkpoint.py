@@ -133,6 +133,15 @@ def read_safetensors_header(path: Path) -> dict[str, TensorLocation]:
     return tensors
 
 
+def incomplete_checkpoint(directory: Path, missing: list[str]) -> MexportError:
+    """The refusal of a checkpoint that lacks tensors the model needs (loading it would initialise them at random)."""
+    shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+    return MexportError(
+        f"{directory}: checkpoint has no tensor {shown} (incomplete or mismatched checkpoint)",
+        hint="re-download or re-save the checkpoint; every weight its config.json implies must be in its safetensors",
+    )
+
+
 def weight_files(directory: Path) -> tuple[Path, ...]:
     """The safetensors files of a checkpoint: the single file, or the shards its index names."""
     index = directory / INDEX_FILE

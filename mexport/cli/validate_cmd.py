@@ -15,7 +15,10 @@ from mexport.validate.verdict import DEFAULT_FAIL_ON, FAIL_ON_HELP
 def validate_command(
     reference: Path = typer.Option(..., "--reference", help="PyTorch checkpoint directory (run in its own dtype)."),
     candidates: list[Path] = typer.Option(
-        ..., "--candidate", help="Export, quantize or engine directory to compare (repeatable)."
+        ...,
+        "--candidate",
+        help="Export, quantize or engine directory to compare (repeatable); or another tool's ONNX decoder (its "
+        "directory, or the .onnx file).",
     ),
     tasks: str = typer.Option(
         ..., "--tasks", help="Comma-separated tasks: medmcqa, medqa, pubmedqa, afrimedqa, or lm-eval task names."

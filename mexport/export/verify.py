@@ -250,7 +250,7 @@ def validate_export(
 
     decoder = OrtDecoder(export_dir, device=device)
     compute = decoder.compute_dtype
-    config = decoder.manifest["model_config"]
+    config = decoder.graph_info["model_config"]
     tolerance = tolerance_for(dtype, compute, config)
     plan = plan_check(config, long_check)
     full, other = validation_tokens(config, plan.length)

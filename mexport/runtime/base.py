@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Any, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 import numpy as np
 
 from mexport.models import family_of
+
+if TYPE_CHECKING:
+    from mexport.manifest import VerifiedFiles
 
 T = TypeVar("T")
 
@@ -120,6 +123,18 @@ class DecoderRuntime(abc.ABC):
     lean_logits: bool = True
     # new tokens per backend call (None: all at once); set it to bound the prefill's activations (attention is S x S)
     prefill_chunk: int | None = None
+    # what verify_files() hashed: from then on, activate() and check_files_unchanged() refuse any of them changed
+    files: VerifiedFiles | None = None
+
+    def verify_files(self) -> VerifiedFiles:
+        """Hash every file this runtime reads (against its manifest, where it has one) and keep the result in
+        :attr:`files`, so a caller can name exactly what it scores; the bytes read later must be these."""
+        raise NotImplementedError(f"{type(self).__name__} does not say which files it reads")
+
+    def check_files_unchanged(self) -> None:
+        """Refuse (IntegrityError) when a file :meth:`verify_files` hashed has been replaced or written since."""
+        if self.files is not None:
+            self.files.check_unchanged()
 
     @property
     def limits(self) -> RuntimeLimits:

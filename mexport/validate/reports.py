@@ -96,6 +96,8 @@ class BackendInfo:
     compute: dict[str, Any] | None = None
     manifest_sha256: str | None = None
     skip_reason: str | None = None
+    origin: str | None = None  # "mexport quantize", "Hugging Face checkpoint", an ONNX graph without a manifest
+    files: dict[str, str] = field(default_factory=dict)  # name -> sha256 of every file scored, hashed at load
 
 
 @dataclass(frozen=True)
@@ -345,6 +347,17 @@ def _cell(text: str) -> str:
 _VERDICT_MARK = {PASS: "✅ PASS", FAIL: "❌ FAIL", INCONCLUSIVE: "❔ INCONCLUSIVE", SKIPPED: "⏭️ SKIPPED"}
 
 
+def _unmanifested_lines(report: ValidationReport) -> list[str]:
+    """Candidates without an mexport manifest, with the hash of every file scored (they have no other record)."""
+    lines = [
+        f"- `{b.label}`: {b.origin}; files scored: "
+        + ", ".join(f"{name} `{sha256[:16]}`" for name, sha256 in sorted(b.files.items()))
+        for b in report.backends
+        if b.role == "candidate" and b.manifest_sha256 is None and b.files
+    ]
+    return [*lines, ""] if lines else []
+
+
 def render_markdown(report: ValidationReport) -> str:
     """A summary for humans and $GITHUB_STEP_SUMMARY: one table per task and metric, then skipped backends."""
     settings = report.settings
@@ -367,6 +380,7 @@ def render_markdown(report: ValidationReport) -> str:
             for b in report.backends
         ),
         "",
+        *_unmanifested_lines(report),
         *_speed_lines(report),
     ]
     for task in report.tasks:

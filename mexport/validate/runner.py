@@ -1,8 +1,9 @@
 """Validation orchestrator: score the reference and each candidate on the same questions, compare, report.
 
 Backends are loaded one at a time (a 9B reference and a candidate never share memory). Scores are cached per
-(backend identity, task, question) in ``REPORT_DIR/.cache`` as JSON lines appended after every batch, so an
-interrupted run resumes where it stopped; ``resume=False`` ignores (and rewrites) the cache.
+(backend identity: the content hash of every file it reads, task, question) in ``REPORT_DIR/.cache`` as JSON lines
+appended after every batch, so an interrupted run resumes where it stopped; ``resume=False`` ignores (and rewrites)
+the cache.
 """
 
 from __future__ import annotations
@@ -194,21 +195,31 @@ def _check_output(out_dir: Path, overwrite: bool) -> Path:
 
 
 def _open_backends(reference: Path, candidates: list[Path], device: str) -> list[_Backend]:
-    """Open (not load) every backend and refuse tokenizer mismatches before anything is scored."""
+    """Open (not load) every backend, hashing the files each will read, and refuse what cannot give a meaningful
+    verdict before anything is scored: a tokenizer mismatch, a candidate its own stage marked failed, the reference
+    itself given as a candidate."""
     from mexport.validate.backends import BackendUnavailable, detect_kind, open_backend, tokenizer_fingerprint
 
     runtime, kind, tokenizer = open_backend(reference, kind="torch", device=device)
     backends = [_Backend(_backend_info(REFERENCE_LABEL, "reference", reference, kind, runtime), runtime, tokenizer)]
     reference_fingerprint = tokenizer_fingerprint(tokenizer)
+    reference_digest = runtime.files.digest if runtime.files is not None else None
     used_labels = {REFERENCE_LABEL}
     for path in candidates:
         label = _unique_label(path.resolve().name, used_labels)
+        _refuse_failed_artifact(path)
         try:
             runtime, kind, tokenizer = open_backend(path, device=device)
         except BackendUnavailable as exc:
             info = _backend_info(label, "candidate", path, detect_kind(path), None, skip_reason=exc.message)
             backends.append(_Backend(info))
             continue
+        if runtime.files is not None and runtime.files.digest == reference_digest:
+            raise MexportError(
+                f"candidate {path} is the reference {reference} (the same files, byte for byte): "
+                "comparing it with itself would pass vacuously",
+                hint="pass the exported, quantized or engine directory as --candidate",
+            )
         if tokenizer_fingerprint(tokenizer) != reference_fingerprint:
             raise MexportError(
                 f"candidate {path} has a different tokenizer than reference {reference}: "
@@ -217,8 +228,22 @@ def _open_backends(reference: Path, candidates: list[Path], device: str) -> list
             )
         backends.append(_Backend(_backend_info(label, "candidate", path, kind, runtime), runtime, tokenizer))
     for backend in backends:
-        backend.identity = _backend_identity(Path(backend.info.path), backend.info.kind, device)
+        if backend.runtime is not None:
+            backend.identity = _backend_identity(backend.runtime, backend.info.kind, device)
     return backends
+
+
+def _refuse_failed_artifact(path: Path) -> None:
+    """A candidate whose own stage (or a stage it was made from) recorded a failed check is not validated."""
+    manifest: Any = _read_manifest_if_any(path)
+    while isinstance(manifest, Mapping):
+        if manifest.get("status") == "failed":
+            raise MexportError(
+                f"candidate {path}: its {manifest.get('kind', 'artifact')} manifest records status failed "
+                "(its own numeric check failed), so a parity verdict on it would be about a rejected artifact",
+                hint="re-create it until its check passes; to look at its scores anyway, run mexport lm-eval on it",
+            )
+        manifest = manifest.get("parent")
 
 
 def _local_dir(path: Path, runtime: Any) -> Path:
@@ -245,13 +270,19 @@ def _read_manifest_if_any(path: Path) -> dict[str, Any]:
 def _backend_info(
     label: str, role: str, path: Path, kind: str, runtime: Any, skip_reason: str | None = None
 ) -> BackendInfo:
-    """The facts a report reader needs: recipe, dtype and how compute ran, from the manifest and runtime."""
+    """The facts a report reader needs: recipe, dtype, how compute ran and which files were scored, from the
+    manifest and runtime."""
     path = _local_dir(path, runtime)
     manifest = _read_manifest_if_any(path)
     recipe = manifest.get("recipe")
     if isinstance(recipe, Mapping):
         recipe = recipe.get("name")
     manifest_path = path / MANIFEST_NAME
+    if manifest.get("kind"):
+        origin = f"mexport {manifest['kind']}"
+    else:
+        origin = "Hugging Face checkpoint" if kind == "torch" else "ONNX graph from another tool, no mexport manifest"
+    files = getattr(runtime, "files", None)
     return BackendInfo(
         label=label,
         role=role,
@@ -263,19 +294,16 @@ def _backend_info(
         compute=getattr(runtime, "session_settings", None),
         manifest_sha256=sha256_file(manifest_path) if manifest_path.is_file() else None,
         skip_reason=skip_reason,
+        origin=origin,
+        files=dict(files.sha256) if files is not None else {},
     )
 
 
-def _backend_identity(path: Path, kind: str, device: str) -> str:
-    """Cache key of a backend: its kind, device, path, and every file's name, size and mtime (plus the bytes of
-    its small metadata files), so rewritten weights invalidate the cache without re-hashing gigabytes."""
-    facts: list[Any] = [kind, device, str(path.resolve())]
-    for entry in sorted(path.iterdir()):
-        if entry.is_file() and not entry.name.startswith("."):
-            stat = entry.stat()
-            facts.append([entry.name, stat.st_size, stat.st_mtime_ns])
-            if entry.suffix == ".json" and stat.st_size < (1 << 20):
-                facts.append(sha256_file(entry))
+def _backend_identity(runtime: Any, kind: str, device: str) -> str:
+    """Cache key of a backend: its kind, device, how it computes, and the content of every file it reads (hashed
+    when it was opened; activating it refuses files changed since), so new weights never reuse old scores."""
+    files = runtime.files or runtime.verify_files()
+    facts = [kind, device, getattr(runtime, "precision", None), files.digest]
     return sha256_bytes(json.dumps(facts).encode())[:20]
 
 
@@ -393,6 +421,7 @@ def _score_in_batches(
         started = time.perf_counter()
         batch_scores = score_items(backend.runtime, backend.tokenizer, batch, batch_size=batch_size, progress=False)
         seconds += time.perf_counter() - started
+        backend.runtime.check_files_unchanged()  # scores of files changed while being read are never kept
         keys = [item_key(item) for item in batch]
         kept = [(key, entry) for key, entry in zip(keys, batch_scores, strict=True) if is_scored(entry)]
         cache.append([key for key, _ in kept], [entry for _, entry in kept])

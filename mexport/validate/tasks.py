@@ -429,12 +429,18 @@ def _convert_rows(schema: RowSchema, rows: list[Any]) -> tuple[list[Question], C
     return questions, reasons
 
 
+def data_file(name: str, data: str | Path) -> Path:
+    """The file ``--data name=DATA`` reads: a shipped set's (``sample``, ``demo``) or the path given."""
+    spec = get_task(name)
+    shipped = dict(zip(SHIPPED_SETS, (spec.sample_path, spec.demo_path), strict=True))
+    return shipped.get(str(data)) or Path(data).expanduser()
+
+
 def _resolve_source(spec: TaskSpec, data: str | Path | None) -> tuple[list[Any], str, str | None]:
     """(rows, source description, sha256 of the file or None for the hub)."""
     if data is None:
         return _read_hub_rows(spec), _hub_source(spec), None
-    shipped = dict(zip(SHIPPED_SETS, (spec.sample_path, spec.demo_path), strict=True))
-    path = shipped.get(str(data)) or Path(data).expanduser()
+    path = data_file(spec.name, data)
     return _read_rows(path), str(path), sha256_file(path)
 
 
