@@ -36,6 +36,10 @@ def is_verbose() -> bool:
     return _state["verbose"]
 
 
+def is_quiet() -> bool:
+    return _state["quiet"]
+
+
 def request_json(enabled: bool = True) -> None:
     """The command prints machine-readable output: a failure then also prints a JSON error object on stdout."""
     _state["json"] = enabled

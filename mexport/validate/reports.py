@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import json
 import xml.etree.ElementTree as ET
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -261,8 +261,9 @@ def _result_dict(result: ParityResult) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------- writers
 
 
-def write_reports(report: ValidationReport, out_dir: Path) -> dict[str, Path]:
-    """Write every report file (``REPORT_FILES``) into ``out_dir``, replacing an earlier report as one set; returns name -> path."""
+def write_reports(report: ValidationReport, out_dir: Path, drop: Iterable[str] = ()) -> dict[str, Path]:
+    """Write every report file (``REPORT_FILES``) into ``out_dir``, replacing an earlier report as one set (and
+    removing the files named in ``drop``); returns name -> path."""
     rendered = {
         "report.json": render_json(report).encode(),
         "report.md": render_markdown(report).encode(),
@@ -270,7 +271,7 @@ def write_reports(report: ValidationReport, out_dir: Path) -> dict[str, Path]:
         "accuracy.png": render_accuracy_png(report),
         "parity.png": render_parity_png(report),
     }
-    return replace_files_as_set(Path(out_dir), rendered)
+    return replace_files_as_set(Path(out_dir), rendered, drop)
 
 
 def render_json(report: ValidationReport) -> str:
