@@ -12,6 +12,7 @@ import functools
 import hashlib
 import json
 import math
+import os
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -262,10 +263,34 @@ def _shard_worker(arguments: dict[str, Any], quiet: bool, verbose: bool) -> tupl
     """One shard in its own process: None when it scored, else (exit code, message, hint) of its failure."""
     console.configure(quiet=quiet, verbose=verbose)
     try:
-        validate_shard(**arguments)
+        validate_shard(**{**arguments, "device": _claim_device(arguments["device"])})
     except MexportError as exc:
         return (exc.exit_code, exc.message, exc.hint)
     return None
+
+
+def _claim_device(device: str) -> str:
+    """In a shard's own process, ``cuda:N`` becomes ``cuda`` with only GPU N visible, so PyTorch, ONNX Runtime and
+    TensorRT all run on it (N counts among the GPUs the parent could see)."""
+    kind, _, index = device.partition(":")
+    if kind != "cuda" or not index:
+        return device
+    visible = [gpu for gpu in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if gpu.strip()]
+    os.environ["CUDA_VISIBLE_DEVICES"] = visible[int(index)] if visible else index
+    return "cuda"
+
+
+def _check_devices(devices: Sequence[str]) -> list[str]:
+    names = [device.strip() for device in devices]
+    for name in names:
+        kind, colon, index = name.partition(":")
+        if kind not in ("cpu", "cuda") or (colon and (kind != "cuda" or not index.isdigit())):
+            raise MexportError(f"--devices: {name!r} is not a device", hint="cpu, cuda or cuda:N, e.g. cuda:0,cuda:1")
+    visible = [gpu for gpu in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if gpu.strip()]
+    for name in names:
+        if name.startswith("cuda:") and visible and int(name[5:]) >= len(visible):
+            raise MexportError(f"--devices: {name} but CUDA_VISIBLE_DEVICES shows {len(visible)} GPU(s)")
+    return names
 
 
 def _validate_on_devices(arguments: dict[str, Any], devices: list[str], output: Path | str) -> ValidationReport:
@@ -275,8 +300,7 @@ def _validate_on_devices(arguments: dict[str, Any], devices: list[str], output: 
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    if any(not device.strip() for device in devices):
-        raise MexportError(f"--devices {','.join(devices)}: a device name is empty", hint="e.g. cuda:0,cuda:1")
+    devices = _check_devices(devices)
     out_dir = _check_output(Path(output))
     count = len(devices)
     shard_dirs = [out_dir / CACHE_DIR / "shards" / f"{k}-of-{count}" for k in range(1, count + 1)]
@@ -285,7 +309,7 @@ def _validate_on_devices(arguments: dict[str, Any], devices: list[str], output: 
         futures = [
             pool.submit(
                 _shard_worker,
-                {**arguments, "device": device.strip(), "output": shard_dir, "shard": ShardSpec(k, count)},
+                {**arguments, "device": device, "output": shard_dir, "shard": ShardSpec(k, count)},
                 quiet or k > 1,
                 console.is_verbose(),
             )

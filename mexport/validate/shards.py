@@ -105,7 +105,7 @@ class PartialReport:
     scores: dict[str, dict[str, list[Any]]]  # task -> label -> entries aligned with ``questions``
     speed: dict[str, ScoringSpeed] = field(default_factory=dict)
     created: str = field(default_factory=utc_now)
-    run: dict[str, Any] = field(default_factory=lambda: {"host": socket.gethostname(), "pid": os.getpid()})
+    run: dict[str, Any] = field(default_factory=lambda: _run_facts())
     source: str = ""  # where this part was read from (not written)
 
     exit_code = 0
@@ -155,6 +155,14 @@ class PartialReport:
 
     def render(self) -> bytes:
         return (json.dumps(self.to_dict(), indent=1, sort_keys=True, allow_nan=False) + "\n").encode()
+
+
+def _run_facts() -> dict[str, Any]:
+    """Which process on which host scored a shard (and the GPUs it could see), for the merged report's provenance."""
+    facts: dict[str, Any] = {"host": socket.gethostname(), "pid": os.getpid()}
+    if "CUDA_VISIBLE_DEVICES" in os.environ:
+        facts["cuda_visible_devices"] = os.environ["CUDA_VISIBLE_DEVICES"]
+    return facts
 
 
 def _float_out(value: float) -> float | str:
