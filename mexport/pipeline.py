@@ -84,6 +84,7 @@ class PipelineConfig(BaseModel):
     limit: int | None = Field(None, ge=1, strict=True)
     seed: int = Field(1234, strict=True)
     device: Literal["cpu", "cuda"] = "cpu"
+    devices: list[str] = Field(default_factory=list)  # one validation shard per device, each in its own process
     margin: float = Field(1.0, gt=0, allow_inf_nan=False)
     recipe_margins: dict[str, Annotated[float, Field(gt=0, allow_inf_nan=False)]] = Field(default_factory=dict)
     agreement_floor: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)
@@ -200,6 +201,16 @@ class PipelineConfig(BaseModel):
         return fail_on
 
     @model_validator(mode="after")
+    def _devices_of_the_device_kind(self) -> PipelineConfig:
+        from mexport.validate.runner import check_devices
+
+        _checked(check_devices, self.devices)
+        other = [name for name in self.devices if name.strip().split(":")[0] != self.device]
+        if other:
+            raise ValueError(f"validate.devices {', '.join(other)} are not {self.device} devices (validate.device)")
+        return self
+
+    @model_validator(mode="after")
     def _engine_fits_together(self) -> PipelineConfig:
         from mexport.optimize.engine.gpus import gpu_budget
         from mexport.optimize.engine.profiles import EngineLimits
@@ -218,7 +229,8 @@ _TOML_FIELDS = {
     ("engine", "max_input_len"): "max_input_len", ("engine", "max_context"): "max_context",
     ("engine", "target"): "target", ("engine", "gpu_memory_gb"): "gpu_memory_gb",
     ("validate", "tasks"): "tasks", ("validate", "data"): "data", ("validate", "limit"): "limit",
-    ("validate", "seed"): "seed", ("validate", "device"): "device", ("validate", "margin"): "margin",
+    ("validate", "seed"): "seed", ("validate", "device"): "device", ("validate", "devices"): "devices",
+    ("validate", "margin"): "margin",
     ("validate", "recipe_margins"): "recipe_margins", ("validate", "agreement_floor"): "agreement_floor",
     ("validate", "fail_on"): "fail_on",
 }
@@ -507,6 +519,7 @@ def _run_steps(runner: _Runner, config: PipelineConfig) -> PipelineResult:
             limit=config.limit,
             seed=config.seed,
             device=config.device,
+            devices=config.devices or None,
             margin=config.margin,
             recipe_margins=config.recipe_margins or None,
             fail_on=config.fail_on,
@@ -520,6 +533,7 @@ def _run_steps(runner: _Runner, config: PipelineConfig) -> PipelineResult:
         "validate",
         {"upstream": [digest for _, digest in validated], "checkpoint": upstream, "tasks": config.tasks,
          "data": config.data, "limit": config.limit, "seed": config.seed, "device": config.device,
+         "devices": config.devices,
          "margin": config.margin, "recipe_margins": config.recipe_margins, "floor": config.agreement_floor,
          "fail_on": config.fail_on},
         report_dir,

@@ -266,3 +266,15 @@ def test_failed_shard_fails_the_run_and_nothing_is_merged(
     assert "shard 2/2 on cuda" in json.loads(result.stdout)["error"]["message"]
     assert not any((out / name).exists() for name in REPORT_FILES)
     assert runner.invoke(app, [*args, "--devices", "cpu,gpu0"]).exit_code == 2
+
+
+def test_pipeline_devices_are_checked_like_the_cli(tmp_path: Path) -> None:
+    from pydantic import ValidationError
+
+    from mexport.pipeline import PipelineConfig
+
+    config = PipelineConfig(model="fixture:tiny-gemma2", output=tmp_path, devices=["cpu", "cpu"])
+    assert config.devices == ["cpu", "cpu"]
+    for devices, message in ((["gpu0"], "not a device"), (["cuda:0"], "not cpu devices")):
+        with pytest.raises(ValidationError, match=message):
+            PipelineConfig(model="fixture:tiny-gemma2", output=tmp_path, devices=devices)

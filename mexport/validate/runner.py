@@ -280,7 +280,8 @@ def _claim_device(device: str) -> str:
     return "cuda"
 
 
-def _check_devices(devices: Sequence[str]) -> list[str]:
+def check_devices(devices: Sequence[str]) -> list[str]:
+    """Device names for one shard each (cpu, cuda, cuda:N), stripped; bad input when one is not a device."""
     names = [device.strip() for device in devices]
     for name in names:
         kind, colon, index = name.partition(":")
@@ -300,7 +301,7 @@ def _validate_on_devices(arguments: dict[str, Any], devices: list[str], output: 
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    devices = _check_devices(devices)
+    devices = check_devices(devices)
     out_dir = _check_output(Path(output))
     count = len(devices)
     shard_dirs = [out_dir / CACHE_DIR / "shards" / f"{k}-of-{count}" for k in range(1, count + 1)]
