@@ -278,3 +278,19 @@ def test_pipeline_devices_are_checked_like_the_cli(tmp_path: Path) -> None:
     for devices, message in ((["gpu0"], "not a device"), (["cuda:0"], "not cpu devices")):
         with pytest.raises(ValidationError, match=message):
             PipelineConfig(model="fixture:tiny-gemma2", output=tmp_path, devices=devices)
+
+
+def test_candidate_skipped_on_one_shard_is_skipped_in_the_merge(three_shards: list[Path], tmp_path: Path) -> None:
+    def skip_candidate(document: dict[str, Any]) -> None:
+        document["backends"][1]["skip_reason"] = "TensorRT is missing"
+        for task in document["tasks"].values():
+            for question in task["questions"]:
+                del question["backends"]["tiny-fp32"]
+
+    one, two, three = three_shards
+    report = merge_reports([one, two, _edited(three, tmp_path, "skip", skip_candidate)], output=tmp_path / "m")
+    assert {r.verdict.status for r in report.results} == {"skipped"}
+    assert report.results[0].verdict.message == "shard 3/3: TensorRT is missing"
+    with pytest.raises(MexportError, match="holds a partial report being merged"):
+        merge_reports(three_shards, output=one)
+    assert (one / PARTIAL_REPORT).is_file()

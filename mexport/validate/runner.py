@@ -146,6 +146,12 @@ def merge_reports(
         check_policy(settings["margin_points"], settings["agreement_floor"], fail_on, settings["recipe_margins"])
         settings["fail_on"] = fail_on
     out_dir = _check_output(Path(output))
+    for part in merged.parts:
+        if Path(part["source"]).parent == out_dir:
+            raise MexportError(
+                f"-o {output}: holds a partial report being merged ({part['source']})",
+                hint="write the merged report to a directory of its own",
+            )
     report = ValidationReport(
         created=utc_now(),
         settings=settings,

@@ -248,7 +248,9 @@ def _partial_from(document: Mapping[str, Any], source: str) -> PartialReport:
         refs = [QuestionRef(int(q["position"]), str(q["key"]), str(q["doc_id"])) for q in task["questions"]]
         questions[name] = refs
         scores[name] = {
-            b.label: [_entry_from(q["doc_id"], q["backends"][b.label]) for q in task["questions"]] for b in backends
+            b.label: [_entry_from(q["doc_id"], q["backends"][b.label]) for q in task["questions"]]
+            for b in backends
+            if b.skip_reason is None
         }
     shard = document["shard"]
     return PartialReport(
@@ -385,9 +387,8 @@ def _merge_group(group: Sequence[PartialReport]) -> tuple[dict[str, dict[str, li
         if digest.hexdigest() != task.items_sha256:
             raise MexportError(f"{name}: the parts' questions do not add up to the task's questions (sha256 differs)")
         ordered = [by_position[position] for position in range(task.n_items)]
-        scores[name] = {
-            b.label: [part.scores[name][b.label][i] for _, part, i in ordered] for b in group[0].backends
-        }
+        scored = [b.label for b in group[0].backends if all(b.label in part.scores[name] for part in group)]
+        scores[name] = {label: [part.scores[name][label][i] for _, part, i in ordered] for label in scored}
     speed: dict[str, ScoringSpeed] = {}
     for part in group:
         for label, measured in part.speed.items():
@@ -426,10 +427,13 @@ def merge_partials(parts: Sequence[PartialReport]) -> MergedScores:
                 speed[reference_label] = group_speed[REFERENCE_LABEL]
         for info in group[0].candidates:
             label = unique_label(info.label, used)
-            backends.append(dataclasses.replace(info, label=label))
+            skipped = next((f"shard {p.shard}: {b.skip_reason}" for p in group for b in p.candidates
+                            if b.label == info.label and b.skip_reason), None)
+            backends.append(dataclasses.replace(info, label=label, skip_reason=skipped))
             reference_for[label] = reference_label
             for task, task_scores in scores.items():
-                task_scores[label] = group_scores[task][info.label]
+                if skipped is None:
+                    task_scores[label] = group_scores[task][info.label]
             if info.label in group_speed:
                 speed[label] = group_speed[info.label]
     settings = {k: v for k, v in first.settings.items() if k != "shard"}
