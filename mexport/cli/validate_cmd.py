@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import typer
 
@@ -58,7 +58,7 @@ def validate_command(
     from mexport.errors import MexportError
     from mexport.validate import validate, validate_shard
 
-    options = {
+    options: dict[str, Any] = {
         "output": output,
         "data": parse_assignments(data, "--data", "FILE"),
         "limit": limit,

@@ -97,7 +97,7 @@ def validate(
     reference's. ``devices`` (e.g. ``["cuda:0", "cuda:1"]``) scores one shard per device, each in its own process,
     and merges them (``device`` is then unused); a failed shard fails the run and nothing is merged.
     """
-    arguments = {
+    arguments: dict[str, Any] = {
         "reference": reference, "candidates": candidates, "tasks": tasks, "data": data, "limit": limit,
         "seed": seed, "shots": shots, "device": device, "margin": margin, "recipe_margins": recipe_margins,
         "agreement_floor": agreement_floor, "fail_on": fail_on, "batch_size": batch_size, "resume": resume,
