@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import math
 import platform
 import shutil
 import sys
@@ -42,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling bench sc
 from export_memory import FULL_WIDTH, build_checkpoint
 from scoring_vs_lmeval import FORMATS, lmeval_scorer, mexport_scorer
 
+from mexport import strict_json
 from mexport.fsutil import write_atomic
 from mexport.manifest import utc_now
 from mexport.optimize.engine.precision import installed_tensorrt
@@ -272,19 +272,8 @@ def _run_check(result: dict[str, Any], name: str, output: Path, check: Callable[
     entry.setdefault("reason", None)
     entry["seconds"] = time.perf_counter() - started
     result["checks"][name] = entry
-    write_atomic(output, (json.dumps(_strict(result), indent=2, sort_keys=True) + "\n").encode())
+    write_atomic(output, (strict_json.dumps(result, indent=2, sort_keys=True) + "\n").encode())
     print(json.dumps({k: v for k, v in entry.items() if k != "traceback"}, indent=1, default=str), flush=True)
-
-
-def _strict(value: Any) -> Any:
-    """JSON without NaN / Infinity tokens: non-finite floats as strings."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _strict(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_strict(v) for v in value]
-    return value
 
 
 def main() -> None:
@@ -323,7 +312,7 @@ def main() -> None:
             lambda: check_tensorrt(work, device, Path(export_dir) if export_dir else None),
         )
     result["seconds"] = time.perf_counter() - started
-    write_atomic(args.output, (json.dumps(_strict(result), indent=2, sort_keys=True) + "\n").encode())
+    write_atomic(args.output, (strict_json.dumps(result, indent=2, sort_keys=True) + "\n").encode())
     print(f"figures in {args.output.resolve()} ({result['seconds']:.0f} s)")
 
 

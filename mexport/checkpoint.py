@@ -8,13 +8,15 @@ also lets a truncated or corrupt shard fail with a one-line error before anythin
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mexport.errors import MexportError
+from mexport import hub
+from mexport.errors import MexportError, first_line
 from mexport.lazy import require
 
 SUPPORTED_MODEL_TYPES = ("gemma2",)
@@ -36,6 +38,8 @@ HUB_PATTERNS = ["*.safetensors", "model.safetensors.index.json", *SIDE_FILES]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 # a header larger than this is not a safetensors header (the format caps it at 100 MB)
 MAX_HEADER_BYTES = 100 << 20
+LAYER_TENSOR = re.compile(r"^model\.layers\.(\d+)\.")
+EMBEDDING_TENSOR = "model.embed_tokens.weight"
 
 # safetensors dtype -> (bytes per element, ONNX TensorProto name)
 SAFETENSORS_DTYPES: dict[str, tuple[int, str]] = {
@@ -174,7 +178,7 @@ def resolve_checkpoint(model: str | Path, revision: str | None = None) -> Checkp
     directory = Path(model).expanduser()
     if not directory.exists():
         if _looks_like_hub_id(origin):
-            directory = _download(origin, revision)
+            directory = hub.snapshot(origin, HUB_PATTERNS, revision)
         else:
             raise MexportError(f"{model}: no such file or directory")
     if not directory.is_dir():
@@ -184,22 +188,51 @@ def resolve_checkpoint(model: str | Path, revision: str | None = None) -> Checkp
     tensors: dict[str, TensorLocation] = {}
     for shard in files:
         tensors.update(read_safetensors_header(shard))
+    check_layers_match_config(directory, config, tensors)
     return Checkpoint(directory.resolve(), config, tensors, files, origin, revision)
+
+
+def check_layers_match_config(directory: Path, config: dict[str, Any], tensors: dict[str, TensorLocation]) -> None:
+    """Refuse, from the headers alone, a config whose layer count or widths the weights do not have (a 200-layer
+    config over 3 layers of weights would otherwise be traced for minutes before the first missing tensor)."""
+    layers = config.get("num_hidden_layers")
+    found = {int(match[1]) for name in tensors if (match := LAYER_TENSOR.match(name))}
+    if not isinstance(layers, int) or layers < 1:
+        raise MexportError(f"{directory}: config.json num_hidden_layers {layers!r} is not a positive integer")
+    if found != set(range(layers)):
+        missing = sorted(set(range(layers)) - found)
+        extra = sorted(found - set(range(layers)))
+        detail = (f"no weights for layers {_ranges(missing)}" if missing else "") + (
+            f"{'; ' if missing else ''}weights for layers {_ranges(extra)} beyond it" if extra else ""
+        )
+        raise MexportError(
+            f"{directory}: config.json says {layers} layers, the safetensors hold {len(found)} ({detail})",
+            hint="the config and the weights come from different models: re-download the checkpoint",
+        )
+    embedding = tensors.get(EMBEDDING_TENSOR)
+    expected = (config.get("vocab_size"), config.get("hidden_size"))
+    if embedding is not None and embedding.shape != expected:
+        raise MexportError(
+            f"{directory}: config.json says vocab {expected[0]} x hidden {expected[1]}, the embedding "
+            f"{EMBEDDING_TENSOR} is {' x '.join(map(str, embedding.shape))}",
+            hint="the config and the weights come from different models: re-download the checkpoint",
+        )
+
+
+def _ranges(indices: list[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2, 5"."""
+    spans: list[list[int]] = []
+    for index in indices:
+        if spans and index == spans[-1][1] + 1:
+            spans[-1][1] = index
+        else:
+            spans.append([index, index])
+    return ", ".join(f"{a}-{b}" if a != b else str(a) for a, b in spans)
 
 
 def _looks_like_hub_id(name: str) -> bool:
     parts = name.split("/")
     return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))
-
-
-def _download(repo_id: str, revision: str | None) -> Path:
-    hub = require("huggingface_hub", "downloading a checkpoint from the Hugging Face Hub")
-    try:
-        return Path(hub.snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
-    except Exception as exc:  # network, auth and missing-repo errors all mean "cannot get it"
-        raise MexportError(
-            f"{repo_id}: not a local path and could not be downloaded from the Hub ({type(exc).__name__}: {exc})"
-        ) from exc
 
 
 def copy_side_files(checkpoint: Checkpoint, out_dir: Path) -> list[str]:
@@ -228,8 +261,7 @@ def load_tokenizer(path: Path) -> Any:
     try:
         return transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=False, local_files_only=True)
     except (OSError, ValueError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise MexportError(f"{path}: could not load its tokenizer: {first_line}") from exc
+        raise MexportError(f"{path}: could not load its tokenizer: {first_line(exc)}") from exc
 
 
 def side_files_bytes(checkpoint: Checkpoint) -> int:

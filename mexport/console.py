@@ -37,6 +37,7 @@ def is_verbose() -> bool:
 
 
 def is_quiet() -> bool:
+    """``-q``: no progress and no summaries (a summary printed on stdout included); errors and warnings still show."""
     return _state["quiet"]
 
 

@@ -76,3 +76,9 @@ class ValidationFailedError(MexportError):
 
     exit_code = EXIT_CHECK_FAILED
     kind = "check_failed"
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when empty): third-party errors as one line."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -208,9 +208,10 @@ def check_free_space(directory: Path, needed_bytes: int, what: str = "the output
         probe = probe.parent
     free = shutil.disk_usage(probe).free
     if free < needed_bytes:
-        raise MexportError(
+        raise EnvironmentFailure(
             f"not enough disk space for {what}: needs {format_bytes(needed_bytes)}, "
-            f"{format_bytes(free)} free on {probe}"
+            f"{format_bytes(free)} free on {probe}",
+            hint="free disk space, or write the output to another filesystem",
         )
 
 

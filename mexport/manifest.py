@@ -15,9 +15,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from mexport import __version__
+from mexport import __version__, strict_json
 from mexport.errors import IntegrityError, MexportError
 from mexport.fsutil import UNFINISHED_DIR, write_atomic
+from mexport.lazy import require
 
 MANIFEST_NAME = "mexport.json"
 SCHEMA_VERSION = 1
@@ -90,7 +91,7 @@ def write_manifest(directory: Path, manifest: dict[str, Any]) -> Path:
     """Write ``mexport.json`` atomically (temp file + rename) so a crash never leaves half a manifest."""
     target = Path(directory) / MANIFEST_NAME
     tmp = target.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
+    tmp.write_text(strict_json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
     os.replace(tmp, target)
     return target
 
@@ -198,7 +199,7 @@ def verify_files(directory: Path, manifest: dict[str, Any], remember: bool = Tru
         verified[name] = {"stat": key, "sha256": record["sha256"]}  # stat from before hashing: a change since misses
     if remember and verified != stamp:
         try:
-            write_atomic(directory / STAMP_NAME, json.dumps(verified, sort_keys=True).encode())
+            write_atomic(directory / STAMP_NAME, strict_json.dumps(verified, sort_keys=True).encode())
         except OSError:
             pass  # a read-only artifact: verification still holds, it just is not remembered
 
@@ -217,3 +218,53 @@ def verified_input(directory: Path, manifest: dict[str, Any]) -> dict[str, Any]:
 def settings_hash(settings: dict[str, Any]) -> str:
     """Stable hash of a settings dict (used to tell whether an existing output matches a request)."""
     return sha256_bytes(json.dumps(settings, sort_keys=True, default=str).encode())[:16]
+
+
+def io_signature(model: Any) -> dict[str, list[dict[str, Any]]]:
+    """Inputs and outputs of a graph (ModelProto): name, numpy dtype name, shape (ints or symbolic strings), as the
+    manifest's ``io`` records them."""
+    onnx = require("onnx")
+
+    def describe(value: Any) -> dict[str, Any]:
+        tensor_type = value.type.tensor_type
+        return {
+            "name": value.name,
+            "dtype": onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type).name,
+            "shape": [dim.dim_param if dim.HasField("dim_param") else dim.dim_value for dim in tensor_type.shape.dim],
+        }
+
+    return {"inputs": [describe(v) for v in model.graph.input], "outputs": [describe(v) for v in model.graph.output]}
+
+
+def check_graph_io(manifest: dict[str, Any], model: Any, where: Path | str) -> None:
+    """Refuse a manifest whose ``io`` or KV-cache geometry no longer matches the graph it describes: the manifest is
+    not among the hashed files, and stages size their inputs from it (an edited or mixed-up artifact, exit 3)."""
+    actual = io_signature(model)
+    recorded = manifest.get("io") or {}
+    problems = []
+    for side in ("inputs", "outputs"):
+        by_name = {entry["name"]: entry for entry in actual[side]}
+        written = {entry.get("name"): entry for entry in recorded.get(side, []) if isinstance(entry, dict)}
+        for name in sorted(set(by_name) ^ set(written), key=str):
+            problems.append(f"{side[:-1]} {name} is {'only in the graph' if name in by_name else 'not in the graph'}")
+        for name in sorted(set(by_name) & set(written)):
+            for key in ("dtype", "shape"):
+                if by_name[name][key] != written[name].get(key):
+                    problems.append(f"{name} {key} {written[name].get(key)} in the manifest, {by_name[name][key]} in the graph")
+    config = manifest.get("model_config") or {}
+    geometry = [config.get("num_key_value_heads"), config.get("head_dim")]
+    for entry in actual["inputs"]:
+        if entry["name"].startswith("past_key_values.") and [entry["shape"][1], entry["shape"][3]] != geometry:
+            problems.append(f"{entry['name']} has {entry['shape'][1]} KV heads of {entry['shape'][3]}, the manifest's "
+                            f"model_config {geometry[0]} of {geometry[1]}")
+            break
+    logits = next((entry for entry in actual["outputs"] if entry["name"] == "logits"), None)
+    vocab = config.get("vocab_size")
+    if logits and isinstance(logits["shape"][-1], int) and logits["shape"][-1] and logits["shape"][-1] != vocab:
+        problems.append(f"logits are {logits['shape'][-1]} wide, the manifest's model_config vocab_size {vocab}")
+    if problems:
+        shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+        raise IntegrityError(
+            f"{where}: {MANIFEST_NAME} does not describe this graph ({shown})",
+            hint="the manifest was edited or belongs to another artifact: re-create the artifact with mexport",
+        )

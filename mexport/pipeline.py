@@ -20,7 +20,7 @@ from xml.etree import ElementTree
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from mexport import console
+from mexport import console, strict_json
 from mexport.errors import (
     EXIT_CHECK_FAILED,
     EXIT_INCONCLUSIVE,
@@ -33,7 +33,13 @@ from mexport.fixtures import FIXTURE_NAMES
 from mexport.fsutil import claimed_output, write_atomic
 from mexport.manifest import MANIFEST_NAME, file_records, read_manifest, settings_hash, utc_now, verify_files
 from mexport.validate.tasks import SHIPPED_SETS
-from mexport.validate.verdict import DEFAULT_FAIL_ON
+from mexport.validate.verdict import (
+    DEFAULT_FAIL_ON,
+    check_agreement_floor,
+    check_fail_on,
+    check_margin,
+    check_recipe_margins,
+)
 
 STATE_FILE = "pipeline-state.json"
 FIXTURE_PREFIX = "fixture:"
@@ -43,6 +49,18 @@ ENGINE_MODES = ("auto", "build", "plan", "off")
 def _one_or_many(value: Any) -> Any:
     """``recipes = "int8-wo"`` means one recipe (a bare string is never split into characters)."""
     return [value] if isinstance(value, str) else value
+
+
+def _home(value: Any) -> Any:
+    """A path setting with a leading ``~`` expanded (a hub id, fixture or task name never starts with one)."""
+    if isinstance(value, (str, Path)) and str(value).startswith("~"):
+        return type(value)(Path(value).expanduser())
+    if isinstance(value, dict):
+        return {key: _home(item) for key, item in value.items()}
+    return value
+
+
+HomePath = BeforeValidator(_home)
 
 
 def _checked(check: Callable[..., Any], *args: Any) -> None:
@@ -61,14 +79,14 @@ class PipelineConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    model: str = Field(min_length=1)
-    output: Path
+    model: Annotated[str, HomePath] = Field(min_length=1)
+    output: Annotated[Path, HomePath]
     revision: str | None = None
     dtype: str = "bf16"
     opset: int = Field(18, strict=True)
     export_device: Literal["cpu", "cuda"] = "cpu"
     recipes: Annotated[list[str], BeforeValidator(_one_or_many)] = Field(default_factory=list)
-    calib: str | None = None
+    calib: Annotated[str | None, HomePath] = None
     calib_size: int = Field(64, ge=1, strict=True)
     engine: str = "auto"
     engine_precision: str | None = None  # None: the export's dtype (the only choice TensorRT 11 builds)
@@ -80,14 +98,14 @@ class PipelineConfig(BaseModel):
     tasks: Annotated[list[str], BeforeValidator(_one_or_many)] = Field(
         default_factory=lambda: ["medmcqa", "medqa", "pubmedqa", "afrimedqa"], min_length=1
     )
-    data: dict[str, str] = Field(default_factory=dict)
+    data: Annotated[dict[str, str], HomePath] = Field(default_factory=dict)
     limit: int | None = Field(None, ge=1, strict=True)
     seed: int = Field(1234, strict=True)
     device: Literal["cpu", "cuda"] = "cpu"
     devices: list[str] = Field(default_factory=list)  # one validation shard per device, each in its own process
-    margin: float = Field(1.0, gt=0, allow_inf_nan=False)
-    recipe_margins: dict[str, Annotated[float, Field(gt=0, allow_inf_nan=False)]] = Field(default_factory=dict)
-    agreement_floor: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)
+    margin: float = 1.0
+    recipe_margins: dict[str, float] = Field(default_factory=dict)
+    agreement_floor: float | None = None
     fail_on: str = DEFAULT_FAIL_ON
 
     @field_validator("model")
@@ -120,10 +138,9 @@ class PipelineConfig(BaseModel):
     @field_validator("opset")
     @classmethod
     def _opset_supported(cls, opset: int) -> int:
-        from mexport.export.exporter import MIN_OPSET
+        from mexport.export.exporter import check_opset
 
-        if opset < MIN_OPSET:
-            raise ValueError(f"opset {opset} not supported; use {MIN_OPSET} or newer")
+        _checked(check_opset, opset)
         return opset
 
     @field_validator("recipes")
@@ -182,22 +199,29 @@ class PipelineConfig(BaseModel):
             raise ValueError(f"unknown engine precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
         return precision
 
+    @field_validator("margin")
+    @classmethod
+    def _margin_valid(cls, margin: float) -> float:
+        _checked(check_margin, margin, "margin")
+        return margin
+
     @field_validator("recipe_margins")
     @classmethod
-    def _margin_recipes_known(cls, margins: dict[str, float]) -> dict[str, float]:
-        from mexport.optimize.quantize.recipes import get_recipe
-
-        for recipe in margins:
-            _checked(get_recipe, recipe)
+    def _recipe_margins_valid(cls, margins: dict[str, float]) -> dict[str, float]:
+        _checked(check_recipe_margins, margins, "recipe margin")
         return margins
+
+    @field_validator("agreement_floor")
+    @classmethod
+    def _agreement_floor_valid(cls, floor: float | None) -> float | None:
+        if floor is not None:
+            _checked(check_agreement_floor, floor, "agreement floor")
+        return floor
 
     @field_validator("fail_on")
     @classmethod
     def _fail_on_known(cls, fail_on: str) -> str:
-        from mexport.validate.verdict import FAIL_ON_CHOICES
-
-        if fail_on not in FAIL_ON_CHOICES:
-            raise ValueError(f"fail_on {fail_on!r}: expected one of {', '.join(FAIL_ON_CHOICES)}")
+        _checked(check_fail_on, fail_on, "fail_on")
         return fail_on
 
     @model_validator(mode="after")
@@ -256,17 +280,20 @@ def load_config(path: Path, overrides: dict[str, Any] | None = None) -> Pipeline
         raise MexportError(
             f"{path}: unknown setting {', '.join(map(repr, unknown))}", hint="see examples/pipeline-tiny.toml"
         )
+    def beside_config(value: str) -> Path:  # "~/x" is the user's home, a relative path is the config file's folder
+        return path.parent / Path(value).expanduser()
+
     if isinstance(values.get("output"), str):
-        values["output"] = (path.parent / values["output"]).resolve()
-    if isinstance(values.get("calib"), str) and (path.parent / values["calib"]).is_file():
-        values["calib"] = str((path.parent / values["calib"]).resolve())
+        values["output"] = beside_config(values["output"]).resolve()
+    if isinstance(values.get("calib"), str) and beside_config(values["calib"]).is_file():
+        values["calib"] = str(beside_config(values["calib"]).resolve())
     if isinstance(values.get("model"), str) and not values["model"].startswith(FIXTURE_PREFIX):
-        local = path.parent / values["model"]
+        local = beside_config(values["model"])
         if local.exists():
             values["model"] = str(local.resolve())
     if isinstance(values.get("data"), dict):
         values["data"] = {
-            task: str((path.parent / source).resolve())
+            task: str(beside_config(source).resolve())
             if isinstance(source, str) and source not in SHIPPED_SETS
             else source
             for task, source in values["data"].items()
@@ -380,7 +407,7 @@ class _Runner:
 
     def _save_state(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
-        write_atomic(self.state_path, (json.dumps(self.state, indent=2, sort_keys=True) + "\n").encode())
+        write_atomic(self.state_path, (strict_json.dumps(self.state, indent=2, sort_keys=True) + "\n").encode())
 
     def step(
         self, name: str, settings: dict[str, Any], target: Path, action: Callable[[], str], marker: str = MANIFEST_NAME
@@ -665,7 +692,7 @@ def write_pipeline_reports(result: PipelineResult) -> dict[str, Path]:
     out = result.output
     payload = {"created": utc_now(), **result.to_dict()}
     paths = {
-        "json": write_atomic(out / "pipeline.json", (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode()),
+        "json": write_atomic(out / "pipeline.json", (strict_json.dumps(payload, indent=2, sort_keys=True) + "\n").encode()),
         "markdown": write_atomic(out / "pipeline.md", render_markdown(result).encode()),
         "junit": write_atomic(out / "pipeline-junit.xml", render_junit(result)),
     }

@@ -139,3 +139,42 @@ def test_gpu_memory_nan_is_bad_input(tmp_path: Path, tiny_export_fp32: Path) -> 
     )
     assert result.exit_code == 2 and "--gpu-memory must be a positive number" in result.stderr
     assert "Traceback" not in result.output
+
+
+def test_not_enough_disk_space_for_an_export_exits_3(
+    tmp_path: Path, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(free=1000))
+    result = runner.invoke(app, ["onnx", str(tiny_checkpoint), "-o", str(tmp_path / "x"), "--json"])
+    assert result.exit_code == 3, result.output
+    error = json.loads(result.stdout)["error"]
+    assert error["kind"] == "environment" and "not enough disk space" in error["message"] and error["hint"]
+
+
+def test_a_modified_quantize_input_manifest_exits_3(tmp_path: Path, tiny_export_fp32: Path) -> None:
+    export = Path(shutil.copytree(tiny_export_fp32, tmp_path / "export"))
+    manifest = json.loads((export / "mexport.json").read_text())
+    manifest["io"]["outputs"][0]["name"] = "scores"
+    (export / "mexport.json").write_text(json.dumps(manifest))
+    result = runner.invoke(app, ["quantize", str(export), "-o", str(tmp_path / "q"), "-r", "int8-wo", "--json"])
+    assert result.exit_code == 3, result.output
+    error = json.loads(result.stdout)["error"]
+    assert error["kind"] == "integrity" and "does not describe this graph" in error["message"]
+    assert not (tmp_path / "q").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["onnx", "{tmp}", "-o", "{tmp}/x", "--opset", "24"], "opset 24 not supported; use 14..23"),
+        (["validate", "--reference", "{tmp}", "--candidate", "{tmp}", "--tasks", "medqa", "-o", "{tmp}/r",
+          "--margin", "inf"], "--margin inf: the margin must be a finite number"),
+        (["validate", "--reference", "{tmp}", "--candidate", "{tmp}", "--tasks", "medqa", "-o", "{tmp}/r",
+          "--margin-for", "int4wo=2"], "no quantization recipe 'int4wo'"),
+    ],
+)
+def test_option_values_the_pipeline_refuses_are_refused_on_the_cli(args: list[str], message: str, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["-q", *_args(args, tmp_path)])
+    assert result.exit_code == 2 and message in result.stderr and "Traceback" not in result.output

@@ -122,7 +122,7 @@ def test_bf16_export_keeps_bf16_and_reports_validation(tiny_export_bf16: Path) -
     assert dtypes["past_key_values.0.key"] == dtypes["logits"] == "bfloat16"
     assert {t["dtype"] for t in manifest["weights"]["map"].values()} == {"bf16"}
     validation = manifest["validation"]
-    assert validation["runtime"] == "bf16 weights, fp32 compute (CPU emulation)"
+    assert validation["runtime"] == "bf16 weights, fp32 compute (CPU emulation, ORT_ENABLE_ALL)"
     assert validation["reference"] == "bf16 weights, fp32 compute (PyTorch cpu)"  # no fp32 copy of the checkpoint
     # sqrt(hidden 64) = 8 is exact in bf16 and the GELU is traced in fp32: fp32 compute matches fp32 PyTorch tightly
     assert validation["tolerance"]["max_abs"] == 1e-4

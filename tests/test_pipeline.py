@@ -157,7 +157,7 @@ def test_every_config_problem_is_listed_before_any_step(tmp_path: Path) -> None:
         "engine.max_batch: Input should be a valid integer (got 1.5)",
         "engine.max_context: Input should be greater than or equal to 1 (got 0)",
         "engine.gpu_memory_gb: Input should be a finite number",
-        "validate.margin: Input should be greater than 0 (got -1.0)",
+        "validate.margin: margin -1: the margin must be a finite number of accuracy points above 0 and below 100",
         "validate.data: data file for medqa not found",
         "validate.limit: Input should be a valid integer (got 'ten')",
     ):

@@ -12,6 +12,7 @@ import pytest
 from mexport.validate.reports import (
     REFERENCE_LABEL,
     REPORT_FILES,
+    WRITTEN_RECORD,
     BackendInfo,
     ParityResult,
     ScoringSpeed,
@@ -128,7 +129,7 @@ def test_json_keys_and_per_question_logliks(tmp_path: Path) -> None:
     assert result["reasons"][0].startswith("paired CI")
     assert next(b for b in payload["backends"] if b["label"] == "broken")["recipe"] == "int4-wo"
     # no leftovers from the atomic writes
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(REPORT_FILES)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*REPORT_FILES, WRITTEN_RECORD])
 
 
 def test_json_deterministic_apart_from_timestamp() -> None:

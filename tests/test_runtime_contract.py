@@ -200,7 +200,7 @@ def test_native_fp16_keeps_the_cache_in_fp16(tiny_export_fp16: Path) -> None:
     from mexport.runtime.ort import OrtDecoder
 
     with OrtDecoder(tiny_export_fp16, fp32_compute=False) as decoder:
-        assert decoder.precision == "fp16 weights, fp16 compute (ONNX Runtime CPU)"
+        assert decoder.precision == "fp16 weights, fp16 compute (ONNX Runtime CPU, ORT_ENABLE_ALL)"
         _, past = decoder.forward(token_ids(5, 5), np.ones((1, 5), np.int64))
         repeated = decoder.repeat_past(past, 2)
     assert {value.data_type() for value in [*past, *repeated]} == {"tensor(float16)"}

@@ -54,7 +54,7 @@ def test_fp32_export_matches_pytorch(tiny_export_fp32: Path, torch_logits: dict[
 def test_bf16_export_runs_on_cpu_with_fp32_compute(tiny_export_bf16: Path, torch_logits: dict[str, np.ndarray]) -> None:
     with OrtDecoder(tiny_export_bf16) as decoder:
         assert (decoder.dtype, decoder.compute_dtype, decoder.emulated) == ("bf16", "fp32", True)
-        assert decoder.precision == "bf16 weights, fp32 compute (CPU emulation)"
+        assert decoder.precision == "bf16 weights, fp32 compute (CPU emulation, ORT_ENABLE_ALL)"
         logits, _ = decoder.forward(IDS, MASK)
     emulation_error = np.abs(logits - torch_logits["fp32"]).max()
     bf16_rounding = np.abs(torch_logits["bf16"] - torch_logits["fp32"]).max()
@@ -73,7 +73,7 @@ def test_low_memory_session_matches_the_folded_one(
     with OrtDecoder(tiny_export_bf16) as folded:
         expected, _ = folded.forward(IDS, MASK)
     with OrtDecoder(tiny_export_bf16, low_memory=True) as decoder:
-        assert decoder.low_memory and decoder.precision == "bf16 weights, fp32 compute (CPU emulation)"
+        assert decoder.low_memory and decoder.precision == "bf16 weights, fp32 compute (CPU emulation, ORT_ENABLE_ALL)"
         logits, past = decoder.forward(IDS, MASK)
     assert {value.data_type() for value in past} == {"tensor(float)"}
     np.testing.assert_allclose(logits, expected, atol=1e-5, rtol=0)  # same fp32 values, other kernels / fusions
@@ -101,7 +101,9 @@ def test_quantized_model_precision_names_its_recipe(tmp_path: Path, tiny_export_
     manifest = json.loads((model_dir / "mexport.json").read_text())
     manifest.update(kind="quantize", recipe={"name": "int8-wo"})
     (model_dir / "mexport.json").write_text(json.dumps(manifest))
-    assert OrtDecoder(model_dir).precision == "int8-wo Q/DQ weights over bf16, fp32 compute (CPU emulation)"
+    assert OrtDecoder(model_dir).precision == (
+        "int8-wo Q/DQ weights over bf16, fp32 compute (CPU emulation, ORT_ENABLE_BASIC, Q/DQ computed as written)"
+    )
 
 
 def test_lean_graph_computes_only_the_rows_logits_indices_names(tiny_export_fp32: Path) -> None:
@@ -216,7 +218,7 @@ def test_cuda_refuses_nodes_without_a_cuda_kernel_naming_them(
     import mexport.runtime.ort as ort_module
 
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
-    monkeypatch.setattr(ort_module, "external_data_session", lambda *args, **kwargs: pytest.fail("session made"))
+    monkeypatch.setattr(ort_module, "ort_session", lambda *args, **kwargs: pytest.fail("session made"))
     with pytest.raises(MexportError) as caught:
         OrtDecoder(quantized_bf16, device="cuda").activate()
     message = caught.value.message

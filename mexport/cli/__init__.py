@@ -11,17 +11,18 @@ and summaries, never errors.
 from __future__ import annotations
 
 import errno
+import functools
 import importlib
-import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import typer
 from rich.markup import escape
 from typer.core import TyperGroup
 
-from mexport import __version__, console
+from mexport import __version__, console, strict_json
 from mexport.errors import (
     EXIT_CODES,
     EXIT_INTERNAL,
@@ -75,8 +76,36 @@ def report_error(exc: BaseException) -> int:
     return code
 
 
+def expand_user_paths(value: Any) -> Any:
+    """A path option's value with a leading ``~`` expanded (a shell leaves ``-o ~/x`` in quotes, or ``--opt=~/x``,
+    alone; it must never become a literal ``./~``); lists of paths element-wise; anything else unchanged."""
+    if isinstance(value, Path):
+        return value.expanduser()
+    if isinstance(value, (list, tuple)) and value and all(isinstance(item, Path) for item in value):
+        return type(value)(item.expanduser() for item in value)
+    return value
+
+
+def _with_expanded_paths(callback: Any) -> Any:
+    """``callback`` (a command function) receiving every Path-typed option and argument with ``~`` expanded."""
+
+    @functools.wraps(callback)
+    def expanded(**params: Any) -> Any:
+        return callback(**{name: expand_user_paths(value) for name, value in params.items()})
+
+    expanded.expands_user_paths = True  # type: ignore[attr-defined]
+    return expanded
+
+
 class MexportGroup(TyperGroup):
-    """Runs every command under the exit-code contract (see the module docstring)."""
+    """Runs every command under the exit-code contract (see the module docstring), with ``~`` expanded in every
+    path option (:func:`expand_user_paths`)."""
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        command = super().get_command(ctx, cmd_name)
+        if command is not None and command.callback and not getattr(command.callback, "expands_user_paths", False):
+            command.callback = _with_expanded_paths(command.callback)
+        return command
 
     def main(self, args: Sequence[str] | None = None, *pos: Any, **kwargs: Any) -> Any:
         argv = list(sys.argv[1:] if args is None else args)
@@ -146,8 +175,14 @@ def json_option() -> Any:
 
 def emit_json(payload: Any) -> None:
     """Machine-readable result on stdout (progress and messages go to stderr)."""
-    sys.stdout.write(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+    sys.stdout.write(strict_json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
     sys.stdout.flush()
+
+
+def echo_summary(message: str) -> None:
+    """A command's closing summary line on stdout; ``-q`` silences it (errors and warnings are never silenced)."""
+    if not console.is_quiet():
+        typer.echo(message)
 
 
 def exit_with(code: int) -> None:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import typer
 
 from mexport import console
-from mexport.cli import app, emit_json, json_option
+from mexport.cli import app, echo_summary, emit_json, json_option
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -152,7 +152,7 @@ def engine(
         for table in _plan_tables(plan):
             console.console.print(table)
         path = write_plan(plan, out, overwrite=overwrite)
-        typer.echo(f"wrote {path}")
+        echo_summary(f"wrote {path}")
         return
     result = build_engine(model_dir, out, settings, overwrite=overwrite)
     if as_json:
@@ -160,7 +160,7 @@ def engine(
         return
     for table in _plan_tables(result.plan):
         console.console.print(table)
-    typer.echo(
+    echo_summary(
         f"wrote {result.out_dir} (engine {result.engine_bytes:,} bytes, built in {result.build_seconds:.0f} s on "
         f"{result.gpu.name} with TensorRT {result.tensorrt_version})"
     )

@@ -22,6 +22,9 @@ def _validation_table(result: Any) -> Any:
     table.add_column("max rel", justify="right")
     table.add_column("top-1 agree", justify="right")
     for name, case in validation["cases"].items():
+        if case.get("non_finite_positions"):
+            table.add_row(name, str(case["positions"]), f"NaN/inf at {case['non_finite_positions']}", "–", "–")
+            continue
         table.add_row(
             name, str(case["positions"]), f"{case['max_abs']:.3g}", f"{case['max_rel']:.3g}",
             f"{case['top1_agreement']:.1%}",
@@ -38,7 +41,7 @@ def onnx_export(
     model: str = typer.Argument(..., help="Checkpoint directory (config.json + *.safetensors) or Hugging Face hub id."),
     output: Path = typer.Option(..., "-o", "--output", help="Directory to write model.onnx, model.onnx.data, manifest."),
     dtype: str = typer.Option("fp32", help="Float dtype of weights and activations: fp32, bf16 or fp16."),
-    opset: int = typer.Option(18, help="ONNX opset version."),
+    opset: int = typer.Option(18, help="ONNX opset version (14..23)."),
     revision: str = typer.Option(None, help="Hub revision (branch, tag or commit) when MODEL is a hub id."),
     device: str = typer.Option("cpu", help="Where validation runs: cpu or cuda."),
     no_validate: bool = typer.Option(False, "--no-validate", help="Skip the logit comparison with PyTorch."),

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from mexport.cli import app, emit_json, json_option
+from mexport.cli import app, echo_summary, emit_json, json_option
 
 
 @app.command("fixture")
@@ -24,4 +24,4 @@ def fixture(
     if as_json:
         emit_json({"fixture": name, "path": str(path)})
     else:
-        typer.echo(f"wrote {name} to {path}")
+        echo_summary(f"wrote {name} to {path}")

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from mexport import console
 from mexport.cli import app, emit_json, json_option
 
 
@@ -42,5 +43,5 @@ def lmeval_command(
     results.pop("samples")  # per-document logs: in --output-path, not on the terminal
     if as_json:
         emit_json(serializable(results))
-    else:
+    elif not console.is_quiet():
         typer.echo(results_tables(results))

@@ -16,6 +16,9 @@ def merge_reports_command(
     parts: list[Path] = typer.Argument(..., help="Partial reports (partial.json, or the directories holding them)."),
     output: Path = typer.Option(..., "-o", "--output", help="Report directory (report.json/.md, junit.xml, png)."),
     fail_on: str | None = typer.Option(None, "--fail-on", help=FAIL_ON_HELP + " Default: the shards' policy."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace report files in OUT that mexport did not write (others are kept)."
+    ),
     as_json: bool = json_option(),
 ) -> None:
     """Merge shard runs (`validate --shard K/N`) into one report, every statistic recomputed over the union.
@@ -26,4 +29,4 @@ def merge_reports_command(
     """
     from mexport.validate import merge_reports
 
-    show_report(merge_reports(parts, output=output, fail_on=fail_on), output, as_json)
+    show_report(merge_reports(parts, output=output, fail_on=fail_on, overwrite=overwrite), output, as_json)

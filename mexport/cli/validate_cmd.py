@@ -40,6 +40,9 @@ def validate_command(
     fail_on: str = typer.Option(DEFAULT_FAIL_ON, "--fail-on", help=FAIL_ON_HELP),
     batch_size: int = typer.Option(8, "--batch-size", help="Questions per batched forward."),
     no_resume: bool = typer.Option(False, "--no-resume", help="Ignore scores cached in REPORT_DIR/.cache."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace report files in REPORT_DIR that mexport did not write (others are kept)."
+    ),
     shard: str | None = typer.Option(
         None, "--shard", help="K/N: score only shard K of N of every task's questions and write a partial report "
         "(partial.json, no verdict) for `mexport merge-reports`."
@@ -72,6 +75,7 @@ def validate_command(
         "batch_size": batch_size,
         "resume": not no_resume,
         "include_path": include_path,
+        "overwrite": overwrite,
     }
     if shard is not None:
         if devices is not None:
@@ -99,7 +103,7 @@ def show_report(report: ValidationReport, output: Path, as_json: bool) -> None:
             console.warn(f"{task.name}: dropped {sum(task.skipped.values())} of {task.total_rows} rows ({reasons})")
     if as_json:
         emit_json({**report.summary(), "report_dir": str(Path(output).resolve())})
-    else:
+    elif not console.is_quiet():
         from rich.console import Console
 
         from mexport.validate.reports import summary_table

@@ -31,7 +31,6 @@ from mexport.export.graph import (
     assign_offsets,
     attach_initializers,
     externalize_parameters,
-    io_signature,
     trace_graph,
 )
 from mexport.export.verify import check_validation_memory, fp16_overflow_probe, validate_export
@@ -39,10 +38,13 @@ from mexport.export.weights import write_weights
 from mexport.formats import DATA_FILE, EXPORT_DTYPES, GRAPH_FILE, LARGE_ALIGNMENT, SMALL_ALIGNMENT, TASK
 from mexport.fsutil import check_free_space, check_output_dir, locks_output, staged_output_dir
 from mexport.lazy import require
-from mexport.manifest import new_manifest, sha256_file, write_manifest
+from mexport.manifest import io_signature, new_manifest, sha256_file, write_manifest
 
 DEVICES = ("cpu", "cuda")
 MIN_OPSET = 14  # Optimum's Gemma2 configuration and the attention ops need at least this
+# the newest opset the pinned torch's exporter writes (torch.onnx._constants.ONNX_MAX_OPSET in torch 2.13; 24 raises
+# "Unsupported onnx_opset_version"); onnx's own newest, when older, bounds it too
+MAX_OPSET = 23
 FREE_SPACE_MARGIN = 1.02
 
 
@@ -60,13 +62,18 @@ class ExportResult:
         return str(self.manifest["status"])
 
 
+def check_opset(opset: int) -> None:
+    """An opset the exporter can write: MIN_OPSET up to MAX_OPSET (or the installed onnx's newest, when older)."""
+    onnx = require("onnx", "exporting to ONNX")
+    max_opset = min(MAX_OPSET, onnx.defs.onnx_opset_version())
+    if not MIN_OPSET <= opset <= max_opset:
+        raise MexportError(f"opset {opset} not supported; use {MIN_OPSET}..{max_opset}", hint="the default is 18")
+
+
 def _check_options(dtype: str, opset: int, device: str) -> None:
     if dtype not in EXPORT_DTYPES:
         raise MexportError(f"unknown dtype {dtype!r}; expected one of {', '.join(EXPORT_DTYPES)}")
-    onnx = require("onnx", "exporting to ONNX")
-    max_opset = onnx.defs.onnx_opset_version()
-    if not MIN_OPSET <= opset <= max_opset:
-        raise MexportError(f"opset {opset} not supported; use {MIN_OPSET}..{max_opset}")
+    check_opset(opset)
     if device not in DEVICES:
         raise MexportError(f"unknown device {device!r}; expected one of {', '.join(DEVICES)}")
 

@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from mexport import strict_json
 from mexport.formats import GRAPH_FILE, PAST_PREFIX, PRESENT_PREFIX
 from mexport.fsutil import write_atomic
 
@@ -86,5 +87,5 @@ def write_genai_config(model_dir: Path, model_config: dict[str, Any], io: dict[s
     config = genai_config(model_config, io, token_ids)
     if config is None:
         return []
-    write_atomic(Path(model_dir) / GENAI_CONFIG, (json.dumps(config, indent=2) + "\n").encode())
+    write_atomic(Path(model_dir) / GENAI_CONFIG, (strict_json.dumps(config, indent=2) + "\n").encode())
     return [GENAI_CONFIG]

@@ -306,18 +306,3 @@ def attach_initializers(model: Any, stored: list[StoredTensor]) -> None:
             entry = proto.external_data.add()
             entry.key, entry.value = key, str(value)
         model.graph.initializer.append(proto)
-
-
-def io_signature(model: Any) -> dict[str, list[dict[str, Any]]]:
-    """Inputs and outputs of the final graph: name, numpy dtype name, shape (ints or symbolic strings)."""
-    onnx = require("onnx")
-
-    def describe(value: Any) -> dict[str, Any]:
-        tensor_type = value.type.tensor_type
-        return {
-            "name": value.name,
-            "dtype": onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type).name,
-            "shape": [dim.dim_param if dim.HasField("dim_param") else dim.dim_value for dim in tensor_type.shape.dim],
-        }
-
-    return {"inputs": [describe(v) for v in model.graph.input], "outputs": [describe(v) for v in model.graph.output]}

@@ -183,16 +183,40 @@ def run_rows(decoder: Any, rows: list[tuple[np.ndarray, np.ndarray]], keep: int 
 
 def compare_logits(candidates: list[np.ndarray], references: list[np.ndarray]) -> dict[str, Any]:
     """Max-abs difference, max-abs relative to the largest reference logit, top-1 agreement over all positions;
-    each candidate is compared with the same number of trailing positions of its reference."""
+    each candidate is compared with the same number of trailing positions of its reference. A position where either
+    side has a NaN/inf logit has no difference to measure: the figures are None then, and ``non_finite_positions``
+    counts those positions (any of them fails the check)."""
     candidate = np.concatenate(candidates)
     reference = np.concatenate([ref[len(ref) - len(cand) :] for cand, ref in zip(candidates, references, strict=True)])
+    non_finite = int(np.sum(~(np.isfinite(candidate).all(-1) & np.isfinite(reference).all(-1))))
+    if non_finite:
+        return {"max_abs": None, "max_rel": None, "top1_agreement": None, "positions": int(reference.shape[0]),
+                "non_finite_positions": non_finite}
     difference = float(np.max(np.abs(candidate - reference)))
     return {
         "max_abs": difference,
         "max_rel": difference / max(float(np.max(np.abs(reference))), 1e-12),
         "top1_agreement": float(np.mean(candidate.argmax(-1) == reference.argmax(-1))),
         "positions": int(reference.shape[0]),
+        "non_finite_positions": 0,
     }
+
+
+def case_failure(name: str, case: dict[str, Any], tolerance: Tolerance) -> str | None:
+    """Why one compared case fails ``tolerance`` (non-finite logits on either side always do), or None."""
+    if case["non_finite_positions"]:
+        return f"{name}: {case['non_finite_positions']} of {case['positions']} positions have NaN/inf logits"
+    if case["max_abs"] > tolerance.max_abs:
+        return f"{name} max-abs {case['max_abs']:.3g} > {tolerance.max_abs:g}"
+    if case["top1_agreement"] < tolerance.min_top1:
+        return f"{name} top-1 agreement {case['top1_agreement']:.1%} < {tolerance.min_top1:.0%}"
+    return None
+
+
+def _worst(cases: dict[str, dict[str, Any]], key: str, pick: Any) -> float | None:
+    """The worst value of ``key`` over the cases, None when a case has none (non-finite logits)."""
+    values = [case[key] for case in cases.values()]
+    return None if any(value is None for value in values) else pick(values)
 
 
 def _reference_logits(
@@ -251,12 +275,7 @@ def validate_export(
         "decode": compare_logits(decode, [reference_full]),
         "left_padding": compare_logits(padded, [reference_full, reference_other]),
     }
-    failures = [
-        f"{name} max-abs {case['max_abs']:.3g} > {tolerance.max_abs:g}" if case["max_abs"] > tolerance.max_abs
-        else f"{name} top-1 agreement {case['top1_agreement']:.1%} < {tolerance.min_top1:.0%}"
-        for name, case in cases.items()
-        if case["max_abs"] > tolerance.max_abs or case["top1_agreement"] < tolerance.min_top1
-    ]
+    failures = [failure for name, case in cases.items() if (failure := case_failure(name, case, tolerance))]
     return {
         "status": "failed" if failures else "passed",
         "failure": "; ".join(failures) or None,
@@ -279,9 +298,9 @@ def validate_export(
             "padded_decode_steps": PADDED_DECODE_STEPS,
         },
         "cases": cases,
-        "max_abs": max(case["max_abs"] for case in cases.values()),
-        "max_rel": max(case["max_rel"] for case in cases.values()),
-        "top1_agreement": min(case["top1_agreement"] for case in cases.values()),
+        "max_abs": _worst(cases, "max_abs", max),
+        "max_rel": _worst(cases, "max_rel", max),
+        "top1_agreement": _worst(cases, "top1_agreement", min),
     }
 
 

@@ -35,10 +35,10 @@ from typing import Any
 
 import numpy as np
 
-from mexport.errors import MexportError, MissingDependencyError
+from mexport.errors import IntegrityError, MexportError, MissingDependencyError, first_line
 from mexport.formats import DATA_FILE, GRAPH_FILE, LOGITS_INDICES, PAST_PREFIX, PRESENT_PREFIX
 from mexport.lazy import require
-from mexport.manifest import read_manifest
+from mexport.manifest import check_graph_io, read_manifest
 from mexport.runtime.base import (
     DecoderRuntime,
     DecoderSpec,
@@ -71,11 +71,6 @@ GPU_PROVIDER_HINT = (
 )
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _onnx_element_type(dtype_name: str) -> int:
     onnx = require("onnx")
     by_name = {
@@ -97,21 +92,62 @@ def prefers_low_memory(model_dir: Path) -> bool:
     return data_file.is_file() and data_file.stat().st_size >= LOW_MEMORY_MIN_BYTES
 
 
-def external_data_session(
+# A Q/DQ graph is computed as written. ONNX Runtime's CPU provider rewrites DequantizeLinear -> MatMul into
+# MatMulNBits with accuracy_level 4 (int8-quantized activations) and activation Q/DQ pairs into MatMulIntegerToFloat:
+# arithmetic the graph does not contain. Measured on onnxruntime 1.32 (bench/ort_qdq_math.py, tiny fixture, max
+# |logit diff| against the graph run node by node): default session int8-wo 6.8e-2 (KL 9.0e-5), int4-wo 7.2e-2,
+# int8-sq 1.0e-1; session.qdq_matmulnbits_accuracy_level=0 fixes the weight-only ones (2.3e-6) but not int8-sq
+# (MatMulIntegerToFloat is an ORT_ENABLE_EXTENDED rewrite); ORT_ENABLE_BASIC, which keeps every Q/DQ node, gives
+# 3.1e-6 / 2.6e-6 / 9.5e-7. So Q/DQ graphs run at ORT_ENABLE_BASIC (plus accuracy level 0, should a MatMulNBits
+# ever be formed); unquantized graphs keep every optimisation.
+SESSION_CONFIG = {"session.qdq_matmulnbits_accuracy_level": "0"}
+GRAPH_OPTIMIZATION = {False: "ORT_ENABLE_ALL", True: "ORT_ENABLE_BASIC"}  # by: the graph has Q/DQ nodes
+# onnxruntime 1.31.1's default CPU session cannot load float8 Q/DQ (a MatMulIntegerToFloat type error); 1.32 can
+MIN_FP8_ORT_VERSION = (1, 32)
+
+
+def session_settings(providers: list[str], qdq: bool) -> dict[str, Any]:
+    """What a session from :func:`ort_session` computes with, for manifests and reports."""
+    return {"providers": list(providers), "graph_optimization": GRAPH_OPTIMIZATION[qdq], "config": dict(SESSION_CONFIG)}
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version.split("+")[0].split(".")[:2] if part.isdigit())
+
+
+def check_fp8_support(ort: Any, weights: str | None) -> None:
+    """Refuse, naming the version, an onnxruntime too old to load float8 Q/DQ (``weights``: the manifest's recipe
+    weight scheme, None for an unquantized export)."""
+    if weights == "fp8" and _version_tuple(ort.__version__) < MIN_FP8_ORT_VERSION:
+        wanted = ".".join(map(str, MIN_FP8_ORT_VERSION))
+        raise MissingDependencyError(
+            f"onnxruntime {ort.__version__} cannot load float8 Q/DQ graphs (it fails with a MatMulIntegerToFloat "
+            f"type error); {wanted} or newer can",
+            hint=f"pip install 'onnxruntime>={wanted}'",
+        )
+
+
+def ort_session(
     model_source: str | bytes,
-    model_dir: Path,
     providers: list[str],
-    bounded_upcasts: bool,
+    model_dir: Path | None = None,
+    bounded_upcasts: bool = False,
     intra_op_threads: int | None = None,
+    qdq: bool = False,
 ) -> Any:
-    """An ONNX Runtime session reading external data from ``model_dir``. ``bounded_upcasts``: the graph went through
+    """The one way mexport builds an ONNX Runtime session, external data read from ``model_dir``. ``qdq``: the graph
+    has Q/DQ nodes, computed as written (``GRAPH_OPTIMIZATION``, ``SESSION_CONFIG``). ``bounded_upcasts``: the graph went through
     :func:`~mexport.runtime.upcast.bound_weight_upcasts`, so keep the optimizers that undo it and the memory arena
     (which would keep the largest transient set allocated) off."""
     ort = require("onnxruntime", "running ONNX models")
     options = ort.SessionOptions()
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, GRAPH_OPTIMIZATION[qdq])
+    for key, value in SESSION_CONFIG.items():
+        options.add_session_config_entry(key, value)
     if intra_op_threads:
         options.intra_op_num_threads = intra_op_threads
-    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(model_dir))
+    if model_dir is not None:
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(model_dir))
     if bounded_upcasts:
         options.enable_cpu_mem_arena = False
     return ort.InferenceSession(
@@ -147,7 +183,7 @@ class OrtDecoder(DecoderRuntime):
             raise MexportError(f"unknown ONNX Runtime device {device!r}; expected one of {', '.join(DEVICE_PROVIDERS)}")
         for key in ("io", "model_config", "dtype"):
             if key not in self.manifest:
-                raise MexportError(f"{self.model_dir}: manifest has no {key!r} (written by an incompatible mexport?)")
+                raise IntegrityError(f"{self.model_dir}: manifest has no {key!r} (written by an incompatible mexport?)")
         self.device = device
         default_providers, self._value_device = DEVICE_PROVIDERS[device]
         self.providers = providers or default_providers
@@ -167,12 +203,13 @@ class OrtDecoder(DecoderRuntime):
         past_inputs = [entry for entry in io["inputs"] if entry["name"].startswith(PAST_PREFIX)]
         self.past_names = [entry["name"] for entry in past_inputs]
         self.present_names = [PRESENT_PREFIX + name[len(PAST_PREFIX) :] for name in self.past_names]
-        missing = [name for name in ["logits", *self.present_names] if name not in self.output_names]
-        if "input_ids" not in self.input_names or "attention_mask" not in self.input_names or missing:
-            raise MexportError(f"{self.model_dir}: manifest io is not a decoder with KV cache (missing {missing})")
+        missing = [name for name in ["input_ids", "attention_mask"] if name not in self.input_names]
+        missing += [name for name in ["logits", *self.present_names] if name not in self.output_names]
+        if missing:
+            raise IntegrityError(f"{self.model_dir}: manifest io is not a decoder with KV cache (missing {missing})")
         past_dtypes = {entry["dtype"] for entry in past_inputs}
         if len(past_dtypes) != 1:
-            raise MexportError(f"{self.model_dir}: manifest io has mixed KV-cache dtypes {sorted(past_dtypes)}")
+            raise IntegrityError(f"{self.model_dir}: manifest io has mixed KV-cache dtypes {sorted(past_dtypes)}")
         self.past_dtype = "float32" if self.emulated else past_dtypes.pop()
         self.uses_position_ids = "position_ids" in self.input_names
         self.lean_logits = LOGITS_INDICES in self.input_names  # older and --full-logits exports: sliced here
@@ -187,7 +224,18 @@ class OrtDecoder(DecoderRuntime):
         where = f"{label} emulation" if self.emulated else f"ONNX Runtime {label}"
         recipe = self.manifest.get("recipe", {}).get("name")  # quantize outputs name their recipe
         weights = f"{recipe} Q/DQ weights over {self.dtype}" if recipe else f"{self.dtype} weights"
-        return f"{weights}, {self.compute_dtype} compute ({where})"
+        as_written = ", Q/DQ computed as written" if self.qdq else ""
+        return f"{weights}, {self.compute_dtype} compute ({where}, {GRAPH_OPTIMIZATION[self.qdq]}{as_written})"
+
+    @property
+    def qdq(self) -> bool:
+        """Whether the graph has Q/DQ nodes (a quantize output), so that its session must not rewrite them."""
+        return self.manifest.get("kind") == "quantize"
+
+    @property
+    def session_settings(self) -> dict[str, Any]:
+        """The session's providers, optimisation level and config entries, and the compute dtype: what ran."""
+        return {**session_settings(self.providers, self.qdq), "compute_dtype": self.compute_dtype}
 
     # -- session ---------------------------------------------------------------------------------------------
 
@@ -236,16 +284,21 @@ class OrtDecoder(DecoderRuntime):
     def activate(self) -> None:
         ort = require("onnxruntime", "running ONNX models")
         self._check_providers(ort)
+        onnx = require("onnx")
         if self.device == "cuda":
             self._refuse_cpu_fallback()
         try:
-            session = external_data_session(
-                self._model_source(), self.model_dir, self.providers, self.low_memory, self.intra_op_threads
+            check_graph_io(self.manifest, onnx.load(str(self.model_path), load_external_data=False), self.model_dir)
+            check_fp8_support(ort, self.manifest.get("recipe", {}).get("params", {}).get("weights"))
+            session = ort_session(
+                self._model_source(), self.providers, self.model_dir, self.low_memory, self.intra_op_threads, self.qdq
             )
+        except (MissingDependencyError, IntegrityError):
+            raise
         except Exception as exc:  # ORT raises bare pybind errors (Fail, InvalidGraph, NoSuchFile, ...)
             missing_low_precision_kernel = "NOT_IMPLEMENTED" in str(exc) and self.compute_dtype != "fp32"
             raise MexportError(
-                f"ONNX Runtime could not load {self.model_path} on {self.device}: {_first_line(exc)}",
+                f"ONNX Runtime could not load {self.model_path} on {self.device}: {first_line(exc)}",
                 hint=f"fp32_compute=True runs this {self.dtype} graph with fp32 compute"
                 if missing_low_precision_kernel
                 else None,
@@ -256,9 +309,6 @@ class OrtDecoder(DecoderRuntime):
                 f"ONNX Runtime fell back to {session.get_providers()} instead of {self.providers[0]}",
                 hint="check the CUDA / cuDNN (and TensorRT) libraries onnxruntime-gpu needs: " + GPU_PROVIDER_HINT,
             )
-        graph_inputs = sorted(value.name for value in session.get_inputs())
-        if graph_inputs != sorted(self.input_names):
-            raise MexportError(f"{self.model_path}: graph inputs {graph_inputs} do not match the manifest's io")
         self._session = session
 
     def deactivate(self) -> None:
@@ -324,7 +374,6 @@ class OrtDecoder(DecoderRuntime):
     def _make_repeat_session(self) -> Any:
         """A one-node Expand graph on the same device, so caches are repeated without a host round trip."""
         onnx = require("onnx")
-        ort = require("onnxruntime")
         helper = onnx.helper
         element_type = _onnx_element_type(self.past_dtype)
 
@@ -343,5 +392,5 @@ class OrtDecoder(DecoderRuntime):
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
         # TensorRT would build an engine for this one node; CUDA / CPU kernels are enough
         providers = [provider for provider in self.providers if provider != "TensorrtExecutionProvider"]
-        self._repeat_session = ort.InferenceSession(model.SerializeToString(), providers=providers)
+        self._repeat_session = ort_session(model.SerializeToString(), providers)
         return self._repeat_session

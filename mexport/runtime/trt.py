@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from mexport import console
-from mexport.errors import MexportError
+from mexport.errors import IntegrityError, MexportError
 from mexport.formats import ENGINE_FILE, LOGITS_INDICES, PAST_PREFIX, PRESENT_PREFIX
 from mexport.lazy import require
 from mexport.manifest import read_manifest
@@ -256,7 +256,7 @@ class TrtDecoder(DecoderRuntime):
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         engine_inputs = sorted(name for name in names if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT)
         if engine_inputs != sorted(self.input_shapes):
-            raise MexportError(f"{self.engine_path}: engine inputs {engine_inputs} do not match the manifest's io")
+            raise IntegrityError(f"{self.engine_path}: engine inputs {engine_inputs} do not match the manifest's io")
         profiles = [
             EngineProfile(index, {name: self._profile_bounds(engine, name, index) for name in self.input_shapes})
             for index in range(engine.num_optimization_profiles)

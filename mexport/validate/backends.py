@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from mexport import hub
 from mexport.checkpoint import load_tokenizer
 from mexport.errors import MexportError
 from mexport.lazy import require
@@ -59,15 +60,7 @@ def _local_checkpoint(path: Path | str) -> Path:
         return location
     if not HUB_ID.match(str(path)):
         raise MexportError(f"{path}: no such checkpoint directory (and not a hub id like org/name)")
-    hub = require("huggingface_hub", f"fetching {path} from the Hugging Face hub")
-    try:
-        return Path(hub.snapshot_download(str(path), allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
-    except Exception as exc:  # offline, gated, missing repo: all mean "not available here"
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise MexportError(
-            f"could not get checkpoint {path} from the Hugging Face hub: {reason}",
-            hint="download it first (huggingface-cli download) and pass the local directory",
-        ) from exc
+    return hub.snapshot(str(path), ["*.json", "*.safetensors", "*.model", "*.txt"])
 
 
 def _ort_runtime(path: Path, device: str) -> DecoderRuntime:

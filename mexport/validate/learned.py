@@ -24,7 +24,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from mexport import __version__, console
+from mexport import __version__, console, strict_json
 from mexport.errors import MexportError
 from mexport.fixtures import tiny_gemma2
 from mexport.fsutil import output_lock, staged_output_dir
@@ -169,7 +169,7 @@ def _build(target: Path, tasks: Sequence[str], seed: int, steps: int) -> None:
     model.generation_config.save_pretrained(target)
     tokenizer.save_pretrained(target)
     (target / "fixture.json").write_text(
-        json.dumps({**base_note, "fixture": LEARNED_NAME, "base": BASE_FIXTURE}, indent=2, sort_keys=True) + "\n"
+        strict_json.dumps({**base_note, "fixture": LEARNED_NAME, "base": BASE_FIXTURE}, indent=2, sort_keys=True) + "\n"
     )
     note = {
         "fixture": LEARNED_NAME,
@@ -182,7 +182,7 @@ def _build(target: Path, tasks: Sequence[str], seed: int, steps: int) -> None:
         "accuracy_bf16_demo": _accuracies(target, tasks, "demo"),
     }
     note["build_seconds"] = round(time.perf_counter() - started, 1)
-    (target / NOTE_FILE).write_text(json.dumps(note, indent=2, sort_keys=True) + "\n")
+    (target / NOTE_FILE).write_text(strict_json.dumps(note, indent=2, sort_keys=True) + "\n")
 
 
 def make_learned_fixture(

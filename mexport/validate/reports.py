@@ -7,6 +7,7 @@ Files are written atomically (temp file + rename).
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import xml.etree.ElementTree as ET
@@ -15,8 +16,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mexport import strict_json
 from mexport.errors import EXIT_CHECK_FAILED, EXIT_INCONCLUSIVE
 from mexport.fsutil import replace_files_as_set
+from mexport.manifest import sha256_file
+from mexport.strict_json import non_finite_text
 from mexport.validate.stats import CONFIDENCE, MetricComparison, resolvable_difference, wilson_interval
 from mexport.validate.verdict import (
     DEFAULT_FAIL_ON,
@@ -31,6 +35,8 @@ from mexport.validate.verdict import (
 )
 
 REPORT_FILES = ("report.json", "report.md", "junit.xml", "accuracy.png", "parity.png")
+# written with every report set: each report file's sha256, so a later run replaces only files mexport wrote
+WRITTEN_RECORD = ".mexport-report.json"
 REFERENCE_LABEL = "reference"
 METHODS = {
     "accuracy_ci": f"Wilson score interval, {CONFIDENCE:.0%}",
@@ -85,7 +91,9 @@ class BackendInfo:
     kind: str  # "torch" | "ort" | "trt"
     recipe: str | None = None
     dtype: str | None = None
-    precision: str | None = None  # e.g. "bf16 weights, fp32 compute (CPU emulation)"
+    precision: str | None = None  # e.g. "bf16 weights, fp32 compute (CPU emulation, ORT_ENABLE_ALL)"
+    # how the runtime computes: ONNX Runtime's providers, optimisation level and session config, compute dtype
+    compute: dict[str, Any] | None = None
     manifest_sha256: str | None = None
     skip_reason: str | None = None
 
@@ -144,19 +152,33 @@ class ValidationReport:
         return str(self.settings.get("fail_on", DEFAULT_FAIL_ON))
 
     @property
+    def compared(self) -> bool:
+        """Whether any candidate was compared with the reference on at least one question (else nothing is shown)."""
+        return any(metric.n > 0 for result in self.results for metric in result.metrics)
+
+    @property
     def failed(self) -> bool:
         """Whether this run should fail CI under its ``fail_on`` policy."""
-        return run_fails((r.verdict.status for r in self.results), self.fail_on)
+        return run_fails((r.verdict.status for r in self.results), self.fail_on, self.compared)
 
     @property
     def exit_code(self) -> int:
-        """The CLI's exit code for this run: 1 failed parity, 4 only inconclusive under ``fail_on``, else 0."""
-        return run_exit_code((r.verdict.status for r in self.results), self.fail_on)
+        """The CLI's exit code for this run: 1 failed parity, 4 only inconclusive under ``fail_on`` or nothing
+        compared, else 0."""
+        return run_exit_code((r.verdict.status for r in self.results), self.fail_on, self.compared)
 
     @property
     def outcome(self) -> str:
-        """One word for the run: PASSED, FAILED or INCONCLUSIVE (under its ``fail_on`` policy)."""
+        """One word for the run: PASSED, FAILED or INCONCLUSIVE (under its ``fail_on`` policy; a run that compared
+        nothing is never PASSED)."""
+        if not self.compared:
+            return "INCONCLUSIVE"
         return {EXIT_CHECK_FAILED: "FAILED", EXIT_INCONCLUSIVE: "INCONCLUSIVE"}.get(self.exit_code, "PASSED")
+
+    @property
+    def outcome_note(self) -> str | None:
+        """Why the outcome is what it is when no verdict says so: nothing was compared."""
+        return None if self.compared else "no candidate was compared with the reference on any question"
 
     def backend(self, label: str) -> BackendInfo:
         return next(b for b in self.backends if b.label == label)
@@ -187,6 +209,7 @@ class ValidationReport:
         return {
             "failed": self.failed,
             "outcome": self.outcome.lower(),
+            "outcome_note": self.outcome_note,
             "fail_on": self.fail_on,
             "results": rows,
             "speed": {label: speed.to_dict() for label, speed in self.speed.items()},
@@ -200,6 +223,7 @@ class ValidationReport:
             "methods": METHODS,
             "failed": self.failed,
             "outcome": self.outcome.lower(),
+            "outcome_note": self.outcome_note,
             "backends": [asdict(b) for b in self.backends],
             "speed": {label: speed.to_dict() for label, speed in self.speed.items()},
             "tasks": {t.name: _task_dict(t, self.scores.get(t.name, {})) for t in self.tasks},
@@ -218,7 +242,8 @@ def _task_dict(task: TaskInfo, scores: dict[str, list[Any]]) -> dict[str, Any]:
             question.update(gold=scored[0].gold, choice_chars=list(scored[0].choice_chars))
         question["backends"] = {
             label: {
-                "logliks": list(entry.logliks),
+                "logliks": list(entry.logliks),  # a NaN/inf one is written null, its value in non_finite_logliks
+                **_non_finite_logliks(entry.logliks),
                 "pred": entry.pred,
                 "pred_norm": entry.pred_norm,
                 "acc": entry.acc,
@@ -243,6 +268,12 @@ def _task_dict(task: TaskInfo, scores: dict[str, list[Any]]) -> dict[str, Any]:
     }
 
 
+def _non_finite_logliks(logliks: Sequence[float]) -> dict[str, dict[str, str]]:
+    """{"non_finite_logliks": {choice index: "nan" | "inf" | "-inf"}} when a log-likelihood is not finite, else {}."""
+    shown = {str(index): text for index, value in enumerate(logliks) if (text := non_finite_text(value))}
+    return {"non_finite_logliks": shown} if shown else {}
+
+
 def _result_dict(result: ParityResult) -> dict[str, Any]:
     return {
         "task": result.task,
@@ -262,8 +293,8 @@ def _result_dict(result: ParityResult) -> dict[str, Any]:
 
 
 def write_reports(report: ValidationReport, out_dir: Path, drop: Iterable[str] = ()) -> dict[str, Path]:
-    """Write every report file (``REPORT_FILES``) into ``out_dir``, replacing an earlier report as one set (and
-    removing the files named in ``drop``); returns name -> path."""
+    """Write every report file (``REPORT_FILES``) and their record (``WRITTEN_RECORD``) into ``out_dir``, replacing
+    an earlier report as one set (and removing the files named in ``drop``); returns report file name -> path."""
     rendered = {
         "report.json": render_json(report).encode(),
         "report.md": render_markdown(report).encode(),
@@ -271,11 +302,30 @@ def write_reports(report: ValidationReport, out_dir: Path, drop: Iterable[str] =
         "accuracy.png": render_accuracy_png(report),
         "parity.png": render_parity_png(report),
     }
-    return replace_files_as_set(Path(out_dir), rendered, drop)
+    record = {name: hashlib.sha256(data).hexdigest() for name, data in rendered.items()}
+    written = strict_json.dumps(record, indent=2, sort_keys=True) + "\n"
+    paths = replace_files_as_set(Path(out_dir), {**rendered, WRITTEN_RECORD: written.encode()}, drop)
+    return {name: paths[name] for name in rendered}
+
+
+def foreign_report_files(out_dir: Path) -> list[str]:
+    """The report-named files in ``out_dir`` that mexport did not write, or that changed since it wrote them (their
+    sha256 differs from ``WRITTEN_RECORD``'s): the user's own, never replaced without ``--overwrite``."""
+    try:
+        record = json.loads((out_dir / WRITTEN_RECORD).read_text())
+    except (OSError, ValueError):
+        record = {}
+    record = record if isinstance(record, dict) else {}
+    return [
+        name
+        for name in REPORT_FILES
+        if (out_dir / name).exists()
+        and not ((out_dir / name).is_file() and record.get(name) == sha256_file(out_dir / name))
+    ]
 
 
 def render_json(report: ValidationReport) -> str:
-    return json.dumps(report.to_dict(), indent=2, sort_keys=True) + "\n"
+    return strict_json.dumps(report.to_dict(), indent=2, sort_keys=True) + "\n"
 
 
 def _pct(fraction: float) -> str:
@@ -285,6 +335,11 @@ def _pct(fraction: float) -> str:
 def _interval(ci: Sequence[float], signed: bool = False) -> str:
     fmt = "{:+.1f}" if signed else "{:.1f}"
     return f"[{fmt.format(points(ci[0]))}, {fmt.format(points(ci[1]))}]"
+
+
+def _cell(text: str) -> str:
+    """Text made safe for one Markdown table cell: a ``|`` would end the cell, a newline the row."""
+    return " ".join(str(text).split("\n")).replace("|", "\\|")
 
 
 _VERDICT_MARK = {PASS: "✅ PASS", FAIL: "❌ FAIL", INCONCLUSIVE: "❔ INCONCLUSIVE", SKIPPED: "⏭️ SKIPPED"}
@@ -307,7 +362,8 @@ def render_markdown(report: ValidationReport) -> str:
         "| backend | kind | recipe | dtype | precision | path |",
         "| --- | --- | --- | --- | --- | --- |",
         *(
-            f"| {b.label} | {b.kind} | {b.recipe or '–'} | {b.dtype or '–'} | {b.precision or '–'} | `{b.path}` |"
+            f"| {_cell(b.label)} | {b.kind} | {_cell(b.recipe or '–')} | {_cell(b.dtype or '–')} "
+            f"| {_cell(b.precision or '–')} | `{_cell(b.path)}` |"
             for b in report.backends
         ),
         "",
@@ -346,7 +402,7 @@ def _speed_lines(report: ValidationReport) -> list[str]:
         "| backend | scoring time (s) | questions | questions/s | tokens/s |",
         "| --- | --- | --- | --- | --- |",
         *(
-            f"| {label} | {speed.seconds:.1f} | {speed.questions} | {speed.questions_per_second:.1f} "
+            f"| {_cell(label)} | {speed.seconds:.1f} | {speed.questions} | {speed.questions_per_second:.1f} "
             f"| {speed.tokens_per_second:.0f} |"
             for label, speed in report.speed.items()
         ),
@@ -381,12 +437,12 @@ def _metric_table(report: ValidationReport, task: TaskInfo, metric_name: str, re
         metric = next((m for m in result.metrics if m.metric == metric_name), None)
         if metric is None:
             continue
-        reasons = f" ({result.verdict.message})" if result.verdict.reasons else ""
+        reasons = f" ({_cell(result.verdict.message)})" if result.verdict.reasons else ""
         lines.append(
-            f"| {result.candidate} | {_pct(metric.candidate_acc)} {_interval(metric.candidate_ci)} "
+            f"| {_cell(result.candidate)} | {_pct(metric.candidate_acc)} {_interval(metric.candidate_ci)} "
             f"| {points(metric.delta):+.1f} {_interval(metric.delta_ci, signed=True)} "
             f"| {metric.right_to_wrong}/{metric.wrong_to_right} | {metric.mcnemar_p:.3g} | {metric.agreement:.3f} "
-            f"| {result.mean_kl:.2e} | {_VERDICT_MARK[result.verdict.status]}{reasons} |"
+            f"| {'–' if result.mean_kl is None else f'{result.mean_kl:.2e}'} | {_VERDICT_MARK[result.verdict.status]}{reasons} |"
         )
     lines.append("")
     return lines
@@ -515,7 +571,8 @@ def render_accuracy_png(report: ValidationReport) -> bytes:
     axes.set_ylim(0, 103)
     axes.set_ylabel(f"accuracy (%), {CONFIDENCE:.0%} Wilson CI")
     axes.grid(axis="y", alpha=0.3)
-    axes.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=min(3, len(labels)))
+    if axes.get_legend_handles_labels()[0]:  # nothing scored: no legend to draw
+        axes.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=min(3, len(labels)))
     return _png_bytes(figure)
 
 

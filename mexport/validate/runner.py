@@ -22,16 +22,18 @@ from typing import Any
 
 from mexport import console
 from mexport.errors import MexportError
-from mexport.fsutil import replace_files_as_set
+from mexport.fsutil import locks_output, replace_files_as_set
 from mexport.manifest import MANIFEST_NAME, sha256_bytes, sha256_file, utc_now
 from mexport.validate.reports import (
     REFERENCE_LABEL,
     REPORT_FILES,
+    WRITTEN_RECORD,
     BackendInfo,
     ParityResult,
     ScoringSpeed,
     TaskInfo,
     ValidationReport,
+    foreign_report_files,
     is_scored,
     write_reports,
 )
@@ -69,6 +71,7 @@ class _Backend:
     identity: str = ""
 
 
+@locks_output("output")
 def validate(
     reference: Path | str,
     candidates: Sequence[Path | str],
@@ -87,6 +90,7 @@ def validate(
     batch_size: int = 8,
     resume: bool = True,
     include_path: Path | str | None = None,
+    overwrite: bool = False,
     devices: Sequence[str] | None = None,
 ) -> ValidationReport:
     """Score ``reference`` (a PyTorch checkpoint) and each candidate directory on ``tasks``; write the reports.
@@ -94,14 +98,16 @@ def validate(
     Returns the report whatever the verdicts; ``report.failed`` / ``report.exit_code`` say whether the run fails
     under ``fail_on`` ("parity": any FAIL; "inconclusive": also an INCONCLUSIVE; "any": also a skipped backend;
     "never"). Raises :class:`MexportError` for bad input, including a candidate whose tokenizer differs from the
-    reference's. ``devices`` (e.g. ``["cuda:0", "cuda:1"]``) scores one shard per device, each in its own process,
-    and merges them (``device`` is then unused); a failed shard fails the run and nothing is merged.
+    reference's, and a report file in ``output`` that mexport did not write (unless ``overwrite``). Holds the
+    output's lock for the whole run: a second run into the same report directory fails at once. ``devices`` (e.g.
+    ``["cuda:0", "cuda:1"]``) scores one shard per device, each in its own process, and merges them (``device`` is
+    then unused); a failed shard fails the run and nothing is merged.
     """
     arguments: dict[str, Any] = {
         "reference": reference, "candidates": candidates, "tasks": tasks, "data": data, "limit": limit,
         "seed": seed, "shots": shots, "device": device, "margin": margin, "recipe_margins": recipe_margins,
         "agreement_floor": agreement_floor, "fail_on": fail_on, "batch_size": batch_size, "resume": resume,
-        "include_path": include_path,
+        "include_path": include_path, "overwrite": overwrite,
     }
     if devices:
         return _validate_on_devices(arguments, list(devices), output)
@@ -122,6 +128,7 @@ def validate(
     return report
 
 
+@locks_output("output")
 def validate_shard(
     reference: Path | str, candidates: Sequence[Path | str], tasks: Sequence[str] | str, *, output: Path | str,
     shard: ShardSpec | str, **options: Any,
@@ -131,21 +138,32 @@ def validate_shard(
     spec = shard if isinstance(shard, ShardSpec) else ShardSpec.parse(shard)
     run = _score_run(reference=reference, candidates=candidates, tasks=tasks, output=output, shard=spec, **options)
     partial = make_partial(spec, run.settings, run.backends, run.tasks, run.questions, run.scores, run.speed)
-    replace_files_as_set(run.out_dir, {PARTIAL_REPORT: partial.render()}, drop=REPORT_FILES)
+    replace_files_as_set(run.out_dir, {PARTIAL_REPORT: partial.render()}, drop=(*REPORT_FILES, WRITTEN_RECORD))
     return partial
 
 
+@locks_output("output")
 def merge_reports(
-    parts: Sequence[PartialReport | Path | str], *, output: Path | str, fail_on: str | None = None
+    parts: Sequence[PartialReport | Path | str],
+    *,
+    output: Path | str,
+    fail_on: str | None = None,
+    overwrite: bool = False,
 ) -> ValidationReport:
     """Merge the partial reports of shard runs into the report set of one run (:mod:`mexport.validate.shards`):
-    every statistic recomputed over the union; ``fail_on`` overrides the parts' policy."""
+    every statistic recomputed over the union; ``fail_on`` overrides the parts' policy. Holds the output's lock."""
+    return _merge_into(parts, Path(output), fail_on, overwrite)
+
+
+def _merge_into(
+    parts: Sequence[PartialReport | Path | str], output: Path, fail_on: str | None, overwrite: bool
+) -> ValidationReport:
     merged = merge_partials([part if isinstance(part, PartialReport) else read_partial(part) for part in parts])
     settings = {**merged.settings, "merged_from": merged.parts}
     if fail_on is not None:
         check_policy(settings["margin_points"], settings["agreement_floor"], fail_on, settings["recipe_margins"])
         settings["fail_on"] = fail_on
-    out_dir = _check_output(Path(output))
+    out_dir = _check_output(output, overwrite)
     for part in merged.parts:
         if Path(part["source"]).parent == out_dir:
             raise MexportError(
@@ -201,6 +219,7 @@ def _score_run(
     batch_size: int = 8,
     resume: bool = True,
     include_path: Path | str | None = None,
+    overwrite: bool = False,
 ) -> _ScoredRun:
     """Check the inputs, load the tasks, score the reference and every candidate on ``shard``'s questions (all
     without a shard)."""
@@ -211,7 +230,7 @@ def _score_run(
         raise MexportError("no candidate to validate", hint="pass --candidate DIR (an export, quantize or engine dir)")
     if batch_size < 1:
         raise MexportError(f"batch size must be >= 1, got {batch_size}")
-    out_dir = _check_output(Path(output))
+    out_dir = _check_output(Path(output), overwrite)
 
     from mexport.validate.tasks import load_task
 
@@ -244,6 +263,8 @@ def _score_run(
     for backend in backends:
         if backend.runtime is not None:
             _score_or_skip(backend, task_data, out_dir / CACHE_DIR, batch_size, resume, scores, speed)
+        if backend.info.role == "reference":
+            _check_reference_scored(scores)
     settings = {
         "tasks": task_names,
         "data": {name: str(path) for name, path in sorted((data or {}).items())},
@@ -308,7 +329,7 @@ def _validate_on_devices(arguments: dict[str, Any], devices: list[str], output: 
     from concurrent.futures import ProcessPoolExecutor
 
     devices = check_devices(devices)
-    out_dir = _check_output(Path(output))
+    out_dir = _check_output(Path(output), arguments["overwrite"])
     count = len(devices)
     shard_dirs = [out_dir / CACHE_DIR / "shards" / f"{k}-of-{count}" for k in range(1, count + 1)]
     quiet = console.is_quiet()
@@ -329,7 +350,7 @@ def _validate_on_devices(arguments: dict[str, Any], devices: list[str], output: 
             error = MexportError(f"shard {k}/{count} on {device}: {message}", hint=hint)
             error.exit_code = code
             raise error
-    return merge_reports(shard_dirs, output=out_dir, fail_on=arguments["fail_on"])
+    return _merge_into(shard_dirs, out_dir, arguments["fail_on"], arguments["overwrite"])
 
 
 # ---------------------------------------------------------------------------------------------------- inputs
@@ -353,17 +374,23 @@ def _check_tasks(
     return names
 
 
-def _check_output(out_dir: Path) -> Path:
-    """A new or empty directory, or one holding an earlier report of ours; never someone else's files."""
+def _check_output(out_dir: Path, overwrite: bool) -> Path:
+    """A new or empty directory, or one holding an earlier report of ours; never someone else's files: without
+    ``overwrite`` a report file mexport did not write (or that was edited since) is refused. Other files in the
+    directory are kept either way."""
     if out_dir.exists() and not out_dir.is_dir():
         raise MexportError(f"{out_dir}: exists and is not a directory")
-    if out_dir.is_dir():
+    if out_dir.is_dir() and not overwrite:
         entries = {entry.name for entry in out_dir.iterdir()}
-        ours = set(REPORT_FILES) | {CACHE_DIR, PARTIAL_REPORT}
-        if entries and not entries & ours:
+        foreign = foreign_report_files(out_dir)
+        if foreign or (entries and not entries & {*REPORT_FILES, WRITTEN_RECORD, CACHE_DIR, PARTIAL_REPORT}):
+            what = f"holds {', '.join(foreign)} not written by mexport (or edited since)" if foreign else (
+                "holds files that are not an mexport report"
+            )
             raise MexportError(
-                f"{out_dir}: directory holds files that are not an mexport report",
-                hint="choose a new or empty report directory",
+                f"{out_dir}: directory {what}",
+                hint="pass --overwrite to write the report there anyway (other files are kept), "
+                "or choose a new or empty report directory",
             )
     return out_dir.resolve()
 
@@ -427,6 +454,7 @@ def _backend_info(
         recipe=str(recipe) if recipe else None,
         dtype=manifest.get("dtype") or getattr(runtime, "dtype", None),
         precision=getattr(runtime, "precision", None),
+        compute=getattr(runtime, "session_settings", None),
         manifest_sha256=sha256_file(manifest_path) if manifest_path.is_file() else None,
         skip_reason=skip_reason,
     )
@@ -567,6 +595,20 @@ def _score_in_batches(
     return seconds
 
 
+def _check_reference_scored(scores: Mapping[str, Mapping[str, list[Any]]]) -> None:
+    """Refuse a task none of whose questions the reference could score (e.g. every prompt longer than its context):
+    there is nothing to compare any candidate with, so no verdict can be given."""
+    for task, by_backend in scores.items():
+        entries = by_backend[REFERENCE_LABEL]
+        if entries and not any(is_scored(entry) for entry in entries):
+            reasons = Counter(str(entry.reason) for entry in entries)
+            shown = ", ".join(f"{count} {reason}" for reason, count in sorted(reasons.items()))
+            raise MexportError(
+                f"{task}: the reference scored none of its {len(entries)} questions ({shown})",
+                hint="use shorter prompts (fewer --shots) or a model with a longer context",
+            )
+
+
 def _question_tokens(tokenizer: Any, item: Any) -> int:
     """Tokens a question costs a scorer that reads its prompt once: prompt tokens + every choice's continuation."""
     from mexport.validate.scoring import encode_pair
@@ -643,14 +685,12 @@ def _parity_result(
     if info.skip_reason is not None:
         return ParityResult(task.name, info.label, margin_points, agreement_floor, skipped_verdict(info.skip_reason))
     pairs = list(zip(reference_scores, candidate_scores, strict=True))
-    # only questions both sides scored are compared; the others are counted by reason
-    declined = Counter(
-        next(entry.reason for entry in (cand, ref) if not is_scored(entry))
-        for ref, cand in pairs
-        if not (is_scored(ref) and is_scored(cand))
-    )
-    reference = [ref for ref, cand in pairs if is_scored(ref) and is_scored(cand)]
-    candidate = [cand for ref, cand in pairs if is_scored(ref) and is_scored(cand)]
+    # only questions both sides scored, with finite reference log-likelihoods, are compared; the others are counted
+    # by reason (a NaN reference has no answer to compare with; a NaN candidate is compared, and fails the verdict)
+    declined = Counter(reason for ref, cand in pairs if (reason := _not_compared_reason(ref, cand)))
+    compared = [(ref, cand) for ref, cand in pairs if not _not_compared_reason(ref, cand)]
+    reference = [ref for ref, _ in compared]
+    candidate = [cand for _, cand in compared]
     pred_field = {"acc": "pred", "acc_norm": "pred_norm"}
     metrics = tuple(
         compare_metric(
@@ -662,9 +702,26 @@ def _parity_result(
         )
         for metric in task.metrics
     )
-    mean_kl, max_abs = distribution_drift([s.logliks for s in reference], [s.logliks for s in candidate])
-    non_finite = sum(not all(math.isfinite(value) for value in s.logliks) for s in candidate)
+    finite = [(ref, cand) for ref, cand in compared if _finite(cand)]
+    non_finite = len(compared) - len(finite)
+    # drift over the questions where it is a number; None when there is none (no NaN ever reaches a report)
+    mean_kl, max_abs = (
+        distribution_drift([r.logliks for r, _ in finite], [c.logliks for _, c in finite]) if finite else (None, None)
+    )
     verdict = parity_verdict(metrics, margin_points, agreement_floor, non_finite)
     return ParityResult(
         task.name, info.label, margin_points, agreement_floor, verdict, metrics, mean_kl, max_abs, dict(declined)
     )
+
+
+def _finite(score: Any) -> bool:
+    return all(math.isfinite(value) for value in score.logliks)
+
+
+def _not_compared_reason(reference: Any, candidate: Any) -> str | None:
+    """Why a question pair is left out of the comparison (a side declined it, or the reference's log-likelihoods
+    are NaN/inf), or None when it is compared."""
+    for entry in (candidate, reference):
+        if not is_scored(entry):
+            return str(entry.reason)
+    return None if _finite(reference) else "reference log-likelihood NaN/inf"

@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import re
 import socket
@@ -29,6 +28,7 @@ from typing import Any
 
 from mexport.errors import MexportError
 from mexport.manifest import file_records, sha256_bytes, utc_now
+from mexport.strict_json import non_finite_text
 from mexport.validate.reports import REFERENCE_LABEL, BackendInfo, ScoringSpeed, TaskInfo, is_scored
 
 PARTIAL_REPORT = "partial.json"
@@ -165,17 +165,12 @@ def _run_facts() -> dict[str, Any]:
     return facts
 
 
-def _float_out(value: float) -> float | str:
-    """Strict JSON for a log-likelihood: non-finite values as the strings "nan", "inf", "-inf"."""
-    return value if math.isfinite(value) else str(value)
-
-
 def _entry_dict(entry: Any) -> dict[str, Any]:
     if not is_scored(entry):
         return {"skipped": entry.reason}
     return {
         "gold": entry.gold,
-        "logliks": [_float_out(v) for v in entry.logliks],
+        "logliks": [non_finite_text(v) or v for v in entry.logliks],  # strict JSON: "nan", "inf", "-inf"
         "choice_chars": list(entry.choice_chars),
         "pred": entry.pred,
         "pred_norm": entry.pred_norm,

@@ -20,11 +20,11 @@ Memory at run time is estimated as the sum of:
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mexport import strict_json
 from mexport.errors import MexportError
 from mexport.formats import GRAPH_FILE
 from mexport.fsutil import format_bytes
@@ -373,5 +373,5 @@ def write_plan(plan: EnginePlan, out_dir: Path, overwrite: bool = False) -> Path
     if target.exists() and not overwrite:
         raise MexportError(f"{target}: already exists", hint="pass --overwrite to replace it")
     out_dir.mkdir(parents=True, exist_ok=True)
-    target.write_text(json.dumps(plan.to_dict(), indent=2, sort_keys=True) + "\n")
+    target.write_text(strict_json.dumps(plan.to_dict(), indent=2, sort_keys=True) + "\n")
     return target

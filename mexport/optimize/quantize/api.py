@@ -13,14 +13,15 @@ import numpy as np
 from mexport.console import phase, warn
 from mexport.errors import MexportError, ValidationFailedError
 from mexport.export.genai import write_genai_config
-from mexport.export.graph import io_signature
 from mexport.formats import DATA_FILE, GRAPH_FILE
 from mexport.fsutil import check_free_space, check_output_dir, locks_output, staged_output_dir
 from mexport.lazy import require
 from mexport.manifest import (
     MANIFEST_NAME,
     STAMP_NAME,
+    check_graph_io,
     file_records,
+    io_signature,
     new_manifest,
     read_manifest,
     settings_hash,
@@ -45,7 +46,13 @@ from mexport.optimize.quantize.numerics import (
     smoothquant_factors,
 )
 from mexport.optimize.quantize.recipes import DEFAULT_BLOCK_SIZE, DEFAULT_SMOOTHQUANT_ALPHA, Recipe, get_recipe
-from mexport.optimize.quantize.report import compare_logits, model_bytes, node_counts, prompt_logits
+from mexport.optimize.quantize.report import (
+    compare_logits,
+    model_bytes,
+    node_counts,
+    non_finite_message,
+    prompt_logits,
+)
 
 CHECK_PROMPT_TOKENS = 64
 MODEL_FILES = (GRAPH_FILE, DATA_FILE)
@@ -258,9 +265,10 @@ def _numeric_check(
     except MexportError as exc:
         warn(f"numeric check skipped: no prompts ({exc})")
         return None
-    reference = prompt_logits(parent_dir, prompts, "checking: export")
-    candidate = prompt_logits(out_dir, prompts, "checking: quantized")
-    return {"prompts": len(prompts), **compare_logits(reference, candidate)}
+    reference, reference_compute = prompt_logits(parent_dir, prompts, "checking: export")
+    candidate, candidate_compute = prompt_logits(out_dir, prompts, "checking: quantized")
+    compute = {"export": reference_compute, "quantized": candidate_compute}
+    return {"prompts": len(prompts), "compute": compute, **compare_logits(reference, candidate)}
 
 
 @locks_output("output")
@@ -300,6 +308,7 @@ def quantize(
     check_output_dir(output, overwrite)
 
     graph = ModelGraph(model_dir, weights_map(parent), parent["model_config"].get("vocab_size"))
+    check_graph_io(parent, graph.model, model_dir)
     layers, excluded = select_layers(graph.linears(), exclude, include_lm_head)
     if not layers:
         raise MexportError("nothing to quantize: every linear layer is excluded")
@@ -373,6 +382,6 @@ def quantize(
         if check is not None and not check["finite"]:
             manifest["status"] = "failed"
             write_manifest(staging, manifest)
-            raise ValidationFailedError(f"{spec.name}: the quantized model produced non-finite logits")
+            raise ValidationFailedError(f"{spec.name}: NaN/inf logits from {non_finite_message(check)}")
         write_manifest(staging, manifest)
     return QuantizeResult(output, manifest)

@@ -189,7 +189,7 @@ def _session(graph: ModelGraph, model: Any, dtype: str, low_memory: bool | None)
     """A CPU session over the in-memory graph; weights stay in the export's data file. A bf16/fp16 graph computes
     in fp32, with bounded weight upcasts when ``low_memory`` (None: when the weights are large, as OrtDecoder)."""
     require("onnxruntime", "running the graph for calibration")
-    from mexport.runtime.ort import external_data_session, prefers_low_memory
+    from mexport.runtime.ort import ort_session, prefers_low_memory
     from mexport.runtime.upcast import bound_weight_upcasts, upcast_to_float32
 
     bounded = False
@@ -198,7 +198,7 @@ def _session(graph: ModelGraph, model: Any, dtype: str, low_memory: bool | None)
         upcast_to_float32(model)
         if bounded:
             bound_weight_upcasts(model)
-    return external_data_session(model.SerializeToString(), graph.model_dir, ["CPUExecutionProvider"], bounded)
+    return ort_session(model.SerializeToString(), ["CPUExecutionProvider"], graph.model_dir, bounded)
 
 
 def prefill_feeds(manifest: dict[str, Any], input_ids: np.ndarray) -> dict[str, np.ndarray]:

@@ -18,24 +18,47 @@ from mexport.fsutil import format_bytes
 from mexport.numerics import log_softmax
 
 
-def compare_logits(reference: list[np.ndarray], candidate: list[np.ndarray]) -> dict[str, float]:
-    """Agreement of per-position next-token distributions (each array (S, V)); KL is KL(reference || candidate)."""
+def compare_logits(reference: list[np.ndarray], candidate: list[np.ndarray]) -> dict[str, Any]:
+    """Agreement of per-position next-token distributions (each array (S, V)); KL is KL(reference || candidate).
+
+    A NaN/inf logit on either side leaves nothing to compare: ``finite`` is False, the positions are counted per
+    side, and the figures are None (a NaN would compare as agreement, and is not JSON)."""
     ref = np.concatenate(reference)
     cand = np.concatenate(candidate)
+    non_finite = {
+        "export": int(np.sum(~np.isfinite(ref).all(-1))),
+        "quantized": int(np.sum(~np.isfinite(cand).all(-1))),
+    }
+    summary: dict[str, Any] = {
+        "positions": int(ref.shape[0]),
+        "finite": not any(non_finite.values()),
+        "non_finite_positions": non_finite,
+    }
+    if not summary["finite"]:
+        return {**summary, **dict.fromkeys(("max_abs_logit_diff", "top1_agreement", "mean_kl", "max_kl"))}
     ref_log, cand_log = log_softmax(ref), log_softmax(cand)
     kl = (np.exp(ref_log) * (ref_log - cand_log)).sum(axis=-1)
     return {
-        "positions": int(ref.shape[0]),
+        **summary,
         "max_abs_logit_diff": float(np.abs(ref - cand).max()),
         "top1_agreement": float(np.mean(ref.argmax(-1) == cand.argmax(-1))),
         "mean_kl": float(kl.mean()),
         "max_kl": float(kl.max()),
-        "finite": bool(np.isfinite(cand).all()),
     }
 
 
-def prompt_logits(model_dir: Path, prompts: list[np.ndarray], description: str) -> list[np.ndarray]:
-    """Logits (S, V) of each prompt (1, S) run alone, no padding, through :class:`OrtDecoder` on the CPU."""
+def non_finite_message(check: dict[str, Any]) -> str:
+    """Which side of the numeric check produced NaN/inf logits, and at how many positions."""
+    return ", ".join(
+        f"the {side} model at {count} of {check['positions']} positions"
+        for side, count in check["non_finite_positions"].items()
+        if count
+    )
+
+
+def prompt_logits(model_dir: Path, prompts: list[np.ndarray], description: str) -> tuple[list[np.ndarray], str]:
+    """Logits (S, V) of each prompt (1, S) run alone, no padding, through :class:`OrtDecoder` on the CPU, and how
+    they were computed (the runtime's precision)."""
     from mexport.runtime.ort import OrtDecoder
 
     results = []
@@ -45,7 +68,7 @@ def prompt_logits(model_dir: Path, prompts: list[np.ndarray], description: str) 
             logits, _ = runtime.forward(ids, np.ones_like(ids))
             results.append(logits[0])
             bar.advance(task)
-    return results
+    return results, runtime.precision
 
 
 def node_counts(model: Any, quantized: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -84,10 +107,14 @@ def report_tables(report: dict[str, Any]) -> list[Any]:
     numbers.add_column("value", justify="right")
     if check is None:
         numbers.add_row("skipped", "")
+    elif not check["finite"]:
+        numbers.add_row("NaN/inf logits", non_finite_message(check))
     else:
         numbers.add_row("prompts / positions", f"{check['prompts']} / {check['positions']}")
         numbers.add_row("top-1 agreement", f"{check['top1_agreement']:.1%}")
         numbers.add_row("max |logit diff|", f"{check['max_abs_logit_diff']:.4g}")
         numbers.add_row("mean KL (nats)", f"{check['mean_kl']:.3g}")
         numbers.add_row("max KL (nats)", f"{check['max_kl']:.3g}")
+    if check is not None and "compute" in check:
+        numbers.caption = f"export: {check['compute']['export']}; quantized: {check['compute']['quantized']}"
     return [layers, numbers]
