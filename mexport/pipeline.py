@@ -54,6 +54,7 @@ from mexport.optimize.quantize.recipes import cuda_recipe_support, get_recipe
 from mexport.trt_common import DEFAULT_MAX_INPUT_LEN, EngineLimits, EngineSettings, require_tensorrt
 from mexport.validate import validate
 from mexport.validate.backends import HUB_ID
+from mexport.validate.runner import check_devices
 from mexport.validate.tasks import SHIPPED_SETS, TASKS, get_task
 from mexport.validate.verdict import (
     DEFAULT_FAIL_ON,
@@ -132,6 +133,7 @@ class PipelineConfig(BaseModel):
     limit: int | None = Field(None, ge=1, strict=True)
     seed: int = Field(1234, strict=True)
     device: Literal["cpu", "cuda"] = "cpu"
+    devices: list[str] = Field(default_factory=list)  # one validation shard per device, each in its own process
     margin: float = 1.0
     recipe_margins: dict[str, float] = Field(default_factory=dict)
     agreement_floor: float | None = None
@@ -239,6 +241,14 @@ class PipelineConfig(BaseModel):
         return fail_on
 
     @model_validator(mode="after")
+    def _devices_of_the_device_kind(self) -> PipelineConfig:
+        _checked(check_devices, self.devices)
+        other = [name for name in self.devices if name.strip().split(":")[0] != self.device]
+        if other:
+            raise ValueError(f"validate.devices {', '.join(other)} are not {self.device} devices (validate.device)")
+        return self
+
+    @model_validator(mode="after")
     def _engine_fits_together(self) -> PipelineConfig:
         _checked(EngineLimits(self.max_batch, self.max_input_len, self.max_context).validate)
         _checked(gpu_budget, self.target, self.gpu_memory_gb)
@@ -252,7 +262,8 @@ _TOML_FIELDS = {
     ("quantize", "recipes"): "recipes", ("quantize", "calib"): "calib", ("quantize", "calib_size"): "calib_size",
     ("engine", "mode"): "engine", **{("engine", setting): field for field, setting in ENGINE_FIELDS.items()},
     ("validate", "tasks"): "tasks", ("validate", "data"): "data", ("validate", "limit"): "limit",
-    ("validate", "seed"): "seed", ("validate", "device"): "device", ("validate", "margin"): "margin",
+    ("validate", "seed"): "seed", ("validate", "device"): "device", ("validate", "devices"): "devices",
+    ("validate", "margin"): "margin",
     ("validate", "recipe_margins"): "recipe_margins", ("validate", "agreement_floor"): "agreement_floor",
     ("validate", "fail_on"): "fail_on",
 }
@@ -553,6 +564,7 @@ def _run_steps(runner: _Runner, config: PipelineConfig) -> PipelineResult:
             limit=config.limit,
             seed=config.seed,
             device=config.device,
+            devices=config.devices or None,
             margin=config.margin,
             recipe_margins=config.recipe_margins or None,
             fail_on=config.fail_on,
@@ -566,6 +578,7 @@ def _run_steps(runner: _Runner, config: PipelineConfig) -> PipelineResult:
         "validate",
         {"upstream": [digest for _, digest in validated], "checkpoint": upstream, "tasks": config.tasks,
          "data": config.data, "data_sha256": inputs["data"], "limit": config.limit, "seed": config.seed, "device": config.device,
+         "devices": config.devices,
          "margin": config.margin, "recipe_margins": config.recipe_margins, "floor": config.agreement_floor,
          "fail_on": config.fail_on},
         report_dir,

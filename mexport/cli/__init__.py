@@ -149,6 +149,7 @@ COMMAND_MODULES = (
     "mexport.cli.pipeline_cmd",
     "mexport.cli.doctor_cmd",
     "mexport.cli.validate_cmd",
+    "mexport.cli.merge_cmd",
     "mexport.cli.lmeval_cmd",
 )
 

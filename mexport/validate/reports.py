@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -294,9 +294,9 @@ def _result_dict(result: ParityResult) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------- writers
 
 
-def write_reports(report: ValidationReport, out_dir: Path) -> dict[str, Path]:
+def write_reports(report: ValidationReport, out_dir: Path, drop: Iterable[str] = ()) -> dict[str, Path]:
     """Write every report file (``REPORT_FILES``) and their record (``WRITTEN_RECORD``) into ``out_dir``, replacing
-    an earlier report as one set; returns report file name -> path."""
+    an earlier report as one set (and removing the files named in ``drop``); returns report file name -> path."""
     rendered = {
         "report.json": render_json(report).encode(),
         "report.md": render_markdown(report).encode(),
@@ -306,7 +306,7 @@ def write_reports(report: ValidationReport, out_dir: Path) -> dict[str, Path]:
     }
     record = {name: hashlib.sha256(data).hexdigest() for name, data in rendered.items()}
     written = strict_json.dumps(record, indent=2, sort_keys=True) + "\n"
-    paths = replace_files_as_set(Path(out_dir), {**rendered, WRITTEN_RECORD: written.encode()})
+    paths = replace_files_as_set(Path(out_dir), {**rendered, WRITTEN_RECORD: written.encode()}, drop)
     return {name: paths[name] for name in rendered}
 
 
