@@ -44,7 +44,7 @@ from scoring_vs_lmeval import FORMATS, lmeval_scorer, mexport_scorer
 from mexport import strict_json
 from mexport.fsutil import write_atomic
 from mexport.manifest import utc_now
-from mexport.optimize.engine.precision import installed_tensorrt
+from mexport.trt_common import installed_tensorrt
 
 SCHEMA = 1
 NINE_B_LAYERS = 42

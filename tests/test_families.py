@@ -126,7 +126,7 @@ def quantized(other_export: Any, tmp_path_factory: pytest.TempPathFactory) -> di
         recipe: quantize(other_export.path, out / recipe, recipe, calib_size=16, **blocks.get(recipe, {}))
         for recipe in RECIPES
     }
-    results["int4-wo-awq"] = quantize(other_export.path, out / "awq", "int4-wo", calib_size=16, awq=True, block_size=64)
+    results["int4-wo-awq"] = quantize(other_export.path, out / "awq", "int4-wo", calib_size=16, method="awq", block_size=64)
     return results
 
 
