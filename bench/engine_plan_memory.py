@@ -29,26 +29,28 @@ GEMMA2_9B_CONFIG = {
     "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0,
     "cache_implementation": "hybrid",
 }
-PARAMETERS_9B = 9_241_705_984
 FULL_LOGITS_PLAN_BYTES = 14.09e9  # activations of a full-logits plan with prefill + decode profiles only, h100-80gb
 
 
-def traced_manifest_dir(workdir: Path, full_logits: bool) -> Path:
-    """A directory holding the manifest an export of the 9B would write (its io from the real trace)."""
-    from mexport.export.graph import io_signature, trace_graph
-    from mexport.manifest import new_manifest, write_manifest
+def traced_manifest_dir(
+    workdir: Path, full_logits: bool, config: dict[str, Any] = GEMMA2_9B_CONFIG, label: str | None = None
+) -> Path:
+    """A directory holding the manifest a bf16 export of ``config``'s model would write (its io and model_config
+    from the real weightless trace)."""
+    from mexport.export.graph import trace_graph
+    from mexport.manifest import io_signature, new_manifest, write_manifest
 
-    checkpoint = workdir / "checkpoint"
+    label = label or ("full" if full_logits else "lean")
+    checkpoint = workdir / f"{label}-checkpoint"
     checkpoint.mkdir(exist_ok=True)
-    (checkpoint / "config.json").write_text(json.dumps(GEMMA2_9B_CONFIG))
+    (checkpoint / "config.json").write_text(json.dumps(config))
     traced = trace_graph(checkpoint, "bf16", 18, full_logits=full_logits)
     io = io_signature(traced.model)
     io["inputs"] = [entry for entry in io["inputs"] if entry["name"] not in traced.parameters]  # weights: stored
-    directory = workdir / ("full" if full_logits else "lean")
+    directory = workdir / label
     directory.mkdir()
-    config = {**GEMMA2_9B_CONFIG, "parameter_count": PARAMETERS_9B}
-    write_manifest(directory, new_manifest("export", status="passed", dtype="bf16", opset=18, model_config=config,
-                                           io=io, files={}))
+    write_manifest(directory, new_manifest("export", status="passed", dtype="bf16", opset=18,
+                                           model_config=traced.model_config, io=io, files={}))
     return directory
 
 

@@ -75,8 +75,11 @@ def shard_plan(shapes: dict[str, tuple[int, ...]]) -> list[list[str]]:
     return shards
 
 
-def build_checkpoint(directory: Path, layers: int, disk_needed_per_byte: float) -> int:
-    """Random-weight full-width Gemma2 as sharded bf16 safetensors + tokenizer; returns the weight bytes.
+def build_checkpoint(
+    directory: Path, layers: int, disk_needed_per_byte: float, shape: dict | None = None
+) -> int:
+    """Random-weight Gemma2 (``shape``: config fields, default FULL_WIDTH) as sharded bf16 safetensors + tokenizer;
+    returns the weight bytes.
 
     Shards are generated and written one at a time, so building needs one shard of RAM, not the whole model.
     ``disk_needed_per_byte``: disk needed per checkpoint byte (the checkpoint plus the exports kept at once).
@@ -87,7 +90,7 @@ def build_checkpoint(directory: Path, layers: int, disk_needed_per_byte: float) 
 
     from mexport.fixtures.tiny_gemma2 import train_tokenizer
 
-    config = transformers.Gemma2Config(num_hidden_layers=layers, torch_dtype="bfloat16", **FULL_WIDTH)
+    config = transformers.Gemma2Config(num_hidden_layers=layers, torch_dtype="bfloat16", **(shape or FULL_WIDTH))
     with torch.device("meta"):
         model = transformers.Gemma2ForCausalLM(config)
     shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}  # tied head listed once

@@ -61,12 +61,15 @@ def _prepare(workdir: Path) -> tuple[Path, Path]:
     return checkpoint, export
 
 
-def _lmeval_scorer(checkpoint: Path, batch_size: int, attn: str) -> Callable[[list[MCQItem]], list[list[float]]]:
+def lmeval_scorer(
+    checkpoint: Path, batch_size: int, attn: str, dtype: str = "float32", device: str = "cpu"
+) -> Callable[[list[MCQItem]], list[list[float]]]:
+    """lm-eval's HFLM on ``checkpoint``: items -> each choice's log-likelihood."""
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
 
     model = HFLM(
-        pretrained=str(checkpoint), dtype="float32", batch_size=batch_size, device="cpu", attn_implementation=attn
+        pretrained=str(checkpoint), dtype=dtype, batch_size=batch_size, device=device, attn_implementation=attn
     )
 
     def score(items: list[MCQItem]) -> list[list[float]]:
@@ -81,7 +84,8 @@ def _lmeval_scorer(checkpoint: Path, batch_size: int, attn: str) -> Callable[[li
     return score
 
 
-def _mexport_scorer(runtime, tokenizer, batch_size: int) -> Callable[[list[MCQItem]], list[list[float]]]:
+def mexport_scorer(runtime, tokenizer, batch_size: int) -> Callable[[list[MCQItem]], list[list[float]]]:
+    """mexport's scorer on an activated runtime: items -> each choice's log-likelihood."""
     from mexport.validate.scoring import score_items
 
     def score(items: list[MCQItem]) -> list[list[float]]:
@@ -127,9 +131,9 @@ def main() -> None:
             OrtDecoder(export, intra_op_threads=args.threads) as ort_runtime,
         ):
             scorers = {
-                "lm-eval hf": _lmeval_scorer(checkpoint, args.batch_size, args.hf_attention),
-                "mexport torch": _mexport_scorer(torch_runtime, tokenizer, args.batch_size),
-                "mexport ort": _mexport_scorer(ort_runtime, tokenizer, args.batch_size),
+                "lm-eval hf": lmeval_scorer(checkpoint, args.batch_size, args.hf_attention),
+                "mexport torch": mexport_scorer(torch_runtime, tokenizer, args.batch_size),
+                "mexport ort": mexport_scorer(ort_runtime, tokenizer, args.batch_size),
             }
             times: dict[tuple[str, str], list[float]] = {}
             results: dict[tuple[str, str], list[list[float]]] = {}

@@ -18,8 +18,8 @@ from typing import Any
 from mexport import hub
 from mexport.errors import MexportError, first_line
 from mexport.lazy import require
+from mexport.models import supported_model_types
 
-SUPPORTED_MODEL_TYPES = ("gemma2",)
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 # copied beside the ONNX graph so an export directory is self-contained (tokenizer and generation defaults)
@@ -133,6 +133,15 @@ def read_safetensors_header(path: Path) -> dict[str, TensorLocation]:
     return tensors
 
 
+def incomplete_checkpoint(directory: Path, missing: list[str]) -> MexportError:
+    """The refusal of a checkpoint that lacks tensors the model needs (loading it would initialise them at random)."""
+    shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+    return MexportError(
+        f"{directory}: checkpoint has no tensor {shown} (incomplete or mismatched checkpoint)",
+        hint="re-download or re-save the checkpoint; every weight its config.json implies must be in its safetensors",
+    )
+
+
 def weight_files(directory: Path) -> tuple[Path, ...]:
     """The safetensors files of a checkpoint: the single file, or the shards its index names."""
     index = directory / INDEX_FILE
@@ -165,9 +174,9 @@ def read_config(directory: Path) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         raise MexportError(f"{path}: malformed JSON ({exc})") from exc
     model_type = config.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
+    if model_type not in supported_model_types():
         raise MexportError(
-            f"{directory}: unsupported architecture {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            f"{directory}: unsupported architecture {model_type!r}; supported: {', '.join(supported_model_types())}"
         )
     return config
 

@@ -129,7 +129,7 @@ def check_cuda_devices(machine: Probe) -> list[Check]:
             f"{gpu.name}, {format_bytes(gpu.memory_bytes)}, sm_{capability[0]}{capability[1]}, "
             f"bf16 {'yes' if bf16 else 'no'}, fp8 {'yes' if fp8 else 'no'}"
         )
-        fix = "" if bf16 else "Gemma2 needs bf16 (fp16 overflows): use an Ampere (sm_80) or newer GPU"
+        fix = "" if bf16 else "the models need bf16 (fp16 overflows Gemma2): use an Ampere (sm_80) or newer GPU"
         checks.append(Check(f"cuda:{index}", OK if bf16 else WARN, detail, fix))
     return checks
 

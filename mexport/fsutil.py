@@ -10,7 +10,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import ParamSpec, TypeVar
 
@@ -164,11 +164,12 @@ def staged_output_dir(out_dir: Path, overwrite: bool = False) -> Iterator[Path]:
         _commit(staging, out_dir)
 
 
-def replace_files_as_set(out_dir: Path, files: dict[str, bytes]) -> dict[str, Path]:
+def replace_files_as_set(out_dir: Path, files: dict[str, bytes], drop: Iterable[str] = ()) -> dict[str, Path]:
     """Write ``files`` into ``out_dir`` so that readers see either the previous set or the new one, never a mix.
 
     The new set is written into a staging directory, whatever else ``out_dir`` holds (e.g. a score cache) is moved
-    over, and the staging directory replaces ``out_dir`` in one rename. Returns name -> final path.
+    over except the entries named in ``drop`` (files of another set the new one supersedes), and the staging
+    directory replaces ``out_dir`` in one rename. Returns name -> final path.
     """
     out_dir = Path(out_dir).resolve()
     with staged_output_dir(out_dir, overwrite=True) as staging:
@@ -176,7 +177,7 @@ def replace_files_as_set(out_dir: Path, files: dict[str, bytes]) -> dict[str, Pa
             (staging / name).write_bytes(data)
         if out_dir.is_dir():
             for entry in out_dir.iterdir():
-                if entry.name not in files:
+                if entry.name not in files and entry.name not in drop:
                     os.replace(entry, staging / entry.name)
     return {name: out_dir / name for name in files}
 

@@ -25,6 +25,7 @@ import numpy as np
 
 from mexport.errors import MexportError
 from mexport.lazy import require
+from mexport.manifest import MANIFEST_NAME
 from mexport.runtime.base import DecoderRuntime
 from mexport.validate.backends import open_backend
 from mexport.validate.lmeval_tasks import task_manager
@@ -138,8 +139,18 @@ def run_lm_eval(
             log_samples=True,
             evaluation_tracker=tracker,
         )
+        runtime.check_files_unchanged()  # the scores are of the files hashed when the model was opened
     if results is None:  # only on non-zero ranks of a distributed run, which mexport never starts
         raise MexportError("lm-eval returned no results")
+    # which bytes were scored (a model without an mexport manifest has no other record of them)
+    files = runtime.files.sha256 if runtime.files is not None else {}
+    results["mexport_model"] = {
+        "path": str(model_dir),
+        "backend": kind,
+        "precision": getattr(runtime, "precision", None),
+        "mexport_manifest": MANIFEST_NAME in files,
+        "files": files,
+    }
     if tracker is not None:
         samples = results.pop("samples")
         tracker.save_results_aggregated(results=results, samples=samples)

@@ -12,6 +12,7 @@ import hashlib
 import importlib.metadata
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -166,9 +167,75 @@ def _read_stamp(directory: Path) -> dict[str, Any]:
     return stamp if isinstance(stamp, dict) else {}
 
 
-def verify_files(directory: Path, manifest: dict[str, Any], remember: bool = True) -> None:
+@dataclass(frozen=True)
+class VerifiedFiles:
+    """Files of one directory as hashed at one moment: name -> sha256, and each file's stat when it was hashed.
+
+    A runtime keeps this from verification to the end of scoring and calls :meth:`check_unchanged` right before
+    and after it reads the files (and between batches), so what was hashed is what was read: a file replaced
+    (new inode) or written (new ctime) since is refused, by the same metadata the verification stamp trusts.
+    """
+
+    directory: Path
+    sha256: dict[str, str]
+    stats: dict[str, list[int]]
+
+    @property
+    def digest(self) -> str:
+        """One hash of every file's name and content: equal digests mean the same files, byte for byte."""
+        return sha256_bytes(json.dumps(sorted(self.sha256.items())).encode())
+
+    def check_unchanged(self) -> None:
+        for name, key in sorted(self.stats.items()):
+            path = self.directory / name
+            try:
+                now = _stat_key(path)
+            except OSError:
+                now = None
+            if now != key:
+                raise IntegrityError(
+                    f"{path}: {'removed' if now is None else 'replaced or modified'} after it was verified "
+                    "(what would be scored is not what was hashed)",
+                    hint="keep a model's files unchanged while it is validated, then run again",
+                )
+
+
+def hash_files(directory: Path, names: list[str]) -> VerifiedFiles:
+    """Hash ``names`` in ``directory`` in full (no stamp: for directories that are not mexport artifacts, such as
+    a checkpoint, which stay as they are); each file's stat is taken before it is hashed."""
+    directory = Path(directory)
+    sha256: dict[str, str] = {}
+    stats: dict[str, list[int]] = {}
+    for name in sorted(set(names)):
+        path = directory / name
+        try:
+            stats[name] = _stat_key(path)
+            sha256[name] = sha256_file(path)
+        except OSError as exc:
+            raise IntegrityError(f"{path}: cannot be read ({exc.strerror or exc})") from exc
+    return VerifiedFiles(directory, sha256, stats)
+
+
+def verify_artifact_files(directory: Path, manifest: dict[str, Any]) -> VerifiedFiles:
+    """Verify an artifact a runtime opened with ``manifest``: the manifest on disk is still that one, and every
+    file it records matches; the result covers the manifest file too (see :class:`VerifiedFiles`)."""
+    directory = Path(directory)
+    path = directory / MANIFEST_NAME
+    own = hash_files(directory, [MANIFEST_NAME])
+    try:
+        on_disk = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise IntegrityError(f"{path}: cannot be read back ({exc})") from exc
+    if on_disk != manifest:
+        raise IntegrityError(f"{path}: changed after the model was opened", hint="run again")
+    files = verify_files(directory, manifest)
+    return VerifiedFiles(directory, {**files.sha256, **own.sha256}, {**files.stats, **own.stats})
+
+
+def verify_files(directory: Path, manifest: dict[str, Any], remember: bool = True) -> VerifiedFiles:
     """Check ``manifest["files"]`` against ``directory`` (see :func:`verify_artifact`); ``remember=False`` never
-    writes the stamp (a directory that is not an artifact, e.g. a checkpoint, stays as it is)."""
+    writes the stamp (a directory that is not an artifact, e.g. a checkpoint, stays as it is). Returns what was
+    verified, each file's stat taken before it was hashed."""
     directory = Path(directory)
     files = manifest.get("files")
     if not isinstance(files, dict):
@@ -208,6 +275,11 @@ def verify_files(directory: Path, manifest: dict[str, Any], remember: bool = Tru
             write_atomic(directory / STAMP_NAME, strict_json.dumps(verified, sort_keys=True).encode())
         except OSError:
             pass  # a read-only artifact: verification still holds, it just is not remembered
+    return VerifiedFiles(
+        directory,
+        {name: entry["sha256"] for name, entry in verified.items()},
+        {name: entry["stat"] for name, entry in verified.items()},
+    )
 
 
 def verified_input(directory: Path, manifest: dict[str, Any]) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """`mexport pipeline`: checkpoint → export → quantize → engine → validate → one combined report, resumable.
 
 Each step writes into its own directory under the pipeline output and records, in ``pipeline-state.json``, the
-hash of its settings chained with its upstream steps' hashes. A re-run skips every step whose hash matches and
+hash of its settings and of the content of the files it reads (checkpoint, data and calibration files), chained with
+its upstream steps' hashes (which include their outputs' file hashes). A re-run skips every step whose hash matches and
 whose artifact manifest is still there, so a run that failed half-way resumes where it stopped; ``force`` redoes
 everything. Every config field has a CLI flag; the CLI merges flags over the file and calls :func:`run_pipeline`.
 """
@@ -36,7 +37,16 @@ from mexport.formats import DEFAULT_EXPORT_DTYPE, EXPORT_DTYPES
 from mexport.fsutil import claimed_output, write_atomic
 from mexport.hardware import probe
 from mexport.junit import FAILURE, SKIPPED, JUnitCase, junit_xml
-from mexport.manifest import MANIFEST_NAME, file_records, read_manifest, settings_hash, utc_now, verify_files
+from mexport.manifest import (
+    MANIFEST_NAME,
+    file_records,
+    hash_files,
+    read_manifest,
+    settings_hash,
+    sha256_file,
+    utc_now,
+    verify_files,
+)
 from mexport.optimize import quantize
 from mexport.optimize.engine import build_engine, plan_engine, write_plan
 from mexport.optimize.engine.gpus import gpu_budget
@@ -46,7 +56,8 @@ from mexport.optimize.quantize.recipes import cuda_recipe_support, get_recipe
 from mexport.trt_common import EngineSettings
 from mexport.validate import validate
 from mexport.validate.backends import HUB_ID
-from mexport.validate.tasks import SHIPPED_SETS, get_task
+from mexport.validate.runner import check_devices
+from mexport.validate.tasks import SHIPPED_SETS, data_file, get_task
 from mexport.validate.verdict import (
     DEFAULT_FAIL_ON,
     check_agreement_floor,
@@ -124,6 +135,7 @@ class PipelineConfig(BaseModel):
     limit: int | None = Field(None, ge=1, strict=True)
     seed: int = Field(1234, strict=True)
     device: Literal["cpu", "cuda"] = "cpu"
+    devices: list[str] = Field(default_factory=list)  # one validation shard per device, each in its own process
     margin: float = 1.0
     recipe_margins: dict[str, float] = Field(default_factory=dict)
     agreement_floor: float | None = None
@@ -232,6 +244,14 @@ class PipelineConfig(BaseModel):
         return fail_on
 
     @model_validator(mode="after")
+    def _devices_of_the_device_kind(self) -> PipelineConfig:
+        _checked(check_devices, self.devices)
+        other = [name for name in self.devices if name.strip().split(":")[0] != self.device]
+        if other:
+            raise ValueError(f"validate.devices {', '.join(other)} are not {self.device} devices (validate.device)")
+        return self
+
+    @model_validator(mode="after")
     def _engine_fits_together(self) -> PipelineConfig:
         _checked(EngineSettings(max_batch=self.max_batch, max_input_len=self.max_input_len,
                                 max_context=self.max_context).limits.validate)
@@ -246,7 +266,8 @@ _TOML_FIELDS = {
     ("quantize", "recipes"): "recipes", ("quantize", "calib"): "calib", ("quantize", "calib_size"): "calib_size",
     ("engine", "mode"): "engine", **{("engine", setting): field for field, setting in ENGINE_FIELDS.items()},
     ("validate", "tasks"): "tasks", ("validate", "data"): "data", ("validate", "limit"): "limit",
-    ("validate", "seed"): "seed", ("validate", "device"): "device", ("validate", "margin"): "margin",
+    ("validate", "seed"): "seed", ("validate", "device"): "device", ("validate", "devices"): "devices",
+    ("validate", "margin"): "margin",
     ("validate", "recipe_margins"): "recipe_margins", ("validate", "agreement_floor"): "agreement_floor",
     ("validate", "fail_on"): "fail_on",
 }
@@ -471,15 +492,22 @@ def _verified_outputs(
 
 
 def _checkpoint_fingerprint(model: str) -> dict[str, Any]:
-    """Sizes and mtimes of a local checkpoint's files, so editing it in place invalidates the export step."""
+    """The sha256 of every file of a local checkpoint (a hub id stands for itself), so a checkpoint edited or
+    replaced in place, whatever its timestamps, re-runs every step that read it."""
     path = Path(model)
     if not path.is_dir():
         return {"hub_id": model}
-    return {
-        p.name: [p.stat().st_size, int(p.stat().st_mtime)]
-        for p in sorted(path.iterdir())
-        if p.is_file() and not p.name.startswith(".")  # hidden: bookkeeping (stamps, locks), not the model
-    }
+    names = [p.name for p in path.iterdir() if p.is_file() and not p.name.startswith(".")]  # hidden: stamps, locks
+    return hash_files(path, names).sha256
+
+
+def _input_file_hashes(config: PipelineConfig) -> dict[str, Any]:
+    """The content of the data and calibration files a run reads (by sha256), for the steps' resume keys: a file
+    edited in place re-runs what read it. Hub datasets and task names stand for themselves."""
+
+    data = {task: sha256_file(data_file(task, source)) for task, source in sorted(config.data.items())}
+    calib = config.calib
+    return {"data": data, "calib": sha256_file(Path(calib)) if calib and calib not in calibration_task_names() else calib}
 
 
 def run_pipeline(config: PipelineConfig, force: bool = False) -> PipelineResult:
@@ -494,10 +522,11 @@ def _run_steps(runner: _Runner, config: PipelineConfig) -> PipelineResult:
     out = runner.out
 
     checkpoint, upstream = _checkpoint_step(runner, config)
+    inputs = _input_file_hashes(config)
     export_dir = out / f"onnx-{config.dtype}"
     export_hash = runner.step(
         "export",
-        {"upstream": upstream, "checkpoint": _checkpoint_fingerprint(checkpoint), "revision": config.revision,
+        {"upstream": upstream, "revision": config.revision,
          "dtype": config.dtype, "opset": config.opset, "device": config.export_device},
         export_dir,
         lambda: _export(checkpoint, export_dir, config),
@@ -508,7 +537,8 @@ def _run_steps(runner: _Runner, config: PipelineConfig) -> PipelineResult:
         quant_dir = out / f"quant-{recipe}"
         quant_hash = runner.step(
             f"quantize:{recipe}",
-            {"upstream": export_hash, "recipe": recipe, "calib": config.calib, "calib_size": config.calib_size},
+            {"upstream": export_hash, "recipe": recipe, "calib": config.calib, "calib_sha256": inputs["calib"],
+             "calib_size": config.calib_size},
             quant_dir,
             lambda recipe=recipe, quant_dir=quant_dir: _quantize(export_dir, quant_dir, recipe, config),
         )
@@ -537,6 +567,7 @@ def _run_steps(runner: _Runner, config: PipelineConfig) -> PipelineResult:
             limit=config.limit,
             seed=config.seed,
             device=config.device,
+            devices=config.devices or None,
             margin=config.margin,
             recipe_margins=config.recipe_margins or None,
             fail_on=config.fail_on,
@@ -549,7 +580,8 @@ def _run_steps(runner: _Runner, config: PipelineConfig) -> PipelineResult:
     runner.step(
         "validate",
         {"upstream": [digest for _, digest in validated], "checkpoint": upstream, "tasks": config.tasks,
-         "data": config.data, "limit": config.limit, "seed": config.seed, "device": config.device,
+         "data": config.data, "data_sha256": inputs["data"], "limit": config.limit, "seed": config.seed, "device": config.device,
+         "devices": config.devices,
          "margin": config.margin, "recipe_margins": config.recipe_margins, "floor": config.agreement_floor,
          "fail_on": config.fail_on},
         report_dir,
@@ -580,9 +612,11 @@ def _runs_on_validate_device(runner: _Runner, config: PipelineConfig, label: str
 
 
 def _checkpoint_step(runner: _Runner, config: PipelineConfig) -> tuple[str, str]:
-    """The checkpoint to export: the model itself, or a built-in fixture written into the output first."""
+    """The checkpoint to export and its hash for the steps that read it (content included): the model itself, or a
+    built-in fixture written into the output first."""
     if not config.model.startswith(FIXTURE_PREFIX):
-        return config.model, settings_hash({"model": config.model, "revision": config.revision})
+        files = _checkpoint_fingerprint(config.model)
+        return config.model, settings_hash({"model": config.model, "revision": config.revision, "files": files})
     name = config.model[len(FIXTURE_PREFIX):]
     target = runner.out / "checkpoint"
 

@@ -1,4 +1,5 @@
-"""Shared test fixtures: the built-in tiny Gemma2 checkpoint and its ONNX exports, made once per session."""
+"""Shared test fixtures: the built-in tiny Gemma2 checkpoint, the learned one, and their ONNX exports, made once per
+session."""
 
 from __future__ import annotations
 
@@ -42,3 +43,20 @@ def tiny_export_fp32(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: 
 @pytest.fixture(scope="session")
 def tiny_export_bf16(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> Path:
     return _export(tmp_path_factory, tiny_checkpoint, "bf16")
+
+
+@pytest.fixture(scope="session")
+def learned(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Gemma2 fine-tuned on the shipped questions (cached in $MEXPORT_CACHE): it has accuracy to lose."""
+    from mexport.fixtures.learned import make_learned_fixture
+
+    return make_learned_fixture(tmp_path_factory.mktemp("learned") / "learned-gemma2")
+
+
+@pytest.fixture(scope="session")
+def learned_export(tmp_path_factory: pytest.TempPathFactory, learned: Path) -> Path:
+    from mexport.export import export_onnx
+
+    out = tmp_path_factory.mktemp("export") / "learned-fp32"
+    export_onnx(learned, out, dtype="fp32")
+    return out

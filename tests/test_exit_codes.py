@@ -29,6 +29,7 @@ BAD_INPUT = {
          "--data", "medqa=sample", "-o", "{tmp}/r"],
         "/nonexistent: no such checkpoint directory",
     ),
+    "merge-reports": (["merge-reports", "/nonexistent", "-o", "{tmp}/m"], "/nonexistent: no partial report"),
     "pipeline": (["pipeline", "--model", "fixture:nope", "-o", "{tmp}/p"], "unknown fixture 'fixture:nope'"),
     "doctor": (["doctor", "--path", "{tmp}/file"], "is a file; pass the directory"),
     "lm-eval": (["lm-eval", "/nonexistent", "--tasks", "medqa"], "/nonexistent: not a model"),

@@ -90,8 +90,8 @@ def test_sharded_checkpoint_reads_every_shard(tiny_checkpoint: Path, tmp_path: P
 def test_other_architectures_are_refused_naming_the_supported_one(tiny_checkpoint: Path, tmp_path: Path) -> None:
     checkpoint = _copy_checkpoint(tiny_checkpoint, tmp_path / "ckpt")
     config = json.loads((checkpoint / "config.json").read_text())
-    (checkpoint / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
-    with pytest.raises(MexportError, match="unsupported architecture 'llama'; supported: gemma2"):
+    (checkpoint / "config.json").write_text(json.dumps({**config, "model_type": "mistral"}))
+    with pytest.raises(MexportError, match="unsupported architecture 'mistral'; supported: gemma2, llama, qwen2"):
         resolve_checkpoint(checkpoint)
 
 
@@ -213,7 +213,7 @@ def test_cpu_validation_that_cannot_fit_in_ram_is_refused_before_work(
 def test_tolerance_follows_what_is_computed(dtype: str, compute: str, hidden_size: int, expected: str) -> None:
     from mexport.export.verify import ROUNDED_SCALE_TOLERANCE, TOLERANCES, tolerance_for
 
-    tolerance = tolerance_for(dtype, compute, hidden_size)
+    tolerance = tolerance_for(dtype, compute, {"model_type": "gemma2", "hidden_size": hidden_size})
     assert tolerance == (ROUNDED_SCALE_TOLERANCE if expected == "rounded" else TOLERANCES[expected])
 
 

@@ -19,7 +19,7 @@ def test_onnx_help_lists_the_options() -> None:
     options = ("--output", "--dtype", "--opset", "--revision", "--device", "--no-validate", "--overwrite", "--json")
     for option in (*options, "--full-logits", "--long-check"):
         assert option in result.output
-    assert "Export a Gemma2 checkpoint to ONNX" in result.output
+    assert "Export a Gemma2, Llama or Qwen2 checkpoint to ONNX" in result.output
 
 
 def test_generate_help() -> None:

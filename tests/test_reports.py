@@ -213,7 +213,7 @@ class Declined:
 
 
 def test_declined_questions_are_left_out_of_the_pairing_and_counted(tmp_path: Path) -> None:
-    from mexport.validate.runner import _Backend, _parity_result
+    from mexport.validate.runner import parity_results
 
     golds = [i % 4 for i in range(N)]
     reference = _scores(golds, golds)
@@ -224,9 +224,9 @@ def test_declined_questions_are_left_out_of_the_pairing_and_counted(tmp_path: Pa
     reference_row: list[object] = list(reference)
     reference_row[9] = Declined(reference[9].doc_id, long_prompt)
     task = TaskInfo("medmcqa", "demo.jsonl", None, "ab" * 32, N, N)
-    backend = _Backend(BackendInfo("cand", "candidate", "/cand", "ort"))
+    candidate_info = BackendInfo("cand", "candidate", "/cand", "ort")
     scores = {"medmcqa": {REFERENCE_LABEL: reference_row, "cand": candidate}}
-    result = _parity_result(task, backend, scores, 5.0, {}, 0.9)
+    [result] = parity_results([task], [candidate_info], scores, margin=5.0, recipe_margins={}, agreement_floor=0.9)
     assert result.metrics[0].n == N - 3
     assert result.skipped_questions == {long_prompt: 3}
     assert result.verdict.status == PASS
@@ -234,7 +234,7 @@ def test_declined_questions_are_left_out_of_the_pairing_and_counted(tmp_path: Pa
     report = ValidationReport(
         "2025-01-01T00:00:00+00:00",
         {"margin_points": 5.0},
-        [BackendInfo(REFERENCE_LABEL, "reference", "/ckpt", "torch"), backend.info],
+        [BackendInfo(REFERENCE_LABEL, "reference", "/ckpt", "torch"), candidate_info],
         [task],
         [result],
         scores,

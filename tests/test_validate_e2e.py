@@ -28,22 +28,6 @@ WIDE = ["--margin", "25"]
 SAMPLE = {"medmcqa": "sample"}
 
 
-@pytest.fixture(scope="module")
-def learned(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from mexport.fixtures.learned import make_learned_fixture
-
-    return make_learned_fixture(tmp_path_factory.mktemp("learned") / "learned-gemma2")
-
-
-@pytest.fixture(scope="module")
-def learned_export(tmp_path_factory: pytest.TempPathFactory, learned: Path) -> Path:
-    from mexport.export import export_onnx
-
-    out = tmp_path_factory.mktemp("export") / "learned-fp32"
-    export_onnx(learned, out, dtype="fp32")
-    return out
-
-
 def corrupt_matmul_weights(model_dir: Path, noise: float = 1.0, seed: int = 0) -> int:
     """Add Gaussian noise (``noise`` × each tensor's std) to every MatMul weight in model.onnx.data, in place.
 

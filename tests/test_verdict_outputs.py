@@ -113,18 +113,20 @@ def test_a_run_that_compared_nothing_never_exits_0() -> None:
 
 
 def test_declined_and_nan_reference_questions_are_left_out_of_the_comparison() -> None:
-    from mexport.validate.runner import _Backend, _parity_result
+    from mexport.validate.runner import parity_results
     from mexport.validate.scoring import SkippedQuestion
 
     task = TaskInfo("medqa", "sample", None, "00" * 32, 3, 3)
     reference = [_score("a", [-1.0, -2.0]), _score("b", [math.nan, -2.0]), SkippedQuestion("c", "prompt too long")]
     candidate = [_score("a", [-1.0, -2.5]), _score("b", [-1.0, -2.0]), _score("c", [-1.0, -2.0])]
-    backend = _Backend(BackendInfo("cand", "candidate", "/c", "ort"))
-    result = _parity_result(task, backend, {"medqa": {REFERENCE_LABEL: reference, "cand": candidate}}, 5.0, {}, 0.9)
+    candidate_info = BackendInfo("cand", "candidate", "/c", "ort")
+    [result] = parity_results([task], [candidate_info], {"medqa": {REFERENCE_LABEL: reference, "cand": candidate}},
+                              margin=5.0, recipe_margins={}, agreement_floor=0.9)
     assert result.metrics[0].n == 1
     assert result.skipped_questions == {"prompt too long": 1, "reference log-likelihood NaN/inf": 1}
     nothing = [SkippedQuestion(doc, "prompt too long") for doc in "abc"]
-    empty = _parity_result(task, backend, {"medqa": {REFERENCE_LABEL: nothing, "cand": candidate}}, 5.0, {}, 0.9)
+    [empty] = parity_results([task], [candidate_info], {"medqa": {REFERENCE_LABEL: nothing, "cand": candidate}},
+                             margin=5.0, recipe_margins={}, agreement_floor=0.9)
     assert empty.verdict.status == INCONCLUSIVE and empty.mean_kl is None and empty.max_abs_loglik_delta is None
 
 
@@ -138,13 +140,14 @@ def test_a_task_the_reference_scored_nothing_of_is_an_input_error() -> None:
 
 
 def test_a_nan_candidate_fails_with_finite_drift_figures() -> None:
-    from mexport.validate.runner import _Backend, _parity_result
+    from mexport.validate.runner import parity_results
 
     task = TaskInfo("medqa", "sample", None, "00" * 32, 2, 2)
     reference = [_score("a", [-1.0, -2.0]), _score("b", [-1.0, -2.0])]
     candidate = [_score("a", [math.nan, -2.0]), _score("b", [-1.0, -2.0])]
-    backend = _Backend(BackendInfo("cand", "candidate", "/c", "ort"))
-    result = _parity_result(task, backend, {"medqa": {REFERENCE_LABEL: reference, "cand": candidate}}, 50.0, {}, 0.0)
+    candidate_info = BackendInfo("cand", "candidate", "/c", "ort")
+    [result] = parity_results([task], [candidate_info], {"medqa": {REFERENCE_LABEL: reference, "cand": candidate}},
+                              margin=50.0, recipe_margins={}, agreement_floor=0.0)
     assert result.verdict.status == FAIL and "non-finite" in result.verdict.reasons[0]
     assert result.mean_kl is not None and math.isfinite(result.mean_kl)
 

@@ -135,7 +135,7 @@ class MexportGroup(TyperGroup):
 app = typer.Typer(
     name="mexport",
     cls=MexportGroup,
-    help="Export Gemma2-architecture medical LLMs to ONNX / TensorRT, quantize them, and prove MCQ parity.\n\n"
+    help="Export medical LLMs (the Meditron3 suite: Gemma2, Llama-3.1, Qwen2.5) to ONNX / TensorRT, quantize them, and prove MCQ parity.\n\n"
     + EXIT_CODE_HELP,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -151,6 +151,7 @@ COMMAND_MODULES = (
     "mexport.cli.pipeline_cmd",
     "mexport.cli.doctor_cmd",
     "mexport.cli.validate_cmd",
+    "mexport.cli.merge_cmd",
     "mexport.cli.lmeval_cmd",
 )
 

@@ -58,6 +58,7 @@ def _plan_tables(plan: EnginePlan) -> list[Table]:
     from rich.markup import escape
     from rich.table import Table
 
+    from mexport.optimize.engine import GPU_TARGETS
 
     shapes = Table(title=f"optimization profiles ({plan.model_dir})")
     for column in ("profile", "input", "min", "opt", "max"):
@@ -119,7 +120,15 @@ def _plan_tables(plan: EnginePlan) -> list[Table]:
     else:
         verdict = f"fits {plan.gpu.name} ({format_bytes(plan.gpu.memory_bytes)})"
     memory.add_row("total", format_bytes(estimate.total_bytes), verdict)
-    return [shapes, build, memory]
+    targets = Table(title="fits per GPU (--target)")
+    targets.add_column("target")
+    targets.add_column("GPU")
+    targets.add_column("memory", justify="right")
+    targets.add_column("fits")
+    for name, reason in plan.fits_per_gpu.items():
+        gpu = GPU_TARGETS[name]
+        targets.add_row(name, gpu.name, format_bytes(gpu.memory_bytes), "yes" if reason is None else f"no: {reason}")
+    return [shapes, build, memory, targets]
 
 
 @app.command("engine")

@@ -64,7 +64,7 @@ def onnx_export(
     ),
     as_json: bool = json_option(),
 ) -> None:
-    """Export a Gemma2 checkpoint to ONNX (text generation with KV cache) and check its logits against PyTorch.
+    """Export a Gemma2, Llama or Qwen2 checkpoint to ONNX (text generation with KV cache) and check its logits against PyTorch.
 
     Weights are streamed from the safetensors files into one model.onnx.data, never all in memory.
     """

@@ -16,7 +16,7 @@ from mexport.validate.verdict import FAIL_ON_HELP
 def pipeline(
     config: Path | None = typer.Argument(None, help="Pipeline TOML file (see examples/pipeline-tiny.toml)."),
     model: str | None = typer.Option(
-        None, "--model", help="Checkpoint dir, hub id, or fixture:tiny-gemma2 / fixture:learned-gemma2."
+        None, "--model", help="Checkpoint dir, hub id, or fixture:NAME (tiny-gemma2, learned-gemma2, tiny-llama3, tiny-qwen2, ...)."
     ),
     output: Path | None = typer.Option(None, "-o", "--output", help="Pipeline output directory."),
     revision: str | None = typer.Option(None, "--revision", help="Hub revision of MODEL."),

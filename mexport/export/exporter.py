@@ -1,4 +1,5 @@
-"""``export_onnx``: a Gemma2 checkpoint to a self-contained ONNX model directory, without loading its weights.
+"""``export_onnx``: a checkpoint of a supported family (mexport.models) to a self-contained ONNX model directory,
+without loading its weights.
 
 Phases: trace a weightless graph (:mod:`mexport.export.graph`), stream the checkpoint's tensors into one
 external-data file (:mod:`mexport.export.weights`), copy config and tokenizer, write ``mexport.json``, then
@@ -50,7 +51,7 @@ from mexport.manifest import io_signature, new_manifest, sha256_file
 from mexport.stage import write_artifact
 
 DEVICES = ("cpu", "cuda")
-EXPORT_MIN_OPSET = 14  # Optimum's Gemma2 configuration and the attention ops need at least this
+EXPORT_MIN_OPSET = 14  # Optimum's decoder configurations and the attention ops need at least this
 # the newest opset the pinned torch's exporter writes (torch.onnx._constants.ONNX_MAX_OPSET in torch 2.13; 24 raises
 # "Unsupported onnx_opset_version"); onnx's own newest, when older, bounds it too
 EXPORT_MAX_OPSET = 23

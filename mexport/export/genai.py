@@ -19,6 +19,7 @@ from typing import Any
 from mexport import strict_json
 from mexport.formats import GRAPH_FILE, PAST_PREFIX, PRESENT_PREFIX
 from mexport.fsutil import write_atomic
+from mexport.models import family_of
 
 GENAI_CONFIG = "genai_config.json"
 GENAI_INPUTS = ("input_ids", "attention_mask", "position_ids")  # besides the past key / value inputs
@@ -34,7 +35,7 @@ def genai_config(model_config: dict[str, Any], io: dict[str, Any], token_ids: di
     inputs = {name: name for name in GENAI_INPUTS if name in names}
     return {
         "model": {
-            "type": model_config.get("model_type", "gemma2"),
+            "type": family_of(model_config).genai_model_type,
             "bos_token_id": token_ids.get("bos_token_id"),
             "eos_token_id": token_ids.get("eos_token_id"),
             "pad_token_id": token_ids.get("pad_token_id"),

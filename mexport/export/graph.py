@@ -44,6 +44,7 @@ from mexport.formats import (
     is_plain_transpose,
 )
 from mexport.lazy import require
+from mexport.models import family_of
 
 
 @dataclass
@@ -66,22 +67,6 @@ class TracedGraph:
     model: Any  # onnx.ModelProto, parameters still graph inputs
     parameters: dict[str, tuple[int, ...]]  # graph-input parameter name -> shape
     model_config: dict[str, Any] = field(default_factory=dict)
-
-
-def _onnx_config_class() -> type:
-    """Optimum's Gemma2 export configuration, with position_ids as an input so left-padded batches work."""
-    require("optimum.exporters.onnx", "the ONNX export configuration")
-    from optimum.exporters.onnx.config import TextDecoderWithPositionIdsOnnxConfig
-    from optimum.exporters.onnx.model_configs import Gemma2OnnxConfig
-
-    class Gemma2WithPositionIdsOnnxConfig(TextDecoderWithPositionIdsOnnxConfig):
-        NORMALIZED_CONFIG_CLASS = Gemma2OnnxConfig.NORMALIZED_CONFIG_CLASS
-        DUMMY_INPUT_GENERATOR_CLASSES = Gemma2OnnxConfig.DUMMY_INPUT_GENERATOR_CLASSES
-        DUMMY_PKV_GENERATOR_CLASS = Gemma2OnnxConfig.DUMMY_PKV_GENERATOR_CLASS
-        MIN_TRANSFORMERS_VERSION = Gemma2OnnxConfig.MIN_TRANSFORMERS_VERSION
-        _MODEL_PATCHER = Gemma2OnnxConfig._MODEL_PATCHER
-
-    return Gemma2WithPositionIdsOnnxConfig
 
 
 def _lazy_zeros(torch: Any, shape: Any, dtype: Any) -> Any:
@@ -157,13 +142,7 @@ def _weightless_model(checkpoint_dir: Path, dtype: str) -> Any:
 
 
 def _model_config(model: Any) -> dict[str, Any]:
-    config = model.config
-    keys = (
-        "model_type", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_size",
-        "intermediate_size", "vocab_size", "sliding_window", "attn_logit_softcapping", "final_logit_softcapping",
-        "query_pre_attn_scalar", "max_position_embeddings", "tie_word_embeddings",
-    )
-    summary = {key: getattr(config, key, None) for key in keys}
+    summary = family_of(model.config.to_dict()).model_config(model.config.to_dict())
     summary["parameter_count"] = sum(p.numel() for p in model.parameters())  # shared parameters counted once
     return summary
 
@@ -200,7 +179,7 @@ def trace_graph(checkpoint_dir: Path, dtype: str, opset: int, full_logits: bool 
     torch = require("torch", "tracing the model")
     onnx = require("onnx", "building the ONNX graph")
     model = _weightless_model(checkpoint_dir, dtype)
-    onnx_config = _onnx_config_class()(
+    onnx_config = family_of(model.config.to_dict()).onnx_config()(
         model.config, task="text-generation", use_past=True, use_past_in_inputs=True, float_dtype=dtype,
         int_dtype="int64",
     )

@@ -41,6 +41,7 @@ from mexport.errors import MexportError
 from mexport.formats import ELEMENT_BYTES, EXPORT_DTYPES
 from mexport.fsutil import format_bytes
 from mexport.lazy import require
+from mexport.models import family_of
 
 FP16_MAX = 65504.0
 # short check: every position compared; used whole when the window fits in it
@@ -61,7 +62,6 @@ LONG_CHECK_FLOPS = 1e12
 DECODE_PROMPT_TOKENS = 4
 PADDED_ROW_SHORTER_BY = 5
 PADDED_DECODE_STEPS = 3
-FIRST_ORDINARY_TOKEN = 4  # Gemma's special ids are 0..3 (pad, eos, bos, unk)
 # RAM validation needs beyond one copy of the weights: the Python / PyTorch / ONNX Runtime libraries, activations of
 # the short inputs, weight slices cast to fp32, heap kept from the trace (which grows with depth). Measured by
 # bench/export_memory.py at full width: 0.96 GB above the weights with 2 layers, 1.17 GB with 8.
@@ -152,11 +152,13 @@ def plan_check(config: dict[str, Any], long_check: bool = False) -> CheckPlan:
     return CheckPlan(SHORT_VALIDATION_TOKENS, False, 0, None, short_flops, False)
 
 
-def validation_tokens(vocab_size: int, length: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Two seeded token sequences, the second PADDED_ROW_SHORTER_BY shorter."""
+def validation_tokens(config: dict[str, Any], length: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Two seeded token sequences of the model's ordinary ids (its family's), the second PADDED_ROW_SHORTER_BY
+    shorter."""
     rng = np.random.default_rng(seed)
-    full = rng.integers(FIRST_ORDINARY_TOKEN, vocab_size, size=length, dtype=np.int64)
-    other = rng.integers(FIRST_ORDINARY_TOKEN, vocab_size, size=length - PADDED_ROW_SHORTER_BY, dtype=np.int64)
+    first, vocab_size = family_of(config).first_ordinary_token, int(config["vocab_size"])
+    full = rng.integers(first, vocab_size, size=length, dtype=np.int64)
+    other = rng.integers(first, vocab_size, size=length - PADDED_ROW_SHORTER_BY, dtype=np.int64)
     return full, other
 
 
@@ -230,15 +232,14 @@ def _reference_logits(
         return [run_rows(reference, [(tokens, tokens[:0])], keep)[0] for tokens in sequences], reference.precision
 
 
-def tolerance_for(dtype: str, compute: str, hidden_size: int) -> Tolerance:
+def tolerance_for(dtype: str, compute: str, config: dict[str, Any]) -> Tolerance:
     """The bound for an export of ``dtype`` run with ``compute``: the dtype's own, or for fp32 compute of a bf16/fp16
-    export the fp32 one unless the dtype rounds Gemma's sqrt(hidden) embedding scale (see module doc)."""
+    export the fp32 one unless the model's family scales its embeddings by a sqrt(hidden) the dtype rounds (see
+    module doc)."""
     if compute == dtype:
         return TOLERANCES[dtype]
-    torch = require("torch", "computing the embedding scale as Gemma2 does")
-    scale = hidden_size**0.5
-    rounded = float(torch.tensor(scale, dtype=getattr(torch, EXPORT_DTYPES[dtype])))  # Gemma2Model.forward's own
-    return TOLERANCES[compute] if rounded == scale else ROUNDED_SCALE_TOLERANCE
+    rounds = family_of(config).embedding_scale_rounds(EXPORT_DTYPES[dtype], int(config["hidden_size"]))
+    return ROUNDED_SCALE_TOLERANCE if rounds else TOLERANCES[compute]
 
 
 def validate_export(
@@ -249,10 +250,10 @@ def validate_export(
 
     decoder = OrtDecoder(export_dir, device=device)
     compute = decoder.compute_dtype
-    config = decoder.manifest["model_config"]
-    tolerance = tolerance_for(dtype, compute, config["hidden_size"])
+    config = decoder.graph_info["model_config"]
+    tolerance = tolerance_for(dtype, compute, config)
     plan = plan_check(config, long_check)
-    full, other = validation_tokens(decoder.spec.vocab_size, plan.length)
+    full, other = validation_tokens(config, plan.length)
     tail = plan.compared_tail
     # short check: decode from a 4-token prompt; long check: the last steps after a (chunked) prefill
     decode_prompt = len(full) - tail // 2 if tail else DECODE_PROMPT_TOKENS
@@ -335,7 +336,8 @@ def fp16_overflow_probe(checkpoint_path: Path, device: str) -> dict[str, Any]:
                 largest = max(largest, float(tensor.abs().max()))
 
     reference = TorchDecoder(checkpoint_path, dtype="fp16", device=device)
-    full, other = validation_tokens(reference.spec.vocab_size, plan_check(reference.config).length)
+    config = family_of(reference.config).model_config(reference.config)
+    full, other = validation_tokens(config, plan_check(config).length)
     with console.phase("probing fp16 activations for overflow"):
         handle = torch.nn.modules.module.register_module_forward_hook(watch)
         try:

@@ -18,9 +18,14 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Any, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 import numpy as np
+
+from mexport.models import family_of
+
+if TYPE_CHECKING:
+    from mexport.manifest import VerifiedFiles
 
 T = TypeVar("T")
 
@@ -37,17 +42,22 @@ class DecoderSpec:
     vocab_size: int
     sliding_window: int | None = None
     max_context: int | None = None  # max_position_embeddings: the longest past + new tokens the model was made for
+    # prompts are scored with the tokenizer's BOS first, as lm-eval does for this family (see models.SpecialTokens)
+    scores_with_bos: bool = True
 
     @classmethod
     def from_model_config(cls, config: dict[str, Any]) -> DecoderSpec:
-        """From a manifest's ``model_config`` or an HF ``config.json`` (they share these key names)."""
+        """From a manifest's ``model_config`` or an HF ``config.json`` (they share these key names), with the
+        facts its model family derives (head size, window, BOS policy)."""
+        family = family_of(config)
         return cls(
             num_layers=int(config["num_hidden_layers"]),
             num_kv_heads=int(config["num_key_value_heads"]),
-            head_dim=int(config["head_dim"]),
+            head_dim=family.head_dim(config),
             vocab_size=int(config["vocab_size"]),
-            sliding_window=config.get("sliding_window"),
+            sliding_window=family.sliding_window(config),
             max_context=int(config["max_position_embeddings"]) if config.get("max_position_embeddings") else None,
+            scores_with_bos=family.adds_bos,
         )
 
 
@@ -113,6 +123,18 @@ class DecoderRuntime(abc.ABC):
     lean_logits: bool = True
     # new tokens per backend call (None: all at once); set it to bound the prefill's activations (attention is S x S)
     prefill_chunk: int | None = None
+    # what verify_files() hashed: from then on, activate() and check_files_unchanged() refuse any of them changed
+    files: VerifiedFiles | None = None
+
+    def verify_files(self) -> VerifiedFiles:
+        """Hash every file this runtime reads (against its manifest, where it has one) and keep the result in
+        :attr:`files`, so a caller can name exactly what it scores; the bytes read later must be these."""
+        raise NotImplementedError(f"{type(self).__name__} does not say which files it reads")
+
+    def check_files_unchanged(self) -> None:
+        """Refuse (IntegrityError) when a file :meth:`verify_files` hashed has been replaced or written since."""
+        if self.files is not None:
+            self.files.check_unchanged()
 
     @property
     def limits(self) -> RuntimeLimits:

@@ -1,10 +1,11 @@
-"""ONNX Runtime decoder over an mexport model directory (export or quantize output).
+"""ONNX Runtime decoder over an mexport model directory (export or quantize output), or another tool's ONNX decoder.
 
 On ``cuda`` a graph with compute nodes the CUDA provider has no kernel for (bf16 Q/DQ, for one) is refused with the
 nodes named, instead of running them on the CPU (:mod:`mexport.runtime.cuda_kernels`).
 
 Everything about the graph comes from ``mexport.json`` (IO names and dtypes, model config, float dtype); nothing is
-guessed from names. The KV cache is a tuple of ``OrtValue`` (one per ``past_key_values.*`` input, in manifest
+guessed from names. A directory without one (ModelOpt, ONNX Runtime quantizer, Optimum or GenAI-builder output) is
+read from its graph and config.json instead (:mod:`mexport.runtime.onnx_graph`). The KV cache is a tuple of ``OrtValue`` (one per ``past_key_values.*`` input, in manifest
 order) that stays where the provider put it (host or GPU memory) between steps, bound with IO binding.
 
 A lean graph (input ``logits_indices``, the export default) is bound ``arange(S-K, S)`` for ``logits_to_keep=K``
@@ -38,7 +39,14 @@ import numpy as np
 from mexport.errors import IntegrityError, MexportError, MissingDependencyError, first_line
 from mexport.formats import DATA_FILE, GRAPH_FILE, LOGITS_INDICES, PAST_PREFIX, PRESENT_PREFIX
 from mexport.lazy import require
-from mexport.manifest import check_graph_io, read_manifest
+from mexport.manifest import (
+    MANIFEST_NAME,
+    VerifiedFiles,
+    check_graph_io,
+    hash_files,
+    read_manifest,
+    verify_artifact_files,
+)
 from mexport.runtime.base import (
     DecoderRuntime,
     DecoderSpec,
@@ -48,6 +56,7 @@ from mexport.runtime.base import (
     position_ids_from_mask,
 )
 from mexport.runtime.cuda_kernels import cuda_unsupported_nodes
+from mexport.runtime.onnx_graph import describe_foreign_graph, find_graph
 from mexport.runtime.upcast import (
     BOUNDED_UPCAST_DISABLED_OPTIMIZERS,
     LOW_PRECISION_NAMES,
@@ -174,21 +183,30 @@ class OrtDecoder(DecoderRuntime):
     ) -> None:
         """``fp32_compute`` None: fp32 compute for bf16/fp16 graphs on CPU only; True / False force it either way.
         ``low_memory`` (fp32 compute only) None: from LOW_MEMORY_MIN_BYTES of weights on; True / False force it."""
-        self.model_dir = Path(model_dir)
-        self.manifest = read_manifest(self.model_dir, expected_kind=("export", "quantize"))
-        self.model_path = self.model_dir / GRAPH_FILE
-        if not self.model_path.is_file():
-            raise MexportError(f"{self.model_dir}: no {GRAPH_FILE}", hint="re-run the export into a fresh directory")
+        location = Path(model_dir)
+        # an mexport artifact describes itself in its manifest; a graph made by another tool is read as it is
+        self.manifest: dict[str, Any] | None = None
+        if (location / MANIFEST_NAME).is_file():
+            self.model_dir = location
+            self.manifest = read_manifest(location, expected_kind=("export", "quantize"))
+            self.model_path = location / GRAPH_FILE
+            if not self.model_path.is_file():
+                raise MexportError(f"{location}: no {GRAPH_FILE}", hint="re-run the export into a fresh directory")
+            for key in ("io", "model_config", "dtype"):
+                if key not in self.manifest:
+                    raise IntegrityError(f"{location}: manifest has no {key!r} (written by an incompatible mexport?)")
+            self.graph_info = self.manifest
+        else:
+            self.model_path = find_graph(location)
+            self.model_dir = self.model_path.parent
+            self.graph_info = describe_foreign_graph(self.model_path)
         if device not in DEVICE_PROVIDERS:
             raise MexportError(f"unknown ONNX Runtime device {device!r}; expected one of {', '.join(DEVICE_PROVIDERS)}")
-        for key in ("io", "model_config", "dtype"):
-            if key not in self.manifest:
-                raise IntegrityError(f"{self.model_dir}: manifest has no {key!r} (written by an incompatible mexport?)")
         self.device = device
         default_providers, self._value_device = DEVICE_PROVIDERS[device]
         self.providers = providers or default_providers
         self.intra_op_threads = intra_op_threads or os.cpu_count() or 1
-        self.dtype: str = self.manifest["dtype"]
+        self.dtype: str = self.graph_info["dtype"]
         if fp32_compute is None:
             fp32_compute = device == "cpu"
         self.emulated = fp32_compute and self.dtype in LOW_PRECISION_NAMES.values()
@@ -197,7 +215,8 @@ class OrtDecoder(DecoderRuntime):
             low_memory = prefers_low_memory(self.model_dir)
         self.low_memory = self.emulated and low_memory
 
-        io = self.manifest["io"]
+        io = self.graph_info["io"]
+        self.input_dtypes = {entry["name"]: entry["dtype"] for entry in io["inputs"]}
         self.input_names = [entry["name"] for entry in io["inputs"]]
         self.output_names = [entry["name"] for entry in io["outputs"]]
         past_inputs = [entry for entry in io["inputs"] if entry["name"].startswith(PAST_PREFIX)]
@@ -213,7 +232,7 @@ class OrtDecoder(DecoderRuntime):
         self.past_dtype = "float32" if self.emulated else past_dtypes.pop()
         self.uses_position_ids = "position_ids" in self.input_names
         self.lean_logits = LOGITS_INDICES in self.input_names  # older and --full-logits exports: sliced here
-        self.spec = DecoderSpec.from_model_config(self.manifest["model_config"])
+        self.spec = DecoderSpec.from_model_config(self.graph_info["model_config"])
         self._session: Any = None
         self._repeat_session: Any = None
 
@@ -222,14 +241,22 @@ class OrtDecoder(DecoderRuntime):
         """How weights and compute are represented, for reports."""
         label = DEVICE_LABELS[self.device]
         where = f"{label} emulation" if self.emulated else f"ONNX Runtime {label}"
-        recipe = self.manifest.get("recipe", {}).get("name")  # quantize outputs name their recipe
-        weights = f"{recipe} Q/DQ weights over {self.dtype}" if recipe else f"{self.dtype} weights"
+        if self.manifest is None:
+            ops = self.graph_info["quantized_ops"]
+            stored = f"{'/'.join(ops)} weights over {self.dtype}" if ops else f"{self.dtype} weights"
+            weights = f"{stored} (graph without an mexport manifest)"
+        else:
+            recipe = self.manifest.get("recipe", {}).get("name")  # quantize outputs name their recipe
+            weights = f"{recipe} Q/DQ weights over {self.dtype}" if recipe else f"{self.dtype} weights"
         as_written = ", Q/DQ computed as written" if self.qdq else ""
         return f"{weights}, {self.compute_dtype} compute ({where}, {GRAPH_OPTIMIZATION[self.qdq]}{as_written})"
 
     @property
     def qdq(self) -> bool:
-        """Whether the graph has Q/DQ nodes (a quantize output), so that its session must not rewrite them."""
+        """Whether the graph has Q/DQ nodes (a quantize output, or another tool's graph with quantized ops), so that
+        its session must not rewrite them."""
+        if self.manifest is None:
+            return bool(self.graph_info["quantized_ops"])
         return self.manifest.get("kind") == "quantize"
 
     @property
@@ -251,7 +278,7 @@ class OrtDecoder(DecoderRuntime):
     def _model_source(self) -> str | bytes:
         """The model path, or the rewritten graph's bytes when it needs fp32 compute or float32 logits."""
         onnx = require("onnx")
-        logits_dtype = next(entry["dtype"] for entry in self.manifest["io"]["outputs"] if entry["name"] == "logits")
+        logits_dtype = next(entry["dtype"] for entry in self.graph_info["io"]["outputs"] if entry["name"] == "logits")
         if not self.emulated and logits_dtype == "float32":
             return str(self.model_path)
         # external data stays on disk: the session reads it from model_dir (see activate)
@@ -287,9 +314,11 @@ class OrtDecoder(DecoderRuntime):
         onnx = require("onnx")
         if self.device == "cuda":
             self._refuse_cpu_fallback()
+        self.check_files_unchanged()  # what the session reads now is what verify_files hashed
         try:
-            check_graph_io(self.manifest, onnx.load(str(self.model_path), load_external_data=False), self.model_dir)
-            check_fp8_support(ort, self.manifest.get("recipe", {}).get("params", {}).get("weights"))
+            if self.manifest is not None:  # a foreign graph's description was read from the graph itself
+                check_graph_io(self.manifest, onnx.load(str(self.model_path), load_external_data=False), self.model_dir)
+                check_fp8_support(ort, self.manifest.get("recipe", {}).get("params", {}).get("weights"))
             session = ort_session(
                 self._model_source(), self.providers, self.model_dir, self.low_memory, self.intra_op_threads, self.qdq
             )
@@ -309,7 +338,17 @@ class OrtDecoder(DecoderRuntime):
                 f"ONNX Runtime fell back to {session.get_providers()} instead of {self.providers[0]}",
                 hint="check the CUDA / cuDNN (and TensorRT) libraries onnxruntime-gpu needs: " + GPU_PROVIDER_HINT,
             )
+        self.check_files_unchanged()  # nor replaced while the session read them
         self._session = session
+
+    def verify_files(self) -> VerifiedFiles:
+        """An artifact's files against its manifest; a foreign graph's files (graph, external data, config and
+        tokenizer) hashed as they are."""
+        if self.manifest is None:
+            self.files = hash_files(self.model_dir, self.graph_info["files"])
+        else:
+            self.files = verify_artifact_files(self.model_dir, self.manifest)
+        return self.files
 
     def deactivate(self) -> None:
         self._session = None
@@ -334,8 +373,8 @@ class OrtDecoder(DecoderRuntime):
     ) -> tuple[np.ndarray, PastKV]:
         session = self._active_session()
         kept = kept_logits(input_ids.shape[1], logits_to_keep)
-        input_ids = np.ascontiguousarray(input_ids, dtype=np.int64)
-        attention_mask = np.ascontiguousarray(attention_mask, dtype=np.int64)
+        input_ids = np.ascontiguousarray(input_ids, dtype=self.input_dtypes["input_ids"])
+        attention_mask = np.ascontiguousarray(attention_mask, dtype=self.input_dtypes["attention_mask"])
         if past is None:
             past = self.empty_past(input_ids.shape[0])
         check_forward_shapes(input_ids, attention_mask, past_length=past[0].shape()[2])
@@ -344,9 +383,11 @@ class OrtDecoder(DecoderRuntime):
         binding.bind_cpu_input("attention_mask", attention_mask)
         new_tokens = input_ids.shape[1]
         if self.uses_position_ids:
-            binding.bind_cpu_input("position_ids", position_ids_from_mask(attention_mask, new_tokens))
+            positions = position_ids_from_mask(attention_mask, new_tokens)
+            binding.bind_cpu_input("position_ids", positions.astype(self.input_dtypes["position_ids"]))
         if self.lean_logits:
-            binding.bind_cpu_input(LOGITS_INDICES, np.arange(new_tokens - kept, new_tokens, dtype=np.int64))
+            indices = np.arange(new_tokens - kept, new_tokens, dtype=self.input_dtypes[LOGITS_INDICES])
+            binding.bind_cpu_input(LOGITS_INDICES, indices)
         for name, value in zip(self.past_names, past, strict=True):
             binding.bind_ortvalue_input(name, value)
         binding.bind_output("logits", "cpu")

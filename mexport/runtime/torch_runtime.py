@@ -24,10 +24,11 @@ from typing import Any
 import numpy as np
 
 from mexport import console
-from mexport.checkpoint import read_config, weight_files
+from mexport.checkpoint import INDEX_FILE, SIDE_FILES, incomplete_checkpoint, read_config, weight_files
 from mexport.errors import MexportError, first_line
 from mexport.formats import EXPORT_DTYPES as TORCH_DTYPES  # mexport name -> torch / HF config name
 from mexport.lazy import require
+from mexport.manifest import VerifiedFiles, hash_files
 from mexport.runtime.base import (
     DecoderRuntime,
     DecoderSpec,
@@ -129,21 +130,42 @@ class TorchDecoder(DecoderRuntime):
                 "device 'cuda' requested but torch.cuda.is_available() is False",
                 hint="use device 'cpu', or install a CUDA build of torch on a GPU host",
             )
+        self.check_files_unchanged()  # what is loaded now is what verify_files hashed
         with console.phase(f"loading {self.checkpoint.name} ({self.weights_dtype}, {self.device})"):
+            verbosity = transformers.logging.get_verbosity()
+            transformers.logging.set_verbosity_error()  # missing weights are refused below, in one line
             try:
-                model = transformers.AutoModelForCausalLM.from_pretrained(
+                model, loading = transformers.AutoModelForCausalLM.from_pretrained(
                     self.checkpoint,
                     dtype=getattr(torch, TORCH_DTYPES[self.weights_dtype]),
                     attn_implementation="eager",
                     use_safetensors=True,
                     local_files_only=True,
                     trust_remote_code=False,
+                    output_loading_info=True,
                 )
-            except (OSError, ValueError, KeyError) as exc:
-                raise MexportError(f"could not load checkpoint {self.checkpoint}: {first_line(exc)}") from exc
+            except (OSError, ValueError, KeyError, RuntimeError) as exc:
+                mismatch = [line.strip() for line in str(exc).splitlines() if line.strip().startswith("size mismatch")]
+                if isinstance(exc, RuntimeError) and not mismatch:
+                    raise  # not the checkpoint's fault (out of memory, a bug)
+                reason = mismatch[0] if mismatch else first_line(exc)
+                raise MexportError(f"could not load checkpoint {self.checkpoint}: {reason}") from exc
+            finally:
+                transformers.logging.set_verbosity(verbosity)
+        # transformers initialises a weight it does not find at random: never score such a model
+        if loading["missing_keys"]:
+            raise incomplete_checkpoint(self.checkpoint, sorted(loading["missing_keys"]))
+        self.check_files_unchanged()
         if self.weights_dtype != self.dtype:
             _upcast_at_run_time(torch, model, getattr(torch, TORCH_DTYPES[self.dtype]), self.upcast_slice_bytes)
         self._model = model.to(self.device).eval()
+
+    def verify_files(self) -> VerifiedFiles:
+        """Hash what loading the checkpoint reads: config, generation config and tokenizer files, the weights."""
+        present = [name for name in (*SIDE_FILES, INDEX_FILE) if (self.checkpoint / name).is_file()]
+        weights = [path.name for path in weight_files(self.checkpoint)]
+        self.files = hash_files(self.checkpoint, [*present, *weights])
+        return self.files
 
     def deactivate(self) -> None:
         self._model = None

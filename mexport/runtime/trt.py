@@ -28,7 +28,7 @@ from mexport import console
 from mexport.errors import IntegrityError, MexportError
 from mexport.formats import ENGINE_FILE, LOGITS_INDICES, PAST_PREFIX, PRESENT_PREFIX
 from mexport.lazy import require
-from mexport.manifest import read_manifest
+from mexport.manifest import VerifiedFiles, read_manifest, verify_artifact_files
 from mexport.runtime.base import (
     DecoderRuntime,
     DecoderSpec,
@@ -245,6 +245,10 @@ class TrtDecoder(DecoderRuntime):
             max_batch=limits.max_batch, max_context=limits.max_context, max_input_len=limits.max_input_len
         )
 
+    def verify_files(self) -> VerifiedFiles:
+        self.files = verify_artifact_files(self.engine_dir, self.manifest)
+        return self.files
+
     # -- engine ----------------------------------------------------------------------------------------------
 
     def activate(self) -> None:
@@ -257,8 +261,10 @@ class TrtDecoder(DecoderRuntime):
         check_engine_compatibility(self.engine_info, tensorrt_version, placement.gpu_name, placement.capability)
         logger = trt.Logger(trt.Logger.VERBOSE if console.is_verbose() else trt.Logger.WARNING)
         runtime = trt.Runtime(logger)
+        self.check_files_unchanged()  # what is deserialized now is what verify_files hashed
         with open(self.engine_path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
             engine = runtime.deserialize_cuda_engine(data)
+        self.check_files_unchanged()
         if engine is None:
             raise MexportError(f"TensorRT could not deserialize {self.engine_path} (see the log above)")
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]

@@ -7,6 +7,6 @@ accuracy.png. Importing this package loads no model framework.
 
 from __future__ import annotations
 
-from mexport.validate.runner import validate
+from mexport.validate.runner import merge_reports, validate, validate_shard
 
-__all__ = ["validate"]
+__all__ = ["merge_reports", "validate", "validate_shard"]

@@ -1,9 +1,10 @@
 """Open any model artifact as a :class:`DecoderRuntime` plus its tokenizer, whatever stage produced it.
 
 A Hugging Face checkpoint (directory with ``config.json`` and no ``mexport.json``, or a hub id) runs with PyTorch;
-an export or quantize directory (``mexport.json`` kind export / quantize) with ONNX Runtime; an engine directory
-with TensorRT. A backend this host cannot run (no TensorRT, no GPU, no CUDA provider) raises
-:class:`BackendUnavailable`, which validation reports as a skipped row instead of failing the run.
+an export or quantize directory (``mexport.json`` kind export / quantize) with ONNX Runtime, and so does an ONNX
+decoder another tool wrote (a directory with one ``.onnx`` graph and no ``mexport.json``, or the ``.onnx`` file
+itself: :mod:`mexport.runtime.onnx_graph`); an engine directory with TensorRT. A backend this host cannot run (no
+TensorRT, no GPU, no CUDA provider) raises :class:`BackendUnavailable`, which validation reports as a skipped row instead of failing the run.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from mexport.hardware import probe
 from mexport.lazy import require
 from mexport.manifest import MANIFEST_NAME, read_manifest
 from mexport.runtime.base import DecoderRuntime
+from mexport.runtime.onnx_graph import GRAPH_SUFFIX
 from mexport.runtime.ort import OrtDecoder
 from mexport.runtime.torch_runtime import TorchDecoder
 
@@ -40,6 +42,8 @@ class BackendUnavailable(MexportError):
 def detect_kind(path: Path | str) -> str:
     """ "torch", "ort" or "trt" for a model location, from its manifest (or its absence)."""
     location = Path(path)
+    if location.is_file() and location.suffix == GRAPH_SUFFIX:
+        return "ort"
     if (location / MANIFEST_NAME).is_file():
         manifest_kind = read_manifest(location).get("kind")
         if manifest_kind not in KIND_BY_MANIFEST:
@@ -48,11 +52,14 @@ def detect_kind(path: Path | str) -> str:
                 f"(expected one of {', '.join(KIND_BY_MANIFEST)})"
             )
         return KIND_BY_MANIFEST[manifest_kind]
+    if location.is_dir() and any(location.glob(f"*{GRAPH_SUFFIX}")):
+        return "ort"
     if (location / "config.json").is_file() or (not location.exists() and HUB_ID.match(str(path))):
         return "torch"
     raise MexportError(
-        f"{location}: not a model (no {MANIFEST_NAME} and no config.json)",
-        hint="pass a Hugging Face checkpoint directory or hub id, or an mexport export / quantize / engine directory",
+        f"{location}: not a model (no {MANIFEST_NAME}, no ONNX graph and no config.json)",
+        hint="pass a Hugging Face checkpoint directory or hub id, an mexport export / quantize / engine directory, "
+        "or a directory holding an ONNX decoder with its config.json and tokenizer",
     )
 
 
@@ -103,8 +110,10 @@ def _torch_runtime(path: Path, device: str) -> DecoderRuntime:
 def open_backend(path: Path | str, kind: str | None = None, device: str = "cpu") -> tuple[DecoderRuntime, str, Any]:
     """(runtime, kind, tokenizer) for a checkpoint, export, quantized model or engine; ``kind`` auto-detected.
 
-    The runtime is not activated yet: use it as a context manager. ``device``: cpu | cuda for torch, cpu | cuda
-    | tensorrt (ORT execution provider) for ort; TensorRT engines always run on the GPU.
+    The runtime is not activated yet: use it as a context manager. Every file it will read is hashed here (an
+    artifact's against its manifest) into ``runtime.files``, and activating it refuses any that changed since.
+    ``device``: cpu | cuda for torch, cpu | cuda | tensorrt (ORT execution provider) for ort; TensorRT engines
+    always run on the GPU.
     """
     kind = kind or detect_kind(path)
     if kind not in KINDS:
@@ -119,8 +128,8 @@ def open_backend(path: Path | str, kind: str | None = None, device: str = "cpu")
     else:
         location = Path(path)
         runtime = _ort_runtime(location, device) if kind == "ort" else _trt_runtime(location)
-        read_manifest(location, verify=True)  # every file as recorded, before any is read
-    return runtime, kind, load_tokenizer(location)
+    runtime.verify_files()
+    return runtime, kind, load_tokenizer(location.parent if location.is_file() else location)
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:

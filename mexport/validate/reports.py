@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,6 +96,8 @@ class BackendInfo:
     compute: dict[str, Any] | None = None
     manifest_sha256: str | None = None
     skip_reason: str | None = None
+    origin: str | None = None  # "mexport quantize", "Hugging Face checkpoint", an ONNX graph without a manifest
+    files: dict[str, str] = field(default_factory=dict)  # name -> sha256 of every file scored, hashed at load
 
 
 @dataclass(frozen=True)
@@ -292,9 +294,9 @@ def _result_dict(result: ParityResult) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------- writers
 
 
-def write_reports(report: ValidationReport, out_dir: Path) -> dict[str, Path]:
+def write_reports(report: ValidationReport, out_dir: Path, drop: Iterable[str] = ()) -> dict[str, Path]:
     """Write every report file (``REPORT_FILES``) and their record (``WRITTEN_RECORD``) into ``out_dir``, replacing
-    an earlier report as one set; returns report file name -> path."""
+    an earlier report as one set (and removing the files named in ``drop``); returns report file name -> path."""
     rendered = {
         "report.json": render_json(report).encode(),
         "report.md": render_markdown(report).encode(),
@@ -304,7 +306,7 @@ def write_reports(report: ValidationReport, out_dir: Path) -> dict[str, Path]:
     }
     record = {name: hashlib.sha256(data).hexdigest() for name, data in rendered.items()}
     written = strict_json.dumps(record, indent=2, sort_keys=True) + "\n"
-    paths = replace_files_as_set(Path(out_dir), {**rendered, WRITTEN_RECORD: written.encode()})
+    paths = replace_files_as_set(Path(out_dir), {**rendered, WRITTEN_RECORD: written.encode()}, drop)
     return {name: paths[name] for name in rendered}
 
 
@@ -345,6 +347,17 @@ def _cell(text: str) -> str:
 _VERDICT_MARK = {PASS: "✅ PASS", FAIL: "❌ FAIL", INCONCLUSIVE: "❔ INCONCLUSIVE", SKIPPED: "⏭️ SKIPPED"}
 
 
+def _unmanifested_lines(report: ValidationReport) -> list[str]:
+    """Candidates without an mexport manifest, with the hash of every file scored (they have no other record)."""
+    lines = [
+        f"- `{b.label}`: {b.origin}; files scored: "
+        + ", ".join(f"{name} `{sha256[:16]}`" for name, sha256 in sorted(b.files.items()))
+        for b in report.backends
+        if b.role == "candidate" and b.manifest_sha256 is None and b.files
+    ]
+    return [*lines, ""] if lines else []
+
+
 def render_markdown(report: ValidationReport) -> str:
     """A summary for humans and $GITHUB_STEP_SUMMARY: one table per task and metric, then skipped backends."""
     settings = report.settings
@@ -367,6 +380,7 @@ def render_markdown(report: ValidationReport) -> str:
             for b in report.backends
         ),
         "",
+        *_unmanifested_lines(report),
         *_speed_lines(report),
     ]
     for task in report.tasks:

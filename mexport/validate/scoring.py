@@ -2,10 +2,11 @@
 
 Tokenisation is lm-eval's ``_encode_pair``: trailing spaces of the context move to the continuation,
 ``whole = encode(context + continuation)``, ``context_enc = encode(context)``, and the continuation tokens are
-``whole[len(context_enc):]``; the model reads ``context_enc + continuation_enc``. Special tokens: for Gemma-family
-models lm-eval forces ``add_bos_token=True`` ("Gemma underperforms without it"), i.e. ``encode(...,
-add_special_tokens=True)``, so the tokenizer prepends its BOS to the context (and, identically, to ``whole``);
-that is what we do (mexport only handles Gemma2). loglik(choice) = sum over continuation tokens of
+``whole[len(context_enc):]``; the model reads ``context_enc + continuation_enc``. Special tokens: lm-eval 0.4.13
+encodes with the tokenizer's own default (``add_special_tokens=True``; for Gemma it forces ``add_bos_token=True``),
+so a tokenizer that prepends a BOS (Gemma's ``<bos>``, Llama-3's ``<|begin_of_text|>``) puts it before the context
+(and, identically, before ``whole``) and one without (Qwen2) adds nothing; that is what we do. Where the model's
+family scores with a BOS (``DecoderSpec.scores_with_bos``) a prompt without it is refused. loglik(choice) = sum over continuation tokens of
 log_softmax(logits) at the previous position, taken here in float64 from the runtime's float32 logits.
 acc = argmax loglik == gold; acc_norm divides by the choice's length in characters (without the delimiter);
 ties go to the first index (numpy argmax), as in lm-eval.
@@ -135,21 +136,24 @@ class _Group:
         return len(self.context_ids) + max((len(tokens) for tokens in self.continuations), default=1) - 1
 
 
-def _check_bos(tokenizer, context_ids: Sequence[int]) -> None:
-    """Gemma scores far worse without its BOS; a tokenizer saved with ``add_bos_token`` false silently drops it."""
+def _check_bos(runtime: DecoderRuntime, tokenizer, context_ids: Sequence[int]) -> None:
+    """A family scored with its BOS (Gemma, Llama-3) scores far worse without it; a tokenizer saved with
+    ``add_bos_token`` false silently drops it. Families without one (Qwen2) are scored as encoded."""
+    if not runtime.spec.scores_with_bos:
+        return
     bos = tokenizer.bos_token_id
     if bos is None or not context_ids or context_ids[0] != bos:
         raise MexportError(
             f"the tokenizer does not start prompts with its BOS token (bos_token_id {bos}, prompt starts with "
-            f"{list(context_ids[:3])}); Gemma models must be scored with it, as lm-eval does",
+            f"{list(context_ids[:3])}); this model family must be scored with it, as lm-eval does",
             hint="re-save the tokenizer with add_bos_token=True (its tokenizer_config.json / post-processor)",
         )
 
 
-def _encode_group(tokenizer, context: str, continuations: Sequence[str]) -> _Group:
+def _encode_group(runtime: DecoderRuntime, tokenizer, context: str, continuations: Sequence[str]) -> _Group:
     pairs = [encode_pair(tokenizer, context, continuation) for continuation in continuations]
     # the context's tokens never depend on the continuation (the trailing-space move is continuation-independent)
-    _check_bos(tokenizer, pairs[0][0])
+    _check_bos(runtime, tokenizer, pairs[0][0])
     return _Group(tuple(pairs[0][0]), tuple(tuple(cont) for _, cont in pairs))
 
 
@@ -308,7 +312,7 @@ def score_token_requests(
         by_context.setdefault(tuple(context_ids), []).append(position)
     groups = []
     for context_ids, positions in by_context.items():
-        _check_bos(tokenizer, context_ids)
+        _check_bos(runtime, tokenizer, context_ids)
         groups.append(_Group(context_ids, tuple(tuple(requests[p][1]) for p in positions)))
     scores = _score_groups(runtime, groups, _pad_id(tokenizer), batch_size, progress, "scoring")
     flat: list[Scored] = [(0.0, True)] * len(requests)
@@ -344,7 +348,7 @@ def score_items(
 ) -> list[QuestionScore | SkippedQuestion]:
     """Score MCQ items on ``runtime`` (any backend): per-choice log-likelihoods, acc and acc_norm predictions; a
     :class:`SkippedQuestion` for each question that does not fit the runtime's limits."""
-    groups = [_encode_group(tokenizer, item.context, item.choices) for item in items]
+    groups = [_encode_group(runtime, tokenizer, item.context, item.choices) for item in items]
     label = f"scoring {items[0].task} on {runtime.name}" if items else "scoring"
     scores = _score_groups(runtime, groups, _pad_id(tokenizer), batch_size, progress, label)
     return [

@@ -548,12 +548,18 @@ def _convert_rows(spec: TaskSpec, source: Rows) -> tuple[list[Question], Counter
     return questions, reasons, used
 
 
+def data_file(name: str, data: str | Path) -> Path:
+    """The file ``--data name=DATA`` reads: a shipped set's (``sample``, ``demo``) or the path given."""
+    spec = get_task(name)
+    shipped = dict(zip(SHIPPED_SETS, (spec.sample_path, spec.demo_path), strict=True))
+    return shipped.get(str(data)) or Path(data).expanduser()
+
+
 def _resolve_source(spec: TaskSpec, data: str | Path | None) -> tuple[Rows, str | None]:
     """(rows, sha256 of the file or None for the hub)."""
     if data is None:
         return _read_hub_rows(spec), None
-    shipped = dict(zip(SHIPPED_SETS, (spec.sample_path, spec.demo_path), strict=True))
-    path = shipped.get(str(data)) or Path(data).expanduser()
+    path = data_file(spec.name, data)
     return _read_rows(path), sha256_file(path)
 
 

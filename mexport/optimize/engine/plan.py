@@ -30,8 +30,9 @@ from mexport.formats import ELEMENT_BYTES, GRAPH_FILE
 from mexport.fsutil import format_bytes
 from mexport.hardware import GpuInfo
 from mexport.manifest import read_manifest, verify_files
+from mexport.models import family_of
 from mexport.optimize.engine.compat import require_compatible
-from mexport.optimize.engine.gpus import gpu_budget
+from mexport.optimize.engine.gpus import GPU_TARGETS, gpu_budget
 from mexport.optimize.engine.precision import (
     BuildMode,
     TensorRTTarget,
@@ -132,6 +133,22 @@ class EnginePlan:
     def fits(self) -> bool | None:
         return None if self.gpu is None else self.memory.total_bytes <= self.gpu.memory_bytes
 
+    def runs_on(self, gpu: GpuInfo) -> str | None:
+        """Why this engine cannot run on ``gpu`` (its memory, or a compute capability below the build mode's);
+        None when it fits."""
+        capability = gpu.compute_capability
+        if capability is not None and capability < self.mode.min_capability:
+            need = self.mode.min_capability
+            return f"needs compute capability >= {need[0]}.{need[1]}"
+        if self.memory.total_bytes > gpu.memory_bytes:
+            return f"needs {format_bytes(self.memory.total_bytes)}"
+        return None
+
+    @property
+    def fits_per_gpu(self) -> dict[str, str | None]:
+        """Each named GPU target (``--target``) and why the engine does not fit it (None: it fits)."""
+        return {name: self.runs_on(gpu) for name, gpu in GPU_TARGETS.items()}
+
     def to_dict(self) -> dict[str, Any]:
         gpu = None
         if self.gpu is not None:
@@ -157,6 +174,7 @@ class EnginePlan:
             "engine_bytes_estimate": self.memory.weights_bytes,
             "gpu": gpu,
             "fits": self.fits,
+            "fits_per_gpu": self.fits_per_gpu,
             "warnings": list(self.warnings),
         }
 
@@ -200,11 +218,14 @@ def estimate_weights(manifest: dict[str, Any], mode: BuildMode) -> tuple[int, st
     if onnx_bytes:
         return onnx_bytes, f"quantized ONNX files ({mode.recipe})"
     recipe = RECIPES[mode.recipe]
-    embedding = int(config["vocab_size"]) * int(config["hidden_size"])
+    # the embedding and an untied LM head stay in the float dtype (quantize leaves the LM head unless asked)
+    tables = 1 if config.get("tie_word_embeddings", True) else 2
+    embedding = tables * int(config["vocab_size"]) * int(config["hidden_size"])
     gemm_bytes = (params - embedding) * recipe.weight_bits // 8
     embedding_bytes = embedding * ELEMENT_BYTES[mode.precision]
+    what = "embedding" if tables == 1 else "embedding and LM head"
     return gemm_bytes + embedding_bytes, (
-        f"{params - embedding:,} GEMM parameters x {recipe.weight_bits} bits + {embedding:,} embedding x "
+        f"{params - embedding:,} GEMM parameters x {recipe.weight_bits} bits + {embedding:,} {what} x "
         f"{mode.precision} (scales not counted)"
     )
 
@@ -238,8 +259,7 @@ def estimate_memory(
 ) -> MemoryEstimate:
     config = manifest["model_config"]
     kv_bytes = ELEMENT_BYTES[_io_dtype(manifest, "inputs", "past_key_values.")]
-    per_token = 2 * int(config["num_hidden_layers"]) * int(config["num_key_value_heads"]) * int(config["head_dim"])
-    per_token *= kv_bytes
+    per_token = family_of(config).kv_bytes_per_token(config, kv_bytes)
     weights, source = estimate_weights(manifest, mode)
     return MemoryEstimate(
         weights_bytes=weights,

@@ -27,6 +27,7 @@ from mexport.manifest import (
     settings_hash,
     verified_input,
 )
+from mexport.models import family_of
 from mexport.optimize.quantize.calibration import (
     MAX_CALIBRATION_TOKENS,
     ActivationStats,
@@ -478,7 +479,10 @@ def quantize(
     block_size = _check_options(spec, block_size, method, calib_size, int8_layers, asymmetric)
     parent, verified = _read_input(model_dir, output, overwrite)
 
-    graph = ModelGraph(model_dir, weights_map(parent), parent["model_config"].get("vocab_size"))
+    graph = ModelGraph(
+        model_dir, weights_map(parent), parent["model_config"].get("vocab_size"),
+        family_of(parent["model_config"]).norm_form,
+    )
     check_graph_io(parent, graph.model, model_dir)
     layers, excluded = select_layers(graph.linears(), exclude, include_lm_head)
     if not layers:

@@ -12,6 +12,7 @@ import numpy as np
 
 from mexport.formats import TRANSPOSED_SUFFIX
 from mexport.lazy import require
+from mexport.models import NORM_ONE_PLUS_WEIGHT, NORM_WEIGHT
 from mexport.optimize.quantize.graph import Linear, ModelGraph
 from mexport.optimize.quantize.numerics import (
     QuantizedWeight,
@@ -52,13 +53,32 @@ def _first_in_graph_order(graph: ModelGraph, nodes: list[Any]) -> Any:
 # ---- input-channel scaling -------------------------------------------------------------------------------------
 
 
+def _norm_form(graph: ModelGraph, gamma: str) -> str | None:
+    """The RMSNorm form whose weight ``gamma`` is: a stored weight ``w`` (through Casts), ``1 + w``, or neither."""
+    producer = graph.producers().get(gamma)
+    if gamma in graph.initializers:
+        return NORM_WEIGHT
+    if producer is None:
+        return None
+    if producer.op_type in PASS_THROUGH_OPS:
+        return _norm_form(graph, producer.input[0])
+    if producer.op_type == "Add":
+        for index in (0, 1):
+            one = graph.constant_value(producer.input[index])
+            is_one = one is not None and one.size == 1 and float(one.reshape(())) == 1.0
+            if is_one and _norm_form(graph, producer.input[1 - index]) == NORM_WEIGHT:
+                return NORM_ONE_PLUS_WEIGHT
+    return None
+
+
 def _foldable_norm_scale(
     graph: ModelGraph, tensor: str, readers: list[Any], channels: int
 ) -> tuple[Any, int, np.ndarray] | None:
     """The ``Mul(x, gamma)`` that produced ``tensor``, the index of gamma and its value, when ``tensor``
     (through Casts) feeds only ``readers`` and gamma is a constant expression with one value per channel.
 
-    That Mul is the last op of an RMSNorm (Gemma2: ``normed * (1 + w)``), so scaling gamma scales ``tensor``.
+    That Mul is the last op of an RMSNorm (``normed * (1 + w)`` or ``normed * w``, the model family's
+    ``graph.norm_form``; a gamma of another form is not folded), so scaling gamma scales ``tensor``.
     """
     producers = graph.producers()
     current, expected = tensor, {id(node) for node in readers}
@@ -78,6 +98,8 @@ def _foldable_norm_scale(
             gamma = graph.constant_value(producer.input[index])
             other_is_constant = graph.constant_value(producer.input[1 - index]) is not None
             if gamma is not None and not other_is_constant and gamma.size == channels == gamma.shape[-1]:
+                if graph.norm_form is not None and _norm_form(graph, producer.input[index]) != graph.norm_form:
+                    return None
                 return producer, index, gamma
         return None
 
@@ -87,7 +109,7 @@ def scale_input_channels(graph: ModelGraph, layers: list[Linear], factors: np.nd
     them, leaving the function unchanged; returns how the division was done ("norm-fold" or "mul").
 
     Where the input is an RMSNorm output read only by these layers, the division folds into the norm's gamma
-    (computed as a constant in float32, so Gemma's ``1 + w`` is never re-rounded); elsewhere an explicit
+    (computed as a constant in float32, so a ``1 + w`` is never re-rounded); elsewhere an explicit
     ``Mul(x, 1/s)`` goes in front of them.
     """
     onnx = require("onnx")

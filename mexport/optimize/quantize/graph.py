@@ -72,6 +72,7 @@ class ModelGraph:
     model_dir: Path
     weights_map: dict[str, str] = field(default_factory=dict)  # initializer -> checkpoint tensor (export manifest)
     vocab_size: int | None = None  # the LM head is the linear layer with this many outputs
+    norm_form: str | None = None  # the model family's RMSNorm form (mexport.models); smoothing folds only into it
 
     def __post_init__(self) -> None:
         onnx = require("onnx", "editing ONNX graphs")
