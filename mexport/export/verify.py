@@ -42,6 +42,8 @@ from mexport.formats import ELEMENT_BYTES, EXPORT_DTYPES
 from mexport.fsutil import format_bytes
 from mexport.lazy import require
 from mexport.models import family_of
+from mexport.runtime.ort import OrtDecoder
+from mexport.runtime.torch_runtime import TorchDecoder
 
 FP16_MAX = 65504.0
 # short check: every position compared; used whole when the window fits in it
@@ -226,8 +228,6 @@ def _reference_logits(
 ) -> tuple[list[np.ndarray], str]:
     """PyTorch one-shot logits of each sequence (its last ``keep`` positions, 0: all), and how they were computed;
     the model is freed on return."""
-    from mexport.runtime.torch_runtime import TorchDecoder
-
     with TorchDecoder(checkpoint_path, dtype=dtype, device=device, upcast_at_run_time=True) as reference:
         return [run_rows(reference, [(tokens, tokens[:0])], keep)[0] for tokens in sequences], reference.precision
 
@@ -246,8 +246,6 @@ def validate_export(
     checkpoint_path: Path, export_dir: Path, dtype: str, device: str, long_check: bool = False
 ) -> dict[str, Any]:
     """Compare the export's logits with PyTorch's; returns the summary stored in the manifest."""
-    from mexport.runtime.ort import OrtDecoder
-
     decoder = OrtDecoder(export_dir, device=device)
     compute = decoder.compute_dtype
     config = decoder.graph_info["model_config"]
@@ -322,8 +320,6 @@ def fp16_overflow_probe(checkpoint_path: Path, device: str) -> dict[str, Any]:
     margin (largest |activation| / 65504) and warns when it is thin.
     """
     torch = require("torch", "probing fp16 overflow")
-    from mexport.runtime.torch_runtime import TorchDecoder
-
     largest = 0.0
     overflowed: list[str] = []
 

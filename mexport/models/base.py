@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mexport.errors import MexportError
+from mexport.lazy import require
 
 # how an RMSNorm applies its weight w to the normalized activations: the constant a smoothing scale divides
 NORM_ONE_PLUS_WEIGHT = "(1 + w)"  # Gemma: normed * (1 + w), the expression evaluated as one constant
@@ -126,8 +127,6 @@ class ModelFamily:
         compute differs from an fp32 reference by that one constant (the export check widens its bound)."""
         if not self.scales_embeddings:
             return False
-        from mexport.lazy import require
-
         torch = require("torch", f"computing the embedding scale as {self.name} does")
         scale = hidden_size**0.5
         return float(torch.tensor(scale, dtype=getattr(torch, dtype_name))) != scale
@@ -137,8 +136,6 @@ def optimum_onnx_config(class_name: str) -> Callable[[], type]:
     """A loader of Optimum's ONNX export config ``class_name`` (imported when called: Optimum is heavy)."""
 
     def load() -> type:
-        from mexport.lazy import require
-
         model_configs = require("optimum.exporters.onnx.model_configs", "the ONNX export configuration")
         return getattr(model_configs, class_name)
 

@@ -25,6 +25,7 @@ from mexport.runtime.base import DecoderRuntime
 from mexport.runtime.onnx_graph import GRAPH_SUFFIX
 from mexport.runtime.ort import OrtDecoder
 from mexport.runtime.torch_runtime import TorchDecoder
+from mexport.runtime.trt import TrtDecoder
 
 KINDS = ("torch", "ort", "trt")
 DEVICES_BY_KIND = {"torch": ("cpu", "cuda"), "ort": ("cpu", "cuda", "tensorrt"), "trt": ("cpu", "cuda")}
@@ -91,10 +92,6 @@ def _trt_runtime(path: Path) -> DecoderRuntime:
     problem = probe().engine_problem()
     if problem is not None:
         raise BackendUnavailable(f"TensorRT engine cannot run here: {problem.message}", hint=problem.hint)
-    try:
-        from mexport.runtime.trt import TrtDecoder
-    except ImportError as exc:
-        raise BackendUnavailable(f"TensorRT runtime unavailable: {exc}") from exc
     return TrtDecoder(path)
 
 

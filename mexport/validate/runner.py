@@ -25,6 +25,7 @@ from mexport import console
 from mexport.errors import MexportError
 from mexport.fsutil import locks_output, replace_files_as_set
 from mexport.manifest import MANIFEST_NAME, sha256_bytes, sha256_file, utc_now
+from mexport.validate.backends import BackendUnavailable, detect_kind, open_backend, tokenizer_fingerprint
 from mexport.validate.reports import (
     REFERENCE_LABEL,
     REPORT_FILES,
@@ -38,6 +39,7 @@ from mexport.validate.reports import (
     is_scored,
     write_reports,
 )
+from mexport.validate.scoring import QuestionScore, encode_pair, score_items
 from mexport.validate.shards import (
     PARTIAL_REPORT,
     PartialReport,
@@ -49,6 +51,7 @@ from mexport.validate.shards import (
     unique_label,
 )
 from mexport.validate.stats import compare_metric, distribution_drift
+from mexport.validate.tasks import check_task, load_task
 from mexport.validate.verdict import (
     DEFAULT_AGREEMENT_FLOOR,
     DEFAULT_FAIL_ON,
@@ -233,29 +236,11 @@ def _score_run(
         raise MexportError(f"batch size must be >= 1, got {batch_size}")
     out_dir = _check_output(Path(output), overwrite)
 
-    from mexport.validate.tasks import load_task
-
     task_data = {
         name: load_task(name, (data or {}).get(name), limit=limit, seed=seed, shots=shots, include_path=include_path)
         for name in task_names
     }
-    for name, loaded in task_data.items():
-        if not loaded.items:
-            raise MexportError(f"{name}: no usable questions in {loaded.source} ({loaded.skipped} rows skipped)")
-    task_infos = [_task_info(loaded) for loaded in task_data.values()]
-    questions = {
-        name: [
-            QuestionRef(position, item_key(item), item.doc_id)
-            for position, item in enumerate(loaded.items)
-            if shard is None or shard.holds(name, item.doc_id)
-        ]
-        for name, loaded in task_data.items()
-    }
-    if shard is not None:
-        task_data = {
-            name: dataclasses.replace(loaded, items=[loaded.items[ref.position] for ref in questions[name]])
-            for name, loaded in task_data.items()
-        }
+    task_infos, questions, task_data = _shard_questions(task_data, shard)
 
     backends = _open_backends(Path(reference), [Path(c) for c in candidates], device)
     (out_dir / CACHE_DIR).mkdir(parents=True, exist_ok=True)
@@ -279,12 +264,37 @@ def _score_run(
         "fail_on": fail_on,
         "batch_size": batch_size,
         "include_path": str(include_path) if include_path else None,
+        **({"shard": str(shard)} if shard is not None else {}),
     }
-    if shard is not None:
-        settings["shard"] = str(shard)
     return _ScoredRun(
         out_dir, settings, [backend.info for backend in backends], task_infos, questions, scores, speed
     )
+
+
+def _shard_questions(
+    task_data: dict[str, Any], shard: ShardSpec | None
+) -> tuple[list[TaskInfo], dict[str, list[QuestionRef]], dict[str, Any]]:
+    """Each loaded task's info (of the whole task), the questions ``shard`` holds (all without a shard) with their
+    positions in the whole task, and the tasks cut down to those questions; a task with no usable question is
+    refused."""
+    for name, loaded in task_data.items():
+        if not loaded.items:
+            raise MexportError(f"{name}: no usable questions in {loaded.source} ({loaded.skipped} rows skipped)")
+    task_infos = [_task_info(loaded) for loaded in task_data.values()]
+    questions = {
+        name: [
+            QuestionRef(position, item_key(item), item.doc_id)
+            for position, item in enumerate(loaded.items)
+            if shard is None or shard.holds(name, item.doc_id)
+        ]
+        for name, loaded in task_data.items()
+    }
+    if shard is not None:
+        task_data = {
+            name: dataclasses.replace(loaded, items=[loaded.items[ref.position] for ref in questions[name]])
+            for name, loaded in task_data.items()
+        }
+    return task_infos, questions, task_data
 
 
 def _shard_worker(arguments: dict[str, Any], quiet: bool, verbose: bool) -> tuple[int, str, str | None] | None:
@@ -361,8 +371,6 @@ def _check_tasks(
     tasks: Sequence[str] | str, data: Mapping[str, Any], include_path: Path | str | None = None
 ) -> list[str]:
     """Known task names in the order given ("a,b" or a list; duplicates dropped); ``data`` names only these."""
-    from mexport.validate.tasks import check_task
-
     requested = tasks.split(",") if isinstance(tasks, str) else tasks
     names = list(dict.fromkeys(name.strip() for name in requested if name.strip()))
     if not names:
@@ -400,8 +408,6 @@ def _open_backends(reference: Path, candidates: list[Path], device: str) -> list
     """Open (not load) every backend, hashing the files each will read, and refuse what cannot give a meaningful
     verdict before anything is scored: a tokenizer mismatch, a candidate its own stage marked failed, the reference
     itself given as a candidate."""
-    from mexport.validate.backends import BackendUnavailable, detect_kind, open_backend, tokenizer_fingerprint
-
     runtime, kind, tokenizer = open_backend(reference, kind="torch", device=device)
     backends = [_Backend(_backend_info(REFERENCE_LABEL, "reference", reference, kind, runtime), runtime, tokenizer)]
     reference_fingerprint = tokenizer_fingerprint(tokenizer)
@@ -514,8 +520,6 @@ class ScoreCache:
     """Append-only JSON-lines cache of one backend's scores on one task, keyed by question content."""
 
     def __init__(self, path: Path, resume: bool) -> None:
-        from mexport.validate.scoring import QuestionScore
-
         self.path = path
         self._score_type = QuestionScore
         self.entries: dict[str, Any] = self._load() if resume else {}
@@ -547,8 +551,6 @@ class ScoreCache:
 
 def _score_or_skip(backend: _Backend, *args: Any) -> None:
     """Score a backend; a candidate whose runtime turns out unavailable when loaded is reported skipped."""
-    from mexport.validate.backends import BackendUnavailable
-
     try:
         _score_backend(backend, *args)
     except BackendUnavailable as exc:
@@ -607,8 +609,6 @@ def _score_in_batches(
     """Score ``items`` batch by batch, caching the scores and putting the declined questions (entries without
     log-likelihoods, see :func:`mexport.validate.reports.is_scored`) in ``declined``; returns the seconds spent
     inside the scoring calls."""
-    from mexport.validate.scoring import score_items
-
     seconds = 0.0
     for start in range(0, len(items), batch_size):
         batch = items[start : start + batch_size]
@@ -640,8 +640,6 @@ def _check_reference_scored(scores: Mapping[str, Mapping[str, list[Any]]]) -> No
 
 def _question_tokens(tokenizer: Any, item: Any) -> int:
     """Tokens a question costs a scorer that reads its prompt once: prompt tokens + every choice's continuation."""
-    from mexport.validate.scoring import encode_pair
-
     pairs = [encode_pair(tokenizer, item.context, choice) for choice in item.choices]
     return len(pairs[0][0]) + sum(len(continuation) for _, continuation in pairs)
 

@@ -30,6 +30,7 @@ from mexport.errors import MexportError
 from mexport.manifest import file_records, sha256_bytes, utc_now
 from mexport.strict_json import non_finite_text
 from mexport.validate.reports import REFERENCE_LABEL, BackendInfo, ScoringSpeed, TaskInfo, is_scored
+from mexport.validate.scoring import QuestionScore, SkippedQuestion
 
 PARTIAL_REPORT = "partial.json"
 PARTIAL_KIND = "mexport-partial-report"
@@ -178,8 +179,6 @@ def _entry_dict(entry: Any) -> dict[str, Any]:
 
 
 def _entry_from(doc_id: str, record: Mapping[str, Any]) -> Any:
-    from mexport.validate.scoring import QuestionScore, SkippedQuestion
-
     if "skipped" in record:
         return SkippedQuestion(doc_id, str(record["skipped"]))
     return QuestionScore(

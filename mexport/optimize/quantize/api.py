@@ -443,6 +443,31 @@ def int8_layer_cost(records: dict[str, dict[str, Any]], kept_int8: tuple[str, ..
     }
 
 
+def _open_graph(
+    model_dir: Path,
+    parent: dict[str, Any],
+    spec: Recipe,
+    exclude: tuple[str, ...],
+    include_lm_head: bool,
+    block_size: int | None,
+) -> tuple[ModelGraph, list[Linear], dict[str, dict[str, Any]], int]:
+    """The export's graph (checked against its manifest), the layers to quantize, the excluded ones, and the block
+    size (the largest that fits every layer when none was given)."""
+    graph = ModelGraph(
+        model_dir, weights_map(parent), parent["model_config"].get("vocab_size"),
+        family_of(parent["model_config"]).norm_form,
+    )
+    check_graph_io(parent, graph.model, model_dir)
+    layers, excluded = select_layers(graph.linears(), exclude, include_lm_head)
+    if not layers:
+        raise MexportError("nothing to quantize: every linear layer is excluded")
+    if block_size is None:
+        block_size = default_block_size(layers) if spec.blocked else DEFAULT_BLOCK_SIZE
+    if spec.blocked:
+        _check_block_size(layers, block_size)
+    return graph, layers, excluded, block_size
+
+
 @locks_output("output")
 def quantize(
     model_dir: str | Path,
@@ -479,18 +504,7 @@ def quantize(
     block_size = _check_options(spec, block_size, method, calib_size, int8_layers, asymmetric)
     parent, verified = _read_input(model_dir, output, overwrite)
 
-    graph = ModelGraph(
-        model_dir, weights_map(parent), parent["model_config"].get("vocab_size"),
-        family_of(parent["model_config"]).norm_form,
-    )
-    check_graph_io(parent, graph.model, model_dir)
-    layers, excluded = select_layers(graph.linears(), exclude, include_lm_head)
-    if not layers:
-        raise MexportError("nothing to quantize: every linear layer is excluded")
-    if block_size is None:
-        block_size = default_block_size(layers) if spec.blocked else DEFAULT_BLOCK_SIZE
-    if spec.blocked:
-        _check_block_size(layers, block_size)
+    graph, layers, excluded, block_size = _open_graph(model_dir, parent, spec, exclude, include_lm_head, block_size)
 
     calibration, stats, plan = _calibrate(
         graph, parent, spec, layers, calib, calib_size, seed, block_size, method, int8_layers, asymmetric

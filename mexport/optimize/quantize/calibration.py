@@ -29,6 +29,8 @@ from mexport.lazy import require
 from mexport.manifest import sha256_bytes
 from mexport.optimize.quantize.graph import ModelGraph, prune_unused
 from mexport.runtime.base import position_ids_from_mask
+from mexport.runtime.ort import ort_session, prefers_low_memory
+from mexport.runtime.upcast import bound_weight_upcasts, upcast_to_float32
 
 DEFAULT_CALIBRATION_FILE = Path(__file__).with_name("data") / "medical_mcq.jsonl"  # rows {"task", "text"}
 DEFAULT_SOURCE = "shipped MCQ samples (mexport/optimize/quantize/data, answers appended)"
@@ -232,9 +234,6 @@ def _session(graph: ModelGraph, model: Any, dtype: str, low_memory: bool | None)
     """A CPU session over the in-memory graph; weights stay in the export's data file. A bf16/fp16 graph computes
     in fp32, with bounded weight upcasts when ``low_memory`` (None: when the weights are large, as OrtDecoder)."""
     require("onnxruntime", "running the graph for calibration")
-    from mexport.runtime.ort import ort_session, prefers_low_memory
-    from mexport.runtime.upcast import bound_weight_upcasts, upcast_to_float32
-
     bounded = False
     if dtype != "fp32":
         bounded = prefers_low_memory(graph.model_dir) if low_memory is None else low_memory
