@@ -336,6 +336,7 @@ def test_bounded_calibration_session_gives_the_folded_statistics(
     """Large bf16 exports calibrate with stored weights cast per node (OrtDecoder's low-memory path) instead of a
     session holding fp32 copies of them; the statistics must not change. Slices are shrunk so the tiny fixture's
     MatMuls run sliced, as a 9B's would."""
+    from mexport.optimize.quantize import calibration
     from mexport.optimize.quantize.api import read_export, select_layers, weights_map
     from mexport.optimize.quantize.calibration import collect_activation_stats, load_calibration, tokenize
     from mexport.optimize.quantize.graph import ModelGraph
@@ -353,7 +354,7 @@ def test_bounded_calibration_session_gives_the_folded_statistics(
         bounded_graphs.append(bound(model))
         return model
 
-    monkeypatch.setattr(upcast, "bound_weight_upcasts", recording_bound)
+    monkeypatch.setattr(calibration, "bound_weight_upcasts", recording_bound)  # where calibration calls it
     monkeypatch.setattr(upcast, "DEFAULT_SLICE_BYTES", 16 << 10)
 
     def stats(**options: Any) -> dict[str, Any]:

@@ -70,13 +70,13 @@ class ScoreCounter:
     """Wraps scoring.score_items to count scored questions, optionally interrupting after some batches."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, interrupt_after_batches: int | None = None) -> None:
-        from mexport.validate import scoring
+        from mexport.validate import runner, scoring
 
-        self.real = getattr(scoring.score_items, "real", scoring.score_items)  # never wrap a previous counter
+        self.real = getattr(runner.score_items, "real", scoring.score_items)  # never wrap a previous counter
         self.questions = 0
         self.batches = 0
         self.interrupt_after_batches = interrupt_after_batches
-        monkeypatch.setattr(scoring, "score_items", self)
+        monkeypatch.setattr(runner, "score_items", self)  # where validation calls it
 
     def __call__(self, runtime: Any, tokenizer: Any, items: Any, **kwargs: Any) -> Any:
         if self.interrupt_after_batches is not None and self.batches >= self.interrupt_after_batches:
