@@ -243,3 +243,17 @@ def test_shipped_calibration_text_is_the_samples_questions_with_answers() -> Non
     shipped = [json.loads(line) for line in DEFAULT_CALIBRATION_FILE.read_text().splitlines()]
     assert shipped == writer.expected_rows()
     assert len(shipped) == 161 and len(load_calibration(None, 64, 0).texts) == 64
+
+
+def test_an_unreachable_hub_dataset_is_one_line_and_exit_3(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from mexport.errors import EnvironmentFailure
+    from mexport.validate import tasks
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))  # nothing cached
+    monkeypatch.setattr(tasks, "unreachable_reason", lambda: "test-host:443: refused")
+    datasets = pytest.importorskip("datasets")
+    offline_before = datasets.config.HF_HUB_OFFLINE
+    with pytest.raises(EnvironmentFailure, match="cannot be reached .*test-host.* not in the local cache") as caught:
+        load_task("medmcqa", None)
+    assert "--data medmcqa=sample" in (caught.value.hint or "")
+    assert datasets.config.HF_HUB_OFFLINE == offline_before  # the offline switch is restored after the attempt

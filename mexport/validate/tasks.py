@@ -39,7 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mexport.errors import MexportError, first_line
+from mexport.errors import EnvironmentFailure, MexportError, first_line
+from mexport.hub import unreachable_reason
 from mexport.lazy import is_available, require
 from mexport.manifest import sha256_file
 from mexport.validate.items import TARGET_DELIMITER, MCQItem, TaskData, sample_indices, text_problem
@@ -443,11 +444,22 @@ def _read_rows(path: Path) -> Rows:
 
 
 def _read_hub_rows(spec: TaskSpec) -> Rows:
+    """The hub dataset's rows; an unreachable Hub is probed first (no retries), leaving only the local cache."""
     datasets = require("datasets", "downloading benchmark data from the Hugging Face hub")
+    unreachable = unreachable_reason()
+    offline_before = datasets.config.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = offline_before or unreachable is not None
     try:
         dataset = datasets.load_dataset(spec.hub_id, spec.hub_config, split=spec.hub_split)
     except Exception as exc:  # network, auth, missing-config errors all mean "not available here"
         reason = first_line(exc)
+        if unreachable is not None:
+            raise EnvironmentFailure(
+                f"{spec.name}: the Hugging Face Hub cannot be reached ({unreachable}) and {_hub_source(spec)} is not "
+                "in the local cache",
+                hint=f"pass a local copy with --data {spec.name}=FILE, or --data {spec.name}=sample for the shipped "
+                "sample; or check the network (HTTPS_PROXY, HF_ENDPOINT)",
+            ) from exc
         raise MexportError(
             f"could not load {spec.name} from the Hugging Face hub ({_hub_source(spec)}): {reason}",
             hint=(
@@ -459,6 +471,8 @@ def _read_hub_rows(spec: TaskSpec) -> Rows:
             + f"pass a local copy with --data {spec.name}=FILE (.jsonl/.json/.parquet in the dataset's schema), "
             f"or --data {spec.name}=sample for the shipped sample",
         ) from exc
+    finally:
+        datasets.config.HF_HUB_OFFLINE = offline_before
     rows = list(dataset)
     return Rows(_hub_source(spec), rows, [f"row {number}" for number in range(1, len(rows) + 1)])
 
