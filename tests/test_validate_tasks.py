@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from mexport.errors import MexportError
+from mexport.validate import tasks as tasks_module
 from mexport.validate.tasks import SAMPLE_DIR, TASKS, calibration_texts, load_task
 
 
@@ -146,6 +147,7 @@ def test_afrimedqa_hub_error_says_the_dataset_is_gated(monkeypatch: pytest.Monke
         raise ConnectionError("401 Client Error: Unauthorized")
 
     monkeypatch.setattr(datasets, "load_dataset", gated)
+    monkeypatch.setattr(tasks_module, "unreachable_reason", lambda: None)  # the Hub answers, and refuses
     with pytest.raises(MexportError, match="401") as raised:
         load_task("afrimedqa")
     assert "gated" in raised.value.hint and "HF_TOKEN" in raised.value.hint
