@@ -246,13 +246,11 @@ def test_lm_eval_log_likelihoods_match_hf(
 def test_validate_scores_the_export_and_a_quantized_model(
     family: str, other_checkpoint: Path, other_export: Any, quantized: dict[str, Any], tmp_path: Path
 ) -> None:
-    from test_lmeval import TASK_DIR
-
     from mexport.validate import validate
 
     report = validate(
-        other_checkpoint, [other_export.path, quantized["int4-wo"].output], ["mexport_afrimedqa_sample"],
-        output=tmp_path / "report", include_path=TASK_DIR, limit=8, margin=50.0,
+        other_checkpoint, [other_export.path, quantized["int4-wo"].output], ["afrimedqa"],
+        data={"afrimedqa": "sample"}, output=tmp_path / "report", limit=8, margin=50.0,
     )
     assert len(report.results) == 2 and report.tasks[0].n_items == 8
     assert report.results[0].verdict.status in ("pass", "inconclusive")  # the export, in candidate order
